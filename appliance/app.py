@@ -1,0 +1,1 @@
+"""FastAPI application factory: wires settings, store, runtime, generation and the routes."""

@@ -1,0 +1,210 @@
+"""The appliance's one settings tree.
+
+Precedence: command line (passed as init arguments) > `APPLIANCE_*` environment > TOML file
+(`--config FILE` or `APPLIANCE_CONFIG`) > defaults. Every field is typed, bounded and documented
+in place; the CLI help and the README's configuration table are generated from these
+descriptions (`appliance config --markdown`), not written twice. Never imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from appliance.errors import ConfigError
+
+ProviderChoice = Literal["auto", "tensorrt", "cuda", "cpu"]
+LoggingMode = Literal["off", "metadata", "full"]
+
+DEFAULT_PORT = 8000
+SYSTEMD_STATE_DIR = Path("/var/lib/appliance")
+
+
+def default_state_dir() -> Path:
+    """`/var/lib/appliance` under systemd (it sets STATE_DIRECTORY), else the user's data dir."""
+    systemd_dir = os.environ.get("STATE_DIRECTORY")
+    if systemd_dir:
+        return Path(systemd_dir.split(":")[0])
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "appliance"
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic batching defaults for tensor models (a manifest may override per model)."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch one session run takes.")
+    max_queue_delay_us: int = Field(
+        2000, ge=0, le=1_000_000, description="How long the first request of a batch may wait for company."
+    )
+    max_queue_size: int = Field(
+        256, ge=1, le=100_000, description="Requests waiting per model before new ones get 429."
+    )
+    instances: int = Field(
+        1, ge=1, le=64, description="Parallel execution instances (sessions) per model."
+    )
+    enabled: bool = Field(True, description="Batch requests together (off: one request per run).")
+
+
+class GenerationSettings(BaseModel):
+    """LLM engine settings."""
+
+    kv_budget_bytes: int | None = Field(
+        None, ge=1 << 20, description="Bytes of KV cache for all sequences; default: a quarter of free memory."
+    )
+    max_running_sequences: int = Field(16, ge=1, le=1024, description="Sequences decoded together.")
+    max_waiting_sequences: int = Field(256, ge=1, le=100_000, description="Queued sequences before 429.")
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, le=65536, description="Prompt tokens prefilled per step (chunked prefill)."
+    )
+    max_tokens_limit: int = Field(4096, ge=1, le=1_000_000, description="Largest max_tokens a request may ask.")
+    speculative: Literal["off", "prompt-lookup", "draft"] = Field(
+        "prompt-lookup", description="Speculative decoding method for greedy requests."
+    )
+    prefix_cache: bool = Field(True, description="Reuse the KV of repeated prompt prefixes.")
+
+
+class CostSettings(BaseModel):
+    """Hardware cost model for cost per 1k tokens (dashboard and `appliance bench`)."""
+
+    hardware_price: float = Field(1500.0, ge=0, description="Price of the box, in currency units.")
+    lifetime_years: float = Field(3.0, gt=0, le=50, description="Years over which the box is amortised.")
+    power_watts: float = Field(65.0, ge=0, le=100_000, description="Average power draw under load, watts.")
+    electricity_price_kwh: float = Field(0.30, ge=0, description="Electricity price per kWh.")
+    cloud_price_per_1k_tokens: float = Field(
+        0.0006, ge=0, description="A cloud API's price per 1k generated tokens, for comparison."
+    )
+    currency: str = Field("EUR", min_length=1, max_length=8, description="Currency label for reports.")
+
+
+class Settings(BaseSettings):
+    """Everything the appliance can be told. Field descriptions are the documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(default_factory=default_state_dir, description="Models, database, caches.")
+    config: Path | None = Field(None, description="TOML configuration file.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port for the API and admin UI.")
+    auth: bool = Field(True, description="Require API keys (off only allowed on loopback).")
+    providers: ProviderChoice = Field("auto", description="Execution providers: auto tries TensorRT, CUDA, CPU.")
+    cuda_device_id: int = Field(0, ge=0, le=64, description="GPU used by CUDA and TensorRT.")
+    cuda_mem_limit_bytes: int | None = Field(None, ge=1 << 20, description="CUDA arena limit.")
+    trt_workspace_bytes: int = Field(2 << 30, ge=1 << 20, description="TensorRT workspace limit.")
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads; default: all cores.")
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, le=1 << 31, description="Largest request body accepted (413 beyond)."
+    )
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Deadline for one request (504 beyond).")
+    drain_grace_s: float = Field(20.0, ge=0, le=600, description="Time in-flight work gets after SIGTERM.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the state dir.")
+    log_format: Literal["text", "json"] = Field("text", description="One line per event, text or JSON.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    logging_mode: LoggingMode = Field("metadata", description="Request logging: off, metadata or full.")
+    admin_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="Networks allowed to the admin UI."
+    )
+    api_networks: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0", "::/0"], description="Networks allowed to the API."
+    )
+    tls_cert: Path | None = Field(None, description="TLS certificate (PEM).")
+    tls_key: Path | None = Field(None, description="TLS private key (PEM).")
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _config_file_from(init_settings, env_settings)
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @field_validator("admin_networks", "api_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {net!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    # Derived paths: one place decides the layout of the state directory.
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def trt_cache_dir(self) -> Path:
+        return self.state_dir / "trt-cache"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'appliance.db'}"
+
+    @property
+    def listens_beyond_loopback(self) -> bool:
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host not in ("localhost",)
+
+
+def _config_file_from(*sources: PydanticBaseSettingsSource) -> Path | None:
+    for source in sources:
+        try:
+            values = source()
+        except Exception:  # noqa: BLE001 - a broken env var is reported by the main validation
+            continue
+        value = values.get("config")
+        if value:
+            path = Path(value)
+            if not path.is_file():
+                raise ConfigError(f"config: file not found: {path}", field="config")
+            return path
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from CLI overrides (None means 'not given'), env and TOML.
+
+    Raises ConfigError with the offending field named, never a pydantic traceback.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ())) or "config"
+        raise ConfigError(f"{field}: {first.get('msg', 'invalid value')}", field=field) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"config: {exc}", field="config") from None

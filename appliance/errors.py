@@ -1,0 +1,100 @@
+"""Typed errors shared by every layer.
+
+Each error carries a human-readable message and, where one exists, the offending field. The
+HTTP layers map these types to status codes in one place per API family (api/errors.py); the
+CLI maps them to one readable line and a non-zero exit. Never raise bare Exception for a
+condition a user can cause.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error a user can cause or must be told about."""
+
+    #: HTTP status this error maps to when it reaches an API boundary.
+    status_code: int = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ApplianceError):
+    """A setting has a value the appliance cannot work with."""
+
+    status_code = 400
+
+
+class InvalidInput(ApplianceError):
+    """A request or command argument is malformed; `field` names the culprit."""
+
+    status_code = 400
+
+
+class ModelNotFound(ApplianceError):
+    """No such model or version in the repository (or not loaded)."""
+
+    status_code = 404
+
+
+class ModelNotReady(ApplianceError):
+    """The model exists but is loading, failed or being drained."""
+
+    status_code = 503
+
+
+class ModelRejected(ApplianceError):
+    """A model file or manifest is corrupt, hostile or unsupported."""
+
+    status_code = 400
+
+
+class CapacityExceeded(ApplianceError):
+    """The queue is full; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ApplianceError):
+    """The request did not complete within its deadline; its work was dropped."""
+
+    status_code = 504
+
+
+class Unauthorized(ApplianceError):
+    """Missing, wrong, revoked or expired credentials."""
+
+    status_code = 401
+
+
+class Forbidden(ApplianceError):
+    """Valid credentials without the needed scope, or a disallowed network."""
+
+    status_code = 403
+
+
+class PayloadTooLarge(ApplianceError):
+    """A request body is over the configured limit."""
+
+    status_code = 413
+
+
+class ShuttingDown(ApplianceError):
+    """The server is draining and accepts no new work."""
+
+    status_code = 503
+
+
+class ExportError(ApplianceError):
+    """An export could not be completed; nothing was published."""
+
+    status_code = 400
