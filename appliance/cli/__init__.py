@@ -8,6 +8,15 @@ from appliance.offline import enforce_offline
 enforce_offline()
 
 from appliance.cli import config_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import export_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import models_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import service_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import serve_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import keys_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import db_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import doctor_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import bench_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import admin_cmd  # noqa: E402,F401  (registers commands)
 from appliance.cli.app import app, run_cli  # noqa: E402
 
 

@@ -272,8 +272,8 @@ class ModelRepository:
                 os.rename(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
                 removed.append(int(path.name))
-            if version is None:
-                shutil.rmtree(model_dir, ignore_errors=True)
+            # The model folder itself stays (holding only .last_version) so that a model
+            # exported again under the same name continues its version numbers.
             return removed
 
 

@@ -1,0 +1,60 @@
+"""What the admin UI needs from the running server, handed over by the app factory.
+
+The admin layer sits beside the API layer and may not import it, so the composition root
+passes the shared pieces (settings, database, key store, model registry, privacy policy,
+request log) in this one object, kept on `app.state.admin`. The admin's own services (users,
+sessions, audit, deployments, export jobs) are built here from the database. Holds no logic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from appliance.config import Settings
+from appliance.generation.registry import GenerationRegistry
+from appliance.runtime.registry import ModelRegistry
+from appliance.store.admin_sessions import SessionStore
+from appliance.store.admin_users import AdminUserStore
+from appliance.store.audit import AuditLog
+from appliance.store.db import Database
+from appliance.store.deployments import DeploymentStore
+from appliance.store.export_jobs import ExportJobStore
+from appliance.store.keys import KeyStore
+from appliance.store.privacy import PrivacyPolicy
+from appliance.store.request_log import RequestLog
+
+if TYPE_CHECKING:
+    from appliance.admin.dashboard import DashboardSampler
+    from appliance.admin.exports import ExportRunner
+    from appliance.admin.security import DeniedAuditLimiter, LoginThrottle
+    from appliance.admin.setup_token import SetupToken
+
+
+@dataclass
+class AdminContext:
+    settings: Settings
+    database: Database
+    keys: KeyStore
+    registry: ModelRegistry
+    privacy: PrivacyPolicy
+    request_log: RequestLog
+    #: True when the server answers over HTTPS (cookies get the Secure flag).
+    tls: bool = False
+    #: The generation engines (text-generation models); None in servers without them.
+    generation: GenerationRegistry | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.users = AdminUserStore(self.database)
+        self.sessions = SessionStore(self.database)
+        self.audit = AuditLog(self.database)
+        self.deployments = DeploymentStore(self.database)
+        self.export_jobs = ExportJobStore(self.database)
+        # Built by install_admin (they need the modules that import this one).
+        self.throttle: LoginThrottle
+        self.denied_limiter: DeniedAuditLimiter
+        self.setup_token: SetupToken
+        self.sampler: DashboardSampler
+        self.exports: ExportRunner

@@ -1,0 +1,1 @@
+"""The admin UI routes, one module per page."""

@@ -1,0 +1,65 @@
+"""API keys page: create (the key is shown once, on the answer to the create form, never in a
+URL or the audit log), list with last use, revoke."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse
+from starlette.responses import Response
+
+from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, client_address, form_of
+from appliance.admin.context import AdminContext
+from appliance.admin.views import render
+from appliance.errors import InvalidInput, NotFound
+from appliance.store.keys import SCOPES
+
+router = APIRouter()
+FormDep = Annotated[dict[str, str], Depends(form_of)]
+
+
+def _page(
+    request: Request, ctx: AdminContext, *, new_key: str | None = None, new_name: str | None = None,
+    error: str | None = None, status_code: int = 200,
+) -> Response:
+    values = {"keys": ctx.keys.list(), "scopes": SCOPES, "new_key": new_key, "new_name": new_name}
+    return render(request, "keys.html", values, page="keys", error=error, status_code=status_code)
+
+
+@router.get("/admin/keys", include_in_schema=False)
+def keys_page(request: Request, ctx: AdminCtxDep, _admin: AdminDep) -> Response:
+    return _page(request, ctx)
+
+
+@router.post("/admin/keys", include_in_schema=False)
+def create_key(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    name = form.get("name", "").strip()
+    scopes = [scope for scope in SCOPES if form.get(f"scope_{scope}") in ("on", "1", "true")] or ["infer"]
+    raw_days = form.get("expires_days", "").strip()
+    try:
+        expires_days: float | None = None
+        if raw_days:
+            try:
+                expires_days = float(raw_days)
+            except ValueError:
+                raise InvalidInput(f"expires_days: {raw_days!r} is not a number of days", field="expires_days") from None
+        key, info = ctx.keys.create(name, scopes, expires_days=expires_days)
+    except InvalidInput as exc:
+        return _page(request, ctx, error=exc.message, status_code=400)
+    expiry = f", expires {info.expires_at:%Y-%m-%d}" if info.expires_at else ", no expiry"
+    ctx.audit.record(
+        "key.create", actor=admin.user_name, address=client_address(request), target=info.name,
+        detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}",
+    )
+    return _page(request, ctx, new_key=key, new_name=info.name, status_code=201)
+
+
+@router.post("/admin/keys/{name}/revoke", include_in_schema=False)
+def revoke_key(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep) -> Response:
+    try:
+        info = ctx.keys.revoke(name)
+    except NotFound as exc:
+        return _page(request, ctx, error=exc.message, status_code=404)
+    ctx.audit.record("key.revoke", actor=admin.user_name, address=client_address(request), target=info.name, detail=f"prefix {info.prefix}")
+    return RedirectResponse("/admin/keys?done=key-revoked", status_code=303)

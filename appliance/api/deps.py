@@ -1,0 +1,104 @@
+"""Typed dependencies: every route's needs are visible in its signature.
+
+`InferKeyDep`, `AdminKeyDep` check `Authorization: Bearer <key>` against the key store
+(scopes: `admin` includes the others); `CtxDep` and `RegistryDep` hand over the running server.
+Verified keys are cached for KEY_CACHE_TTL_S so a busy client does not cost a database read per
+request; a revocation therefore takes effect within that time. Never logs a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request
+
+from appliance.api.context import ServerContext, in_networks
+from appliance.errors import Forbidden, Unauthorized
+from appliance.runtime.registry import ModelRegistry
+from appliance.store.keys import KeyInfo
+
+#: Seconds a verified key is trusted without asking the database again.
+KEY_CACHE_TTL_S = 2.0
+KEY_CACHE_MAX_ENTRIES = 1024
+
+
+def get_ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+CtxDep = Annotated[ServerContext, Depends(get_ctx)]
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.ctx.registry
+
+
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <api key>'")
+    return token.strip()
+
+
+async def verified_key(request: Request, ctx: ServerContext) -> KeyInfo:
+    """The request's key, verified (cached briefly), or Unauthorized."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
+    cache: dict[str, tuple[KeyInfo, float]] = request.app.state.key_cache
+    digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+    now = time.monotonic()
+    hit = cache.get(digest)
+    if hit is not None and hit[1] > now:
+        info = hit[0]
+        if info.state() != "active":
+            raise Unauthorized("API key expired")
+        return info
+    info = await anyio.to_thread.run_sync(ctx.keys.verify, token)
+    if len(cache) >= KEY_CACHE_MAX_ENTRIES:
+        cache.clear()
+    cache[digest] = (info, now + KEY_CACHE_TTL_S)
+    return info
+
+
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def require_scope(scope: str):  # noqa: ANN201 - returns a FastAPI dependency
+    async def check(request: Request, ctx: CtxDep) -> KeyInfo | None:
+        if not in_networks(_client_host(request), ctx.api_networks):
+            raise Forbidden("this network may not use the API")
+        if not ctx.settings.auth:
+            return None
+        info = await verified_key(request, ctx)
+        if scope not in info.scopes and "admin" not in info.scopes:
+            raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
+        return info
+
+    return check
+
+
+InferKeyDep = Annotated[KeyInfo | None, Depends(require_scope("infer"))]
+AdminKeyDep = Annotated[KeyInfo | None, Depends(require_scope("admin"))]
+
+
+async def metrics_access(request: Request, ctx: CtxDep) -> None:
+    """/metrics: open to the admin networks, otherwise a key with the `metrics` scope."""
+    if in_networks(_client_host(request), ctx.admin_networks) or not ctx.settings.auth:
+        return
+    info = await verified_key(request, ctx)
+    if "metrics" not in info.scopes and "admin" not in info.scopes:
+        raise Forbidden(f"API key {info.name!r} lacks the 'metrics' scope")
+
+
+MetricsAccessDep = Annotated[None, Depends(metrics_access)]

@@ -1,0 +1,472 @@
+"""OpenAI-compatible text generation: `POST /v1/chat/completions` and `POST /v1/completions`.
+
+A route renders the messages with the model's own chat template, tokenises, turns OpenAI's
+fields into SamplingParams (one per choice), submits every choice to the model's generation
+engine before answering (so a full queue or an impossible length is a 4xx, not a broken
+stream), then either collects the events or streams them as server-sent events ending with
+`data: [DONE]`. A client that goes away cancels the waiting task; closing the engine streams
+aborts the sequences, freeing their KV at the engine's next step. Talks to the engine only
+through its client protocol (generate, stats); never touches the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from appliance.api.deps import CtxDep, InferKeyDep
+from appliance.api.errors import error_body
+from appliance.api.inference import until_disconnect
+from appliance.api.openai_chat_schemas import (
+    MAX_PROMPTS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
+    dump,
+)
+from appliance.api.openai_schemas import OpenAIError
+from appliance.errors import ApplianceError, DeadlineExceeded, InvalidInput
+from appliance.generation.engine import GenerationEngine, SequenceStream, TokenEvent, TokenLogprob
+from appliance.generation.params import SamplingParams
+from appliance.generation.registry import GenerationRegistry
+
+router = APIRouter(tags=["openai"])
+ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 413, 429, 503, 504)}
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
+
+
+def get_generation(request: Request) -> GenerationRegistry:
+    return request.app.state.generation
+
+
+GenerationDep = Annotated[GenerationRegistry, Depends(get_generation)]
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _params(
+    body: ChatCompletionRequest | CompletionRequest,
+    engine: GenerationEngine,
+    prompt_len: int,
+    *,
+    prompt_field: str,
+    max_tokens: int | None,
+    max_tokens_field: str,
+    logprobs: int,
+    choice: int,
+) -> SamplingParams:
+    """SamplingParams for one choice; 400 naming the field for anything out of range."""
+    limit = engine.settings.max_tokens_limit
+    room = engine.context_length - prompt_len
+    if room < 1:
+        raise InvalidInput(
+            f"{prompt_field}: the prompt is {prompt_len} tokens; this model's context is {engine.context_length}",
+            field=prompt_field,
+        )
+    if max_tokens is None:
+        max_tokens = min(limit, room)
+    elif max_tokens < 1:
+        raise InvalidInput(f"{max_tokens_field}: must be at least 1", field=max_tokens_field)
+    elif max_tokens > limit:
+        raise InvalidInput(f"{max_tokens_field}: at most {limit} tokens may be generated per request", field=max_tokens_field)
+    elif max_tokens > room:
+        raise InvalidInput(
+            f"{max_tokens_field}: the prompt ({prompt_len} tokens) plus {max_tokens} exceeds this model's context of "
+            f"{engine.context_length} tokens",
+            field=max_tokens_field,
+        )
+    defaults = engine.spec.defaults
+    seed = body.seed
+    if seed is not None:
+        seed = (seed + choice) % (2**64)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature if body.temperature is not None else float(defaults.get("temperature", 1.0)),
+        top_p=body.top_p if body.top_p is not None else float(defaults.get("top_p", 1.0)),
+        top_k=body.top_k if body.top_k is not None else int(defaults.get("top_k", 0)),
+        min_p=body.min_p if body.min_p is not None else float(defaults.get("min_p", 0.0)),
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else float(defaults.get("repetition_penalty", 1.0)),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        seed=seed,
+        stop=_stop_list(body.stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        logprobs=logprobs,
+        ignore_eos=body.ignore_eos,
+    )
+    return params.validate(max_tokens_limit=limit, vocab_size=engine.spec.vocab_size)
+
+
+def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list[SamplingParams], timeout_s: float) -> list[SequenceStream]:
+    """Submit every choice; if one is refused, abort those already queued and re-raise."""
+    streams: list[SequenceStream] = []
+    try:
+        for prompt, choice_params in zip(prompts, params, strict=True):
+            streams.append(engine.generate(prompt, choice_params, timeout_s=timeout_s))
+    except ApplianceError:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+async def _merged(streams: list[SequenceStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Events of all choices as they come, tagged with the choice index."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: SequenceStream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def _check_finish(event: TokenEvent) -> str | None:
+    if event.finish_reason == "timeout":
+        raise DeadlineExceeded("the request ran past its deadline; its sequence was stopped")
+    if event.finish_reason in ("abort", "error"):
+        raise ApplianceError(f"generation ended: {event.finish_reason}")
+    return event.finish_reason
+
+
+async def _collect(streams: list[SequenceStream]) -> list[_Choice]:
+    choices = [_Choice(index) for index in range(len(streams))]
+    try:
+        async for index, event in _merged(streams):
+            choice = choices[index]
+            choice.text.append(event.text)
+            if event.logprobs:
+                choice.logprobs.extend(event.logprobs)
+            if event.finish_reason is not None:
+                choice.finish_reason = _check_finish(event)
+                choice.prompt_tokens = event.prompt_tokens
+                choice.completion_tokens = event.completion_tokens
+                choice.cached_tokens = event.cached_prompt_tokens
+    finally:
+        for stream in streams:
+            stream.close()
+    return choices
+
+
+def _usage(choices: list[_Choice], prompt_tokens: int) -> Usage:
+    completion = sum(choice.completion_tokens for choice in choices)
+    cached = max((choice.cached_tokens for choice in choices), default=0)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details={"cached_tokens": cached},
+    )
+
+
+def _chat_logprobs(engine: GenerationEngine, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    text = engine.tokenizer.token_text
+    content: list[TokenLogprobEntry] = []
+    for entry in entries:
+        token, raw = text(entry.token_id)
+        top = [TopLogprob(token=text(t)[0], logprob=lp, bytes=text(t)[1]) for t, lp in entry.top]
+        content.append(TokenLogprobEntry(token=token, logprob=entry.logprob, bytes=raw, top_logprobs=top))
+    return ChoiceLogprobs(content=content)
+
+
+def _sse(payload: dict[str, object]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _stream_error(path: str, exc: ApplianceError) -> bytes:
+    return _sse(error_body(path, exc.status_code, exc.message, exc.field))
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={**ERRORS, **STREAM_RESPONSE},
+    summary="Chat completion (stream with server-sent events)",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, ctx: CtxDep, generation: GenerationDep, _key: InferKeyDep
+) -> ChatCompletion | StreamingResponse:
+    engine = generation.engine(body.model)
+    if engine.chat_template is None:
+        raise InvalidInput(f"model: {body.model!r} has no chat template; use /v1/completions", field="model")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidInput("top_logprobs: requires logprobs to be true", field="top_logprobs")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    prompt_ids = engine.tokenizer.encode(engine.chat_template.render(messages), special_text=True)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    logprobs = (body.top_logprobs or 0) if body.logprobs else -1
+    params = [
+        _params(body, engine, len(prompt_ids), prompt_field="messages", max_tokens=max_tokens, max_tokens_field=field_name, logprobs=logprobs, choice=i)
+        for i in range(body.n)
+    ]
+    streams = _submit_all(engine, [prompt_ids] * body.n, params, ctx.settings.request_timeout_s)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _chat_events(request.url.path, engine, body.model, completion_id, created, streams, len(prompt_ids), include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    choices = await until_disconnect(request, _collect(streams))
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        choices=[
+            ChatChoice(
+                index=choice.index,
+                message=AssistantMessage(content="".join(choice.text)),
+                logprobs=_chat_logprobs(engine, choice.logprobs) if body.logprobs else None,
+                finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+            )
+            for choice in choices
+        ],
+        usage=_usage(choices, len(prompt_ids)),
+    )
+
+
+async def _chat_events(
+    path: str,
+    engine: GenerationEngine,
+    model: str,
+    completion_id: str,
+    created: int,
+    streams: list[SequenceStream],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        payload = dump(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage))
+        if not include_usage:
+            payload.pop("usage", None)
+        return _sse(payload)
+
+    choices = [_Choice(index) for index in range(len(streams))]
+    try:
+        for choice in choices:
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
+        async for index, event in _merged(streams):
+            choice = choices[index]
+            finish = None
+            if event.finish_reason is not None:
+                finish = _check_finish(event)
+                choice.completion_tokens = event.completion_tokens
+                choice.cached_tokens = event.cached_prompt_tokens
+            logprobs = _chat_logprobs(engine, event.logprobs) if event.logprobs else None
+            if event.text or logprobs is not None or finish is not None:
+                yield chunk(
+                    [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text or None), logprobs=logprobs, finish_reason=finish)]  # type: ignore[arg-type]
+                )
+        if include_usage:
+            yield chunk([], _usage(choices, prompt_tokens))
+    except ApplianceError as exc:
+        yield _stream_error(path, exc)
+    finally:
+        for stream in streams:
+            stream.close()
+    yield SSE_DONE
+
+
+def _completion_prompts(engine: GenerationEngine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        texts: list[str] | None = [prompt]
+        id_lists: list[list[int]] = []
+    elif not prompt:
+        raise InvalidInput("prompt: must not be empty", field="prompt")
+    elif isinstance(prompt[0], str):
+        texts = list(prompt)  # type: ignore[arg-type]
+        id_lists = []
+    elif isinstance(prompt[0], int):
+        texts, id_lists = None, [list(prompt)]  # type: ignore[arg-type]
+    else:
+        texts, id_lists = None, [list(item) for item in prompt]  # type: ignore[union-attr]
+    if texts is not None:
+        id_lists = [engine.tokenizer.encode(text, special_text=False) for text in texts]
+    if len(id_lists) > MAX_PROMPTS:
+        raise InvalidInput(f"prompt: at most {MAX_PROMPTS} prompts per request", field="prompt")
+    vocab = engine.spec.vocab_size
+    for position, ids in enumerate(id_lists):
+        if not ids:
+            raise InvalidInput(f"prompt[{position}]: must contain at least one token", field="prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidInput(f"prompt[{position}]: token ids must be between 0 and {vocab - 1}", field="prompt")
+    return id_lists
+
+
+def _completion_logprobs(engine: GenerationEngine, entries: list[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
+    tokens: list[str] = []
+    offsets: list[int] = []
+    offset = start_offset
+    for entry in entries:
+        token = engine.tokenizer.token_text(entry.token_id)[0]
+        tokens.append(token)
+        offsets.append(offset)
+        offset += len(token)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[entry.logprob for entry in entries],
+        top_logprobs=[{engine.tokenizer.token_text(t)[0]: lp for t, lp in entry.top} for entry in entries],
+        text_offset=offsets,
+    )
+
+
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses={**ERRORS, **STREAM_RESPONSE},
+    summary="Text completion (stream with server-sent events)",
+)
+async def completions(
+    body: CompletionRequest, request: Request, ctx: CtxDep, generation: GenerationDep, _key: InferKeyDep
+) -> Completion | StreamingResponse:
+    if body.echo:
+        raise InvalidInput("echo: is not supported", field="echo")
+    if body.suffix:
+        raise InvalidInput("suffix: is not supported", field="suffix")
+    engine = generation.engine(body.model)
+    prompts = _completion_prompts(engine, body.prompt)
+    logprobs = body.logprobs if body.logprobs is not None else -1
+    all_prompts: list[list[int]] = []
+    params: list[SamplingParams] = []
+    for prompt_ids in prompts:
+        for choice in range(body.n):
+            all_prompts.append(prompt_ids)
+            params.append(
+                _params(body, engine, len(prompt_ids), prompt_field="prompt", max_tokens=body.max_tokens, max_tokens_field="max_tokens", logprobs=logprobs, choice=choice)
+            )
+    streams = _submit_all(engine, all_prompts, params, ctx.settings.request_timeout_s)
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _completion_events(request.url.path, engine, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    choices = await until_disconnect(request, _collect(streams))
+    return Completion(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        choices=[
+            CompletionChoice(
+                index=choice.index,
+                text="".join(choice.text),
+                logprobs=_completion_logprobs(engine, choice.logprobs) if logprobs >= 0 else None,
+                finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+            )
+            for choice in choices
+        ],
+        usage=_usage(choices, prompt_tokens),
+    )
+
+
+async def _completion_events(
+    path: str,
+    engine: GenerationEngine,
+    model: str,
+    completion_id: str,
+    created: int,
+    streams: list[SequenceStream],
+    prompt_tokens: int,
+    include_usage: bool,
+    with_logprobs: bool,
+) -> AsyncIterator[bytes]:
+    choices = [_Choice(index) for index in range(len(streams))]
+    try:
+        async for index, event in _merged(streams):
+            choice = choices[index]
+            finish = None
+            if event.finish_reason is not None:
+                finish = _check_finish(event)
+                choice.completion_tokens = event.completion_tokens
+            if event.text or finish is not None or (with_logprobs and event.logprobs):
+                logprobs = _completion_logprobs(engine, event.logprobs or []) if with_logprobs else None
+                payload = dump(
+                    Completion(
+                        id=completion_id,
+                        created=created,
+                        model=model,
+                        choices=[CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+                    )
+                )
+                payload.pop("usage", None)
+                yield _sse(payload)
+        if include_usage:
+            payload = dump(Completion(id=completion_id, created=created, model=model, choices=[], usage=_usage(choices, prompt_tokens)))
+            yield _sse(payload)
+    except ApplianceError as exc:
+        yield _stream_error(path, exc)
+    finally:
+        for stream in streams:
+            stream.close()
+    yield SSE_DONE

@@ -1,0 +1,93 @@
+"""KV-cache slots and the memory budget: who owns which row of the preallocated KV buffers.
+
+Admission reserves a sequence's worst case (prompt + max_tokens positions) against the byte
+budget up front, so a running sequence can never run out of cache mid-answer and nothing is
+ever preempted; what does not fit waits. A request that could not fit even into an empty cache
+is refused at submission with a message that states the limit. Running sequences are kept in
+slots [0, n) (`compact`) because the decode batch binds that range as one numpy view; moving a
+row happens only when a sequence leaves or starts decoding, never per step.
+
+Never imports onnxruntime; never allocates per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from appliance.errors import InvalidInput
+from appliance.generation.model_runner import KvStore
+
+
+class SlotOwner(Protocol):
+    slot: int
+    num_cached: int
+    reserved_tokens: int
+
+
+class KvCacheManager:
+    """Slots and reservations over one KvStore (and the draft model's, moved alongside)."""
+
+    def __init__(self, stores: list[KvStore], *, budget_bytes: int, bytes_per_token: int) -> None:
+        self.stores = stores
+        self.max_slots = stores[0].max_slots
+        self.max_len = stores[0].max_len
+        self.bytes_per_token = bytes_per_token
+        self.budget_tokens = max(budget_bytes // bytes_per_token, 1)
+        self.reserved_tokens = 0
+        self._owners: dict[int, SlotOwner] = {}
+
+    @property
+    def usage(self) -> float:
+        return self.reserved_tokens / self.budget_tokens
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_slots - len(self._owners)
+
+    def check_fits(self, tokens: int, *, field: str) -> None:
+        """Refuse at submission what could never be admitted."""
+        limit = min(self.max_len, self.budget_tokens)
+        if tokens > limit:
+            raise InvalidInput(
+                f"{field}: prompt plus max_tokens is {tokens} tokens; this model's limit is {limit} "
+                f"(context {self.max_len}, KV budget {self.budget_tokens} tokens)",
+                field=field,
+            )
+
+    def can_admit(self, tokens: int) -> bool:
+        return self.free_slots > 0 and self.reserved_tokens + tokens <= self.budget_tokens
+
+    def admit(self, owner: SlotOwner, tokens: int) -> None:
+        slot = next(index for index in range(self.max_slots - 1, -1, -1) if index not in self._owners)
+        owner.slot = slot
+        owner.reserved_tokens = tokens
+        self._owners[slot] = owner
+        self.reserved_tokens += tokens
+
+    def release(self, owner: SlotOwner) -> None:
+        if self._owners.get(owner.slot) is owner:
+            del self._owners[owner.slot]
+            self.reserved_tokens -= owner.reserved_tokens
+            owner.reserved_tokens = 0
+        owner.slot = -1
+
+    def compact(self, running: Iterable[SlotOwner]) -> None:
+        """Move running sequences into slots [0, n), displacing prefilling ones upward."""
+        running = list(running)
+        count = len(running)
+        outside = [owner for owner in running if owner.slot >= count]
+        for owner in outside:
+            target = next(index for index in range(count) if self._owners.get(index) not in running)
+            occupant = self._owners.get(target)
+            if occupant is not None:
+                spare = next(index for index in range(self.max_slots - 1, count - 1, -1) if index not in self._owners)
+                self._move(occupant, spare)
+            self._move(owner, target)
+
+    def _move(self, owner: SlotOwner, target: int) -> None:
+        for store in self.stores:
+            store.move_slot(owner.slot, target, owner.num_cached)
+        del self._owners[owner.slot]
+        owner.slot = target
+        self._owners[target] = owner

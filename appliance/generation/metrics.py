@@ -1,0 +1,50 @@
+"""Prometheus metrics of the generation engine, with vLLM's names where one fits.
+
+One `GenerationMetrics` per server (on the app's own CollectorRegistry, which GET /metrics
+exports; tests run several apps in one process), shared by all its engines and labelled by
+model name. Never imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class GenerationMetrics:
+    """Every generation metric, registered on one CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "appliance_time_to_first_token_seconds", "Time from submission to the first generated token.", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "appliance_time_per_output_token_seconds", "Inter-token latency after the first token.", ["model"],
+            buckets=_TOKEN_BUCKETS_S, registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            "appliance_e2e_request_latency_seconds", "Time from submission to the end of a sequence.", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens processed (cached ones included).", ["model"], registry=r)
+        self.generation_tokens = Counter("appliance_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.requests_running = Gauge("appliance_num_requests_running", "Sequences decoding or prefilling.", ["model"], registry=r)
+        self.requests_waiting = Gauge("appliance_num_requests_waiting", "Sequences queued for admission.", ["model"], registry=r)
+        self.kv_cache_usage = Gauge("appliance_kv_cache_usage_perc", "Fraction of the KV budget reserved (0..1).", ["model"], registry=r)
+        self.prefix_cache_queries = Counter(
+            "appliance_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model"], registry=r
+        )
+        self.prefix_cache_hits = Counter("appliance_prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["model"], registry=r)
+        self.spec_draft_tokens = Counter("appliance_spec_decode_num_draft_tokens", "Draft tokens proposed.", ["model"], registry=r)
+        self.spec_accepted_tokens = Counter("appliance_spec_decode_num_accepted_tokens", "Draft tokens accepted.", ["model"], registry=r)
+        self.spec_emitted_tokens = Counter(
+            "appliance_spec_decode_num_emitted_tokens", "Tokens produced by verification runs (accepted + bonus).", ["model"], registry=r
+        )
+        self.request_success = Counter(
+            "appliance_request_success", "Finished sequences by finish reason.", ["model", "finished_reason"], registry=r
+        )

@@ -1,0 +1,258 @@
+"""Forward passes of a decoder graph over a KV cache that lives in preallocated buffers.
+
+Two graph kinds (manifest `generation.graph`):
+
+* "genai" (onnxruntime-genai's model builder, GroupQueryAttention): one KV buffer per layer of
+  shape [max_slots, kv_heads, max_len, head_dim] is bound as BOTH the past input and the present
+  output, so the attention kernel writes each new K/V in place at the row's own position
+  (`attention_mask` row sums tell it the lengths). Nothing is copied per step. A batch is any
+  contiguous range of slots, which a numpy view of the buffer backs without a copy; the caller
+  (KvCacheManager) keeps running sequences compacted so the decode batch is slots [0, n).
+* "optimum" (past_key_values.N.key inputs, present.N.key outputs, no buffer sharing): the same
+  buffers, but the runner feeds the row's past as input and copies the new positions of the
+  present output back. Simpler and slower; it lets GPT-2-family exports serve.
+
+What the kernel allows decides the call shapes (GroupQueryAttention): a batch of more than one
+row is either a first prompt (no past in any row, right-padded to the longest) or a decode step
+(one new token per row); a prompt chunk that continues a past (chunked prefill, speculative
+verification) runs alone.
+
+Never imports torch or transformers; never allocates KV memory per step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from appliance.errors import ModelRejected
+from appliance.repository.manifest import GenerationSpec
+
+_NUMPY_KV_DTYPES: dict[str, type[np.floating]] = {"FP32": np.float32, "FP16": np.float16}
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """Shape facts of one model's KV cache, from its manifest."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of every layer for one token position."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @classmethod
+    def from_spec(cls, spec: GenerationSpec) -> KvGeometry:
+        dtype = _NUMPY_KV_DTYPES.get(spec.kv_datatype)
+        if dtype is None:
+            raise ModelRejected(f"generation.kv_datatype {spec.kv_datatype} is not supported", field="generation.kv_datatype")
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, np.dtype(dtype))
+
+
+def cpu_session_options(threads: int | None) -> ort.SessionOptions:
+    """Options the measurements favour on CPU: intra-op threads = cores, spinning on, sequential.
+
+    Spinning off cost 35% of decode speed on the 2-core box; one thread instead of two cost 24%.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.log_severity_level = 3
+    return options
+
+
+def open_decoder_session(model_path: Path, *, threads: int | None, providers: list[str] | None = None) -> ort.InferenceSession:
+    """One InferenceSession for a decoder graph; ModelRejected when ONNX Runtime refuses it."""
+    try:
+        return ort.InferenceSession(
+            str(model_path), sess_options=cpu_session_options(threads), providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        raise ModelRejected(f"{model_path.name}: ONNX Runtime cannot load the decoder: {exc}", field="model_file") from None
+
+
+class KvStore:
+    """The preallocated K and V buffers of every layer, one row (slot) per sequence."""
+
+    def __init__(self, geometry: KvGeometry, max_slots: int, max_len: int) -> None:
+        shape = (max_slots, geometry.num_kv_heads, max_len, geometry.head_dim)
+        self.geometry = geometry
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.keys = [np.zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
+        self.values = [np.zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.keys) + sum(buffer.nbytes for buffer in self.values)
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Copy one sequence's first `length` positions to another slot (compaction on retire)."""
+        for buffer in (*self.keys, *self.values):
+            buffer[target, :, :length] = buffer[source, :, :length]
+
+    def read(self, slot: int, length: int) -> list[np.ndarray]:
+        """A copy of one slot's first `length` positions, K then V per layer (prefix cache)."""
+        return [buffer[slot, :, :length].copy() for buffer in (*self.keys, *self.values)]
+
+    def write(self, slot: int, saved: list[np.ndarray], length: int) -> None:
+        """Put back what `read` returned, truncated to `length` positions."""
+        for buffer, part in zip((*self.keys, *self.values), saved, strict=True):
+            buffer[slot, :, :length] = part[:, :length]
+
+
+class DecoderRunner(Protocol):
+    """One forward pass over a contiguous range of KV slots."""
+
+    kv: KvStore
+    vocab_size: int
+
+    def forward(
+        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+    ) -> np.ndarray:
+        """Run `input_ids` [rows, width] for slots [first_slot, first_slot + rows).
+
+        `past_lens[i]` tokens of row i are already in the cache; `new_lens[i]` <= width of its
+        input tokens are real (the rest is right padding). Returns logits [rows, width, vocab]
+        when `all_logits`, else the logits of each row's last real token [rows, vocab]. The
+        returned array is a view of a reused buffer: valid until the next call.
+        """
+        ...
+
+
+def _check_inputs(session: ort.InferenceSession, names: list[str]) -> None:
+    have = {node.name for node in session.get_inputs()} | {node.name for node in session.get_outputs()}
+    missing = [name for name in names if name not in have]
+    if missing:
+        raise ModelRejected(f"decoder graph lacks {', '.join(missing[:4])}", field="generation")
+
+
+class SharedBufferRunner:
+    """The "genai" graph kind: past and present bound to the same preallocated buffers."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, kv: KvStore, *, max_rows_x_width: int) -> None:
+        self.session = session
+        self.kv = kv
+        self.vocab_size = spec.vocab_size
+        layers = range(spec.num_layers)
+        self._past_k = [spec.past_key_name.format(layer=i) for i in layers]
+        self._past_v = [spec.past_value_name.format(layer=i) for i in layers]
+        self._present_k = [spec.present_key_name.format(layer=i) for i in layers]
+        self._present_v = [spec.present_value_name.format(layer=i) for i in layers]
+        _check_inputs(session, ["input_ids", "attention_mask", "logits", *self._past_k, *self._present_v])
+        self._logits = np.zeros(max(max_rows_x_width, kv.max_slots) * spec.vocab_size, np.float32)
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
+        self._positions = np.arange(kv.max_len, dtype=np.int64)
+
+    def _binding(self, first: int, rows: int) -> ort.IOBinding:
+        """An IOBinding with the KV views of slots [first, first+rows) bound both ways, kept."""
+        key = (first, rows)
+        cached = self._bindings.get(key)
+        if cached is not None:
+            return cached[0]
+        binding = self.session.io_binding()
+        values: list[ort.OrtValue] = []
+        for names_in, names_out, buffers in (
+            (self._past_k, self._present_k, self.kv.keys),
+            (self._past_v, self._present_v, self.kv.values),
+        ):
+            for name_in, name_out, buffer in zip(names_in, names_out, buffers, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[first : first + rows])
+                binding.bind_ortvalue_input(name_in, value)
+                binding.bind_ortvalue_output(name_out, value)
+                values.append(value)
+        if len(self._bindings) > 256:
+            self._bindings.clear()
+        self._bindings[key] = (binding, values)
+        return binding
+
+    def forward(
+        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+    ) -> np.ndarray:
+        rows, width = input_ids.shape
+        totals = past_lens + new_lens
+        first_prompt = not past_lens.any()
+        # GroupQueryAttention reads each row's length from the mask's row sum and the total
+        # length from its width; a first prompt needs width == input width.
+        mask_width = width if first_prompt else int(totals.max())
+        if not first_prompt and mask_width == width:
+            mask_width += 1  # only possible with padding rows; the extra zero column is harmless
+        mask = (self._positions[:mask_width] < totals[:, None]).astype(np.int64)
+        binding = self._binding(first_slot, rows)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        logits = self._logits[: rows * width * self.vocab_size].reshape(rows, width, self.vocab_size)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        if all_logits:
+            return logits
+        return logits[np.arange(rows), new_lens - 1]
+
+
+class ConcatRunner:
+    """The "optimum" graph kind: past fed as inputs, present outputs copied back into the store."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, kv: KvStore) -> None:
+        self.session = session
+        self.kv = kv
+        self.vocab_size = spec.vocab_size
+        layers = range(spec.num_layers)
+        self._past_names = [spec.past_key_name.format(layer=i) for i in layers] + [
+            spec.past_value_name.format(layer=i) for i in layers
+        ]
+        self._present_names = [spec.present_key_name.format(layer=i) for i in layers] + [
+            spec.present_value_name.format(layer=i) for i in layers
+        ]
+        _check_inputs(session, ["input_ids", "attention_mask", "logits", *self._past_names, *self._present_names])
+        self._input_names = {node.name for node in session.get_inputs()}
+
+    def forward(
+        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+    ) -> np.ndarray:
+        rows, width = input_ids.shape
+        buffers = (*self.kv.keys, *self.kv.values)
+        past_width = int(past_lens.max())
+        # Left-align each row's past and right-pad; padded positions are masked out.
+        total_width = past_width + width
+        mask = np.zeros((rows, total_width), np.int64)
+        positions = np.zeros((rows, width), np.int64)
+        for row in range(rows):
+            mask[row, : past_lens[row]] = 1
+            mask[row, past_width : past_width + new_lens[row]] = 1
+            positions[row] = past_lens[row] + np.arange(width)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), "attention_mask": mask}
+        if "position_ids" in self._input_names:
+            feeds["position_ids"] = positions
+        for name, buffer in zip(self._past_names, buffers, strict=True):
+            feeds[name] = buffer[first_slot : first_slot + rows, :, :past_width]
+        outputs = self.session.run(["logits", *self._present_names], feeds)
+        logits = outputs[0]
+        for buffer, present in zip(buffers, outputs[1:], strict=True):
+            for row in range(rows):
+                start = int(past_lens[row])
+                count = int(new_lens[row])
+                buffer[first_slot + row, :, start : start + count] = present[row, :, past_width : past_width + count]
+        if all_logits:
+            return logits
+        return logits[np.arange(rows), new_lens - 1]
+
+
+def make_runner(
+    session: ort.InferenceSession, spec: GenerationSpec, kv: KvStore, *, max_rows_x_width: int
+) -> SharedBufferRunner | ConcatRunner:
+    """The runner for the manifest's graph kind."""
+    if spec.graph == "genai":
+        return SharedBufferRunner(session, spec, kv, max_rows_x_width=max_rows_x_width)
+    return ConcatRunner(session, spec, kv)

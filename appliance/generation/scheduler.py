@@ -1,0 +1,212 @@
+"""The continuous-batching scheduler: which sequences run in the next engine step.
+
+Contract (one call of each per engine step, on the engine thread only):
+
+* `add(seq)` queues a new sequence (FIFO). It raises CapacityExceeded when the waiting queue is
+  full, and InvalidInput when prompt + max_tokens could never fit the context or the KV budget.
+* `abort(seq_id)` marks a sequence; the next `schedule()` frees its slot and KV reservation, so
+  a client that goes away costs at most the step already running.
+* `schedule()` returns a `StepPlan`:
+  1. retires aborted and timed-out sequences (slots and reservations freed at once);
+  2. admits waiting sequences in arrival order while a slot is free and the KV budget covers
+     their worst case (prompt + max_tokens); the first one that does not fit blocks the queue,
+     so a large request is not starved by small ones. An admitted prompt first takes the
+     longest matching prefix from the prefix cache;
+  3. keeps running sequences in slots [0, n) (one contiguous decode batch);
+  4. plans at most `prefill_chunk_tokens` prompt tokens of ONE prefilling sequence (oldest
+     first) plus one decode token for every running sequence. A long prompt is therefore cut
+     into chunks that alternate with everybody else's decode steps (chunked prefill).
+* `finish(seq, reason)` (called by the engine when a stop condition is met) retires the
+  sequence and frees its KV at once.
+
+The scheduler never runs the model and never touches token text; the engine does both.
+Never imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from appliance.errors import CapacityExceeded
+from appliance.generation.kv_cache import KvCacheManager
+from appliance.generation.params import SamplingParams
+from appliance.generation.prefix_cache import PrefixCache
+from appliance.generation.speculative import SpeculationGate
+from appliance.generation.text import IncrementalDetokenizer, StopStringFilter
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence being generated (a request with n > 1 owns n of these)."""
+
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Any], None]
+    detokenizer: IncrementalDetokenizer
+    deadline: float | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    slot: int = -1
+    #: Token positions already in the KV cache (prompt first, then outputs).
+    num_cached: int = 0
+    reserved_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    aborted: bool = False
+    finish_reason: str | None = None
+    #: Draft model's cached positions (draft-model speculation only).
+    draft_cached: int = 0
+    gate: SpeculationGate = field(default_factory=SpeculationGate)
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    stops: StopStringFilter = field(default_factory=lambda: StopStringFilter(()))
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end == len(self.seq.prompt)
+
+
+@dataclass
+class StepPlan:
+    prefill: PrefillChunk | None
+    decode: list[Sequence]
+    retired: list[Sequence]
+
+    @property
+    def empty(self) -> bool:
+        return self.prefill is None and not self.decode
+
+
+class Scheduler:
+    """Iteration-level scheduling over one model's KV cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        kv: KvCacheManager,
+        *,
+        max_waiting: int,
+        prefill_chunk_tokens: int,
+        prefix_cache: PrefixCache | None,
+        on_prefix_lookup: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.kv = kv
+        self.max_waiting = max_waiting
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_cache = prefix_cache
+        self._on_prefix_lookup = on_prefix_lookup
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+
+    # -- requests ------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        self.kv.check_fits(prompt_tokens + max_tokens, field="max_tokens")
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise CapacityExceeded(f"{len(self.waiting)} sequences are already waiting", retry_after_s=1.0)
+        self.check(len(seq.prompt), seq.params.max_tokens)
+        self.waiting.append(seq)
+        self._by_id[seq.seq_id] = seq
+
+    def abort(self, seq_id: str) -> None:
+        seq = self._by_id.get(seq_id)
+        if seq is not None:
+            seq.aborted = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    # -- one step ------------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> StepPlan:
+        now = time.monotonic() if now is None else now
+        retired: list[Sequence] = []
+        for group in (self.running, self.prefilling, self.waiting):
+            for seq in list(group):
+                if seq.aborted or (seq.deadline is not None and now > seq.deadline):
+                    self.finish(seq, "abort" if seq.aborted else "timeout")
+                    retired.append(seq)
+        self._admit()
+        self.kv.compact(self.running)
+        prefill = None
+        if self.prefilling:
+            seq = self.prefilling[0]
+            end = min(len(seq.prompt), seq.num_cached + self.prefill_chunk_tokens)
+            prefill = PrefillChunk(seq, seq.num_cached, end)
+        return StepPlan(prefill=prefill, decode=list(self.running), retired=retired)
+
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            need = len(seq.prompt) + seq.params.max_tokens
+            if not self.kv.can_admit(need):
+                return
+            self.waiting.popleft()
+            self.kv.admit(seq, need)
+            seq.status = Status.PREFILLING
+            if self.prefix_cache is not None:
+                length, entry = self.prefix_cache.lookup(seq.prompt)
+                if entry is not None:
+                    for store in self.kv.stores[:1]:
+                        self.prefix_cache.restore(store, seq.slot, entry, length)
+                    seq.num_cached = length
+                    seq.cached_prompt_tokens = length
+                if self._on_prefix_lookup is not None:
+                    self._on_prefix_lookup(len(seq.prompt), length)
+            self.prefilling.append(seq)
+
+    # -- results -------------------------------------------------------------------------
+    def prefill_done(self, seq: Sequence) -> None:
+        """The prompt is fully cached: remember its prefix, then decode it with the others."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(self.kv.stores[0], seq.slot, seq.prompt)
+        self.prefilling.remove(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence and free its slot and KV reservation now."""
+        if seq.status is Status.FINISHED:
+            return
+        for group in (self.running, self.prefilling):
+            if seq in group:
+                group.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
+        self._by_id.pop(seq.seq_id, None)

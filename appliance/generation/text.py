@@ -1,0 +1,181 @@
+"""Text around the engine: prompt encoding, chat templates, streaming detokenisation, stop strings.
+
+Chat templates are the model's own Jinja2 text (from manifest.json), rendered in an immutable
+sandbox: a template can call only what is passed in, cannot reach Python attributes or write
+state, and a template error becomes an InvalidInput for the request, never a 500. Detokenising
+is incremental (`tokenizers`' DecodeStream), so a multi-byte character split over tokens is
+sent only once it is complete. Stop strings are held back while the text might still be
+turning into one, so the stop text never reaches the client. Never imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from appliance.errors import InvalidInput, ModelRejected
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+class PromptTokenizer:
+    """The model's tokenizer.json: encode prompts (no truncation: too long is refused), decode."""
+
+    def __init__(self, path: Path, *, add_bos_token: bool = False, bos_token_id: int | None = None) -> None:
+        if path.is_symlink() or not path.is_file():
+            raise ModelRejected(f"tokenizer file {path.name} is missing or not a regular file", field="tokenizer")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the library raises bare Exceptions for bad files
+            raise ModelRejected(f"tokenizer file {path.name} cannot be read: {exc}", field="tokenizer") from None
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.add_bos_token = add_bos_token and bos_token_id is not None
+        self.bos_token_id = bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+    def encode(self, text: str, *, special_text: bool) -> list[int]:
+        """Token ids of `text`. `special_text`: the text came from a chat template, so its
+        special-token strings (<|im_start|>) are meant as special tokens and a BOS the template
+        wrote itself must not be doubled."""
+        ids = list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def stream(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._tokenizer)
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """One token on its own, for logprobs entries: its text and its exact bytes.
+
+        A byte-level BPE token can hold part of a UTF-8 character; its text then shows U+FFFD
+        but its bytes are exact, so a client can join the bytes of consecutive tokens."""
+        text = str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+        piece = self._tokenizer.id_to_token(token_id) or ""
+        if piece and all(char in _BYTE_LEVEL_DECODE for char in piece):
+            return text, [_BYTE_LEVEL_DECODE[char] for char in piece]
+        return text, list(text.encode("utf-8"))
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 byte values (byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    table: dict[str, int] = {chr(value): value for value in printable}
+    extra = 0
+    for value in range(256):
+        if value not in printable:
+            table[chr(256 + extra)] = value
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL_DECODE = _byte_level_table()
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's new token ids into new text, holding incomplete characters back."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tokenizer, token_id) or ""
+
+
+class StopStringFilter:
+    """Streams text through while withholding anything that might still become a stop string.
+
+    `push` returns (text safe to send now, True when a stop string completed). Text from the
+    stop string on is dropped, as OpenAI does.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        self._pending += text
+        hits = [index for index in (self._pending.find(stop) for stop in self._stops) if index >= 0]
+        if hits:
+            safe = self._pending[: min(hits)]
+            self._pending = ""
+            return safe, True
+        keep = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(self._pending)), 0, -1):
+                if self._pending.endswith(stop[:length]):
+                    keep = max(keep, length)
+                    break
+        safe = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep :]
+        return safe, False
+
+    def flush(self) -> str:
+        """What was held back, once the sequence ends for another reason."""
+        text, self._pending = self._pending, ""
+        return text
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+class ChatTemplate:
+    """One model's chat template, compiled once in an immutable Jinja2 sandbox."""
+
+    def __init__(self, source: str, *, bos_token: str | None, eos_token: str | None) -> None:
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        environment.globals["raise_exception"] = _raise_exception
+        environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        try:
+            self._template = environment.from_string(source)
+        except TemplateError as exc:
+            raise ModelRejected(f"chat_template does not compile: {exc}", field="chat_template") from None
+        self._bos = bos_token or ""
+        self._eos = eos_token or ""
+
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`; InvalidInput names the message that broke the template."""
+        if not messages:
+            raise InvalidInput("messages: must contain at least one message", field="messages")
+        for index, message in enumerate(messages):
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                raise InvalidInput(
+                    f"messages[{index}].role: unknown role {role!r} (expected one of {', '.join(sorted(CHAT_ROLES))})",
+                    field=f"messages[{index}].role",
+                )
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        except TemplateError as exc:
+            raise InvalidInput(f"messages: the model's chat template refused them: {exc}", field="messages") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidInput(f"messages: cannot be rendered with the model's chat template: {exc}", field="messages") from None

@@ -1,0 +1,110 @@
+"""Checking a published model version before ONNX Runtime reads a byte of it.
+
+A version folder may only be read when its model file and every external-data file it names
+are regular files (no symlinks) inside the version folder, and each external tensor's
+offset/length lies within its file. The graph's inputs and outputs must match the manifest.
+Never loads models from anywhere but the repository; never follows a symlink.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import AttributeProto, GraphProto, TensorProto
+
+from appliance.errors import ModelRejected
+from appliance.repository.store import ModelVersion
+from appliance.runtime.tensors import ORT_TYPES
+
+
+def _tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    """Every tensor of a graph, its nodes' attributes and subgraphs (iteratively)."""
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        yield from current.initializer
+        for sparse in current.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in current.node:
+            for attribute in node.attribute:
+                if attribute.type == AttributeProto.TENSOR:
+                    yield attribute.t
+                elif attribute.type == AttributeProto.TENSORS:
+                    yield from attribute.tensors
+                elif attribute.type == AttributeProto.GRAPH:
+                    stack.append(attribute.g)
+                elif attribute.type == AttributeProto.GRAPHS:
+                    stack.extend(attribute.graphs)
+
+
+def _inside(folder: Path, relative: str, what: str) -> Path:
+    """`relative` resolved inside `folder`, refusing absolute paths, '..' escapes and symlinks."""
+    if not relative or os.path.isabs(relative) or "\x00" in relative:
+        raise ModelRejected(f"{what}: location {relative!r} must be a relative path inside the version folder")
+    candidate = folder / relative
+    # Walk each component so a symlinked directory on the way is refused too.
+    current = folder
+    for part in Path(relative).parts:
+        if part in ("..", "."):
+            raise ModelRejected(f"{what}: location {relative!r} leaves the version folder")
+        current = current / part
+        if current.is_symlink():
+            raise ModelRejected(f"{what}: {relative!r} is a symbolic link; links are refused")
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ModelRejected(f"{what}: location {relative!r} leaves the version folder")
+    if not resolved.is_file():
+        raise ModelRejected(f"{what}: external data file {relative!r} is missing")
+    return resolved
+
+
+def check_version_files(version: ModelVersion) -> onnx.ModelProto:
+    """Validate the version's files; returns the graph without external data loaded."""
+    folder = version.path
+    if folder.is_symlink():
+        raise ModelRejected(f"{version.name}/{version.version}: the version folder is a symbolic link")
+    model_path = folder / version.manifest.model_file
+    if model_path.is_symlink():
+        raise ModelRejected(f"{version.manifest.model_file}: the model file is a symbolic link; links are refused")
+    if not model_path.is_file():
+        raise ModelRejected(f"{version.manifest.model_file}: the model file is missing")
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ModelRejected(f"{version.manifest.model_file}: not a readable ONNX file ({exc.__class__.__name__})") from None
+    sizes: dict[Path, int] = {}
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        path = _inside(folder, entries.get("location", ""), f"tensor {tensor.name!r}")
+        size = sizes.setdefault(path, path.stat().st_size)
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else size - offset
+        except ValueError:
+            raise ModelRejected(f"tensor {tensor.name!r}: offset/length are not integers") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelRejected(f"tensor {tensor.name!r}: external data range {offset}+{length} exceeds its file ({size} bytes)")
+    return model
+
+
+def check_signature(version: ModelVersion, session_inputs: list[object], session_outputs: list[object]) -> None:
+    """The manifest's inputs/outputs must exist in the graph with the same datatype."""
+    graph_inputs = {arg.name: ORT_TYPES.get(arg.type) for arg in session_inputs}  # type: ignore[attr-defined]
+    graph_outputs = {arg.name: ORT_TYPES.get(arg.type) for arg in session_outputs}  # type: ignore[attr-defined]
+    for kind, specs, graph in (("input", version.manifest.inputs, graph_inputs), ("output", version.manifest.outputs, graph_outputs)):
+        for spec in specs:
+            if spec.name not in graph:
+                raise ModelRejected(f"manifest {kind} '{spec.name}' is not in the graph (graph has: {', '.join(graph)})")
+            if graph[spec.name] != spec.datatype:
+                raise ModelRejected(
+                    f"manifest {kind} '{spec.name}' says {spec.datatype}, the graph has {graph[spec.name]}"
+                )
+    required = set(graph_inputs) - {spec.name for spec in version.manifest.inputs}
+    if required:
+        raise ModelRejected(f"graph inputs missing from the manifest: {', '.join(sorted(required))}")

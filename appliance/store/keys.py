@@ -1,0 +1,165 @@
+"""API keys: creation, lookup, listing, revocation.
+
+A key reads `apl_<prefix>_<secret>`: the prefix (48 random bits, not secret) finds the row,
+the secret carries 256 random bits. Only the SHA-256 of the whole key is stored and it is
+compared in constant time; the key itself is shown once, at creation. Never logs a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, get_args
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from appliance.errors import InvalidInput, NotFound, Unauthorized
+from appliance.store.db import Database
+from appliance.store.models import ApiKey
+
+Scope = Literal["infer", "admin", "metrics"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+KEY_TAG = "apl"
+PREFIX_BYTES = 6
+SECRET_BYTES = 32
+#: `last_used_at` is written at most this often per key, so busy keys do not turn every
+#: request into a database write.
+LAST_USED_RESOLUTION_S = 60.0
+KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_PATTERN = re.compile(rf"^{KEY_TAG}_([0-9a-f]{{{PREFIX_BYTES * 2}}})_([A-Za-z0-9_-]{{20,128}})$")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about a key: everything except the secret."""
+
+    name: str
+    prefix: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    def state(self, now: datetime | None = None) -> str:
+        now = now or datetime.now(UTC)
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def as_json(self) -> dict[str, object]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "name": self.name,
+            "prefix": self.prefix,
+            "scopes": list(self.scopes),
+            "state": self.state(),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "last_used_at": iso(self.last_used_at),
+        }
+
+
+def _info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        name=row.name,
+        prefix=row.prefix,
+        scopes=tuple(row.scopes.split()),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyStore:
+    """API keys in the appliance database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def create(
+        self, name: str, scopes: Iterable[str] = ("infer",), *, expires_days: float | None = None
+    ) -> tuple[str, KeyInfo]:
+        """Create a key; returns (the key, shown once; its public info)."""
+        if not KEY_NAME_PATTERN.fullmatch(name):
+            raise InvalidInput(
+                f"name: {name!r} is not a valid key name (1-64 of A-Z a-z 0-9 . _ -)", field="name"
+            )
+        chosen = tuple(dict.fromkeys(scopes)) or ("infer",)
+        unknown = [scope for scope in chosen if scope not in SCOPES]
+        if unknown:
+            raise InvalidInput(f"scope: unknown scope {unknown[0]!r}; choose from {', '.join(SCOPES)}", field="scope")
+        if expires_days is not None and expires_days <= 0:
+            raise InvalidInput("expires: must be a positive number of days", field="expires")
+        prefix = secrets.token_hex(PREFIX_BYTES)
+        key = f"{KEY_TAG}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
+        now = datetime.now(UTC)
+        row = ApiKey(
+            name=name,
+            prefix=prefix,
+            key_sha256=hash_key(key),
+            scopes=" ".join(chosen),
+            created_at=now,
+            expires_at=now + timedelta(days=expires_days) if expires_days is not None else None,
+        )
+        try:
+            with self.database.session() as session:
+                session.add(row)
+        except IntegrityError:
+            raise InvalidInput(f"name: a key named {name!r} already exists", field="name") from None
+        return key, _info(row)
+
+    def list(self) -> list[KeyInfo]:
+        with self.database.session() as session:
+            return [_info(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
+
+    def revoke(self, name: str) -> KeyInfo:
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                raise NotFound(f"name: no key named {name!r}", field="name")
+            if row.revoked_at is None:
+                row.revoked_at = datetime.now(UTC)
+            return _info(row)
+
+    def count_active(self) -> int:
+        now = datetime.now(UTC)
+        return sum(1 for info in self.list() if info.state(now) == "active")
+
+    def verify(self, key: str) -> KeyInfo:
+        """The key's info when it is valid, else Unauthorized (same message for every cause
+        a client could probe: unknown, wrong, revoked, expired)."""
+        match = KEY_PATTERN.fullmatch(key.strip())
+        if match is None:
+            raise Unauthorized("invalid API key")
+        digest = hash_key(key.strip())
+        now = datetime.now(UTC)
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
+            # Compare even when no row matched so timing does not reveal which prefixes exist.
+            stored = row.key_sha256 if row is not None else "0" * 64
+            if not hmac.compare_digest(stored, digest) or row is None:
+                raise Unauthorized("invalid API key")
+            if row.revoked_at is not None:
+                raise Unauthorized("API key revoked")
+            if row.expires_at is not None and row.expires_at <= now:
+                raise Unauthorized("API key expired")
+            if row.last_used_at is None or (now - row.last_used_at).total_seconds() >= LAST_USED_RESOLUTION_S:
+                row.last_used_at = now
+            return _info(row)

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the appliance database (shipped as package data)."""

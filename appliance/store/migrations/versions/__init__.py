@@ -1,0 +1,1 @@
+"""One module per schema revision; each names its predecessor in `down_revision`."""

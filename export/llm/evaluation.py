@@ -1,0 +1,157 @@
+"""Quality of an exported decoder against the unquantised PyTorch model.
+
+Keys written to report.json (INTERFACES.md plus extras):
+
+* `perplexity`: the candidate on the shipped prose (independent 512-token windows);
+  `reference_perplexity`: the fp32 ONNX export on the same windows; `torch_perplexity`: the
+  PyTorch model on the same windows.
+* `greedy_agreement` (0..1): mean over the prompt set of (matching prefix length / 32) for the
+  first 32 greedy tokens against PyTorch `generate` with EOS off; `greedy_agreement_64`: the
+  same over 64 tokens; `greedy_identical_64`: prompts whose 64 tokens all match.
+* `logits_max_abs_diff`: max |ONNX - PyTorch| over every position of the longest prompt.
+
+The budget's loss is `perplexity / reference_perplexity - 1` (>= 0). The PyTorch outputs are
+computed once per export and the model is freed afterwards. Imports torch only through
+torch_reference.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.export.llm.eval_data import TokenizerFile, load_prompts, load_prose, render_chat
+from appliance.export.llm.onnx_decoder import OnnxDecoder
+from appliance.export.tasks.base import ProgressReporter
+from appliance.repository import GenerationSpec
+
+GREEDY_AGREEMENT_TOKENS = 32
+GREEDY_CHECK_TOKENS = 64
+
+
+@dataclass
+class ReferenceOutputs:
+    """What the PyTorch model produced on the evaluation data."""
+
+    torch_perplexity: float
+    greedy: list[list[int]]
+    check_logits: np.ndarray
+
+
+def prefix_match(a: list[int], b: list[int], length: int) -> int:
+    """How many leading tokens of a[:length] and b[:length] are equal."""
+    matched = 0
+    for left, right in zip(a[:length], b[:length], strict=False):
+        if left != right:
+            break
+        matched += 1
+    return matched
+
+
+class DecoderEvaluator:
+    """Evaluation data as token ids, the PyTorch reference outputs, and ONNX scoring."""
+
+    def __init__(
+        self,
+        *,
+        hf_dir: Path,
+        tokenizer_path: Path,
+        chat_template: str | None,
+        special_tokens: dict[str, Any],
+        context_length: int,
+        data_dir: Path,
+        threads: int | None,
+        progress: ProgressReporter,
+    ) -> None:
+        self.hf_dir = hf_dir
+        self.threads = threads
+        self.progress = progress
+        self.context_length = context_length
+        tokenizer = TokenizerFile(tokenizer_path)
+        self.prose_ids = tokenizer.encode(load_prose(data_dir))
+        self.prompts = load_prompts(data_dir)
+        self.prompt_ids = [
+            tokenizer.encode(render_chat(chat_template, prompt.messages, special_tokens), add_special_tokens=False)
+            for prompt in self.prompts
+        ]
+        limit = context_length - GREEDY_CHECK_TOKENS
+        self.prompt_ids = [ids[-limit:] for ids in self.prompt_ids]
+        self.check_ids = max(self.prompt_ids, key=len)
+        self._reference: ReferenceOutputs | None = None
+        self._perplexity_cache: dict[Path, float] = {}
+
+    def reference(self) -> ReferenceOutputs:
+        """PyTorch outputs, computed on first use and kept (the model itself is freed)."""
+        if self._reference is None:
+            from appliance.export.llm.torch_reference import TorchReference
+
+            self.progress.step("PyTorch reference: perplexity")
+            model = TorchReference(self.hf_dir, self.context_length, threads=self.threads)
+            perplexity = model.perplexity(self.prose_ids)
+            greedy: list[list[int]] = []
+            for index, ids in enumerate(self.prompt_ids):
+                self.progress.step(f"PyTorch reference: greedy {index + 1}/{len(self.prompt_ids)}")
+                greedy.append(model.greedy(ids, GREEDY_CHECK_TOKENS))
+            check_logits = model.logits(self.check_ids)
+            self._reference = ReferenceOutputs(perplexity, greedy, check_logits)
+            del model
+            gc.collect()
+        return self._reference
+
+    def onnx_perplexity(self, model_path: Path, spec: GenerationSpec) -> float:
+        if model_path not in self._perplexity_cache:
+            self._perplexity_cache[model_path] = OnnxDecoder(model_path, spec, self.threads).perplexity(self.prose_ids)
+        return self._perplexity_cache[model_path]
+
+    def evaluate(
+        self, candidate: Path, reference: Path, spec: GenerationSpec
+    ) -> tuple[dict[str, Any], float]:
+        """(quality dict, loss) of the candidate graph; `reference` is the fp32 export."""
+        torch_outputs = self.reference()
+        self.progress.step("ONNX: perplexity of the fp32 export")
+        reference_perplexity = self.onnx_perplexity(reference, spec)
+        self.progress.step("ONNX: perplexity of the candidate")
+        perplexity = self.onnx_perplexity(candidate, spec)
+        agreement = self.agreement(candidate, spec, "candidate")
+        loss = max(0.0, perplexity / reference_perplexity - 1.0)
+        quality: dict[str, Any] = {
+            "perplexity": round(perplexity, 4),
+            "reference_perplexity": round(reference_perplexity, 4),
+            "torch_perplexity": round(torch_outputs.torch_perplexity, 4),
+            "perplexity_increase": round(loss, 5),
+            **agreement,
+            "prose_tokens": len(self.prose_ids),
+            "prompts": len(self.prompt_ids),
+        }
+        if candidate != reference:
+            # The fp32 export's own faithfulness to PyTorch, so one report shows both.
+            for key, value in self.agreement(reference, spec, "fp32 export").items():
+                quality[f"reference_{key}"] = value
+        return quality, loss
+
+    def agreement(self, model_path: Path, spec: GenerationSpec, label: str) -> dict[str, Any]:
+        """Greedy agreement (32 and 64 tokens) and logits max|diff| against PyTorch."""
+        torch_outputs = self.reference()
+        decoder = OnnxDecoder(model_path, spec, self.threads)
+        matches_32: list[float] = []
+        matches_64: list[float] = []
+        identical = 0
+        for index, ids in enumerate(self.prompt_ids):
+            self.progress.step(f"ONNX {label}: greedy {index + 1}/{len(self.prompt_ids)}")
+            tokens = decoder.greedy(ids, GREEDY_CHECK_TOKENS)
+            expected = torch_outputs.greedy[index]
+            matches_32.append(prefix_match(tokens, expected, GREEDY_AGREEMENT_TOKENS) / GREEDY_AGREEMENT_TOKENS)
+            full = prefix_match(tokens, expected, GREEDY_CHECK_TOKENS)
+            matches_64.append(full / GREEDY_CHECK_TOKENS)
+            identical += int(full == GREEDY_CHECK_TOKENS)
+        logits_diff = float(np.abs(decoder.logits(self.check_ids) - torch_outputs.check_logits).max())
+        return {
+            "greedy_agreement": round(float(np.mean(matches_32)), 4),
+            "greedy_agreement_64": round(float(np.mean(matches_64)), 4),
+            "greedy_identical_64": f"{identical}/{len(self.prompt_ids)}",
+            "logits_max_abs_diff": float(f"{logits_diff:.3g}"),
+        }

@@ -1,0 +1,68 @@
+"""GGUF file -> Hugging Face folder (fp32 safetensors + fixed tokenizer files).
+
+transformers' GGUF loader dequantises the weights (Q4_1 and friends) into float32 and maps the
+llama.cpp tensor names back; the result is saved as an ordinary folder that the model builder
+and the PyTorch reference both read. The tokenizer is then rewritten from the GGUF header
+(gguf_tokenizer.py) because the converter gets BOS/EOS wrong, and generation_config.json and
+config.json get the header's special token ids.
+
+Must only be called after `read_gguf_header` accepted the file (bounds are checked there, so
+the loader never meets a lying header). Imports torch/transformers lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ExportError
+from appliance.export.llm.gguf_header import GgufHeader
+from appliance.export.llm.gguf_tokenizer import GgufTokenizerFacts, fix_tokenizer_files, tokenizer_facts
+from appliance.offline import enforce_offline
+
+
+def gguf_to_hf_folder(header: GgufHeader, out_dir: Path) -> GgufTokenizerFacts:
+    """Write `header.path` as a Hugging Face folder into `out_dir`; returns the tokenizer facts."""
+    enforce_offline()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # The converter logs a legacy-tokenizer notice on every load; the export prints its own.
+    transformers_logging.set_verbosity_error()
+    facts = tokenizer_facts(header)
+    folder, name = str(header.path.parent), header.path.name
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the GGUF loader raises many unrelated types
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"source: transformers cannot load {name}: {detail}", field="source") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.bos_token_id = facts.bos_token_id
+    model.config.eos_token_id = facts.eos_token_id
+    model.config.pad_token_id = facts.pad_token_id
+    generation = model.generation_config
+    generation.bos_token_id = facts.bos_token_id
+    generation.eos_token_id = facts.eos_token_id
+    generation.pad_token_id = facts.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    fix_tokenizer_files(out_dir, facts)
+    _drop_stale_keys(out_dir / "config.json")
+    del model
+    return facts
+
+
+def _drop_stale_keys(config_path: Path) -> None:
+    """Remove keys the GGUF conversion leaves that mislead later readers (none needed yet
+    besides a dtype note, kept for a stable config)."""
+    config: dict[str, Any] = json.loads(config_path.read_text())
+    config["torch_dtype"] = "float32"
+    config.pop("dtype", None)
+    config_path.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,76 @@
+"""The unquantised PyTorch model: what every exported decoder variant is measured against.
+
+Loaded once per export from the Hugging Face folder the graph was built from (for GGUF: the
+dequantised folder), in float32, eval mode, no gradients. It scores the same windows of the
+same token ids as the ONNX loop (onnx_decoder.window_spans) and produces fixed-length greedy
+continuations with EOS switched off, so lengths never differ for reasons other than the model.
+
+Imports torch and transformers (lazily); used by the export stage only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.errors import ExportError
+from appliance.export.llm.onnx_decoder import PERPLEXITY_WINDOW_TOKENS, negative_log_likelihood, window_spans
+from appliance.offline import enforce_offline
+
+
+class TorchReference:
+    """A float32 transformers causal LM for reference outputs."""
+
+    def __init__(self, hf_dir: Path, context_length: int, threads: int | None = None) -> None:
+        enforce_offline()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(hf_dir), dtype=torch.float32, local_files_only=True
+            ).eval()
+        except Exception as exc:  # noqa: BLE001 - transformers raises many unrelated types
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"source: cannot load the PyTorch reference: {detail}", field="source") from None
+        # Fixed-length greedy continuations: transformers otherwise restores EOS from the
+        # model's defaults ("generation_config default values have been modified").
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = self.model.config.pad_token_id or 0
+        for key in ("temperature", "top_p", "top_k", "min_p"):
+            setattr(self.model.generation_config, key, None)
+        self.model.generation_config.do_sample = False
+        self.context_length = context_length
+        self._torch = torch
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits of one forward pass."""
+        with self._torch.no_grad():
+            out = self.model(self._torch.tensor([ids], dtype=self._torch.long))
+        return out.logits[0].float().numpy()
+
+    def perplexity(self, ids: list[int], window_tokens: int = PERPLEXITY_WINDOW_TOKENS) -> float:
+        total_nll = 0.0
+        count = 0
+        for start, end in window_spans(len(ids), min(window_tokens, self.context_length)):
+            nll, scored = negative_log_likelihood(self.logits(ids[start:end]).astype(np.float64), ids[start:end])
+            total_nll += nll
+            count += scored
+        return float(np.exp(total_nll / max(count, 1)))
+
+    def greedy(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
+        """Exactly `new_tokens` greedy tokens after the prompt (EOS does not stop it)."""
+        torch = self._torch
+        with torch.no_grad():
+            output = self.model.generate(
+                torch.tensor([prompt_ids], dtype=torch.long),
+                attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
+        return [int(token) for token in output[0, len(prompt_ids) :]]

@@ -1,0 +1,318 @@
+"""Task exporter: text-generation (decoder LLMs with a KV cache), from a Hugging Face folder,
+a GGUF file or a package that ships either.
+
+Route (measured on SmolLM2-135M, docs/BENCHMARKS.md "Export stage: SmolLM2"): the model
+builder's fp32 graph (GroupQueryAttention, fused QKV/norms) for the architectures it knows,
+Optimum's text-generation-with-past graph for the others (GPT-2); then our own weight-only
+quantisation (llm/quantize.py): int4 = 4-bit MatMulNBits body with the LM head in 8 bits and
+the embedding in 4 bits, int8 = 8-bit MatMulNBits everywhere it applies. Evaluation runs the
+graphs with a small numpy loop against the float32 PyTorch model (llm/evaluation.py).
+
+Per-variant quality budgets (perplexity increase over the fp32 export): int4 +10%, int8 +1%,
+fp32 +1%. Everything the server needs (tokenizer.json with the GGUF-correct special tokens,
+chat template, KV tensor names, EOS ids, sampling defaults, genai_config.json) lands in the
+version folder; the server never needs transformers. Imports torch only lazily, inside the
+llm modules it calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from appliance.errors import ExportError
+from appliance.export.llm.eval_data import TokenizerFile
+from appliance.export.llm.evaluation import DecoderEvaluator
+from appliance.export.llm.graph_facts import eos_ids_from, generation_spec
+from appliance.export.llm.quantize import WeightOnlyRecipe, quantize_weight_only
+from appliance.export.llm.routes import (
+    GENAI_ARCHITECTURES,
+    GENAI_CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMUM_ARCHITECTURES,
+    GraphKind,
+    build_genai,
+    export_optimum,
+    route_for,
+)
+from appliance.export.onnx_tools import load_graph_only, op_counts, open_session, signature
+from appliance.export.sources.base import ResolvedSource
+from appliance.export.tasks.base import (
+    Artifact,
+    Evaluation,
+    ExportContext,
+    ManifestFields,
+    Measurement,
+    TaskExporter,
+    register_task,
+)
+from appliance.repository import GenerationSpec, TokenizerSpec
+from appliance.repository.manifest import ProviderHints
+
+DEFAULT_BLOCK_SIZE = 32
+#: The weight-only recipe of each quantised variant (block size filled in per export).
+VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
+    "int4": WeightOnlyRecipe(bits=4, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=4),
+    "int8": WeightOnlyRecipe(bits=8, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=None),
+}
+#: Largest accepted perplexity increase over the fp32 export, per variant (the issue's targets).
+VARIANT_BUDGETS: dict[str, float] = {"fp32": 0.01, "int8": 0.01, "int4": 0.10}
+#: Files of the Hugging Face folder that travel into the version folder when present.
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+#: Prompt length and decode steps of the report's speed figures.
+MEASURE_PROMPT_TOKENS = 100
+MEASURE_DECODE_STEPS = 32
+
+
+@register_task
+class TextGenerationExporter(TaskExporter):
+    """Decoder LLMs: builder or Optimum graph, weight-only int8/int4, perplexity budgets."""
+
+    task = "text-generation"
+    variants: ClassVar[tuple[str, ...]] = ("int4", "int8", "fp32")
+    default_max_quality_loss = VARIANT_BUDGETS["int4"]
+    quality_metric = "perplexity / reference_perplexity - 1"
+
+    def __init__(self, source: ResolvedSource, ctx: ExportContext) -> None:
+        super().__init__(source, ctx)
+        self._hf_dir: Path | None = None
+        self._reference: Artifact | None = None
+        self._evaluator: DecoderEvaluator | None = None
+        self._spec: GenerationSpec | None = None
+        self._graph: GraphKind | None = None
+
+    # -- detection ------------------------------------------------------------------------
+    @classmethod
+    def claims(cls, source: ResolvedSource) -> bool:
+        return any(arch in (*GENAI_ARCHITECTURES, *OPTIMUM_ARCHITECTURES) for arch in source.architectures)
+
+    @classmethod
+    def supported_architectures(cls) -> tuple[str, ...]:
+        return (*GENAI_ARCHITECTURES, *OPTIMUM_ARCHITECTURES)
+
+    def check_source(self) -> None:
+        if self.source.format not in ("hf-folder", "gguf"):
+            raise ExportError(
+                f"task: text-generation needs a Hugging Face folder or a GGUF file, not {self.source.format}",
+                field="task",
+            )
+        self._graph = route_for(self.source.architectures)
+
+    # -- variants -------------------------------------------------------------------------
+    def auto_variant(self, provider: str) -> str:
+        """int4 everywhere: MatMulNBits has CPU and CUDA kernels, and decode is bound by
+        per-step overhead and weight bandwidth, which int4 shrinks most."""
+        return "int4"
+
+    def resolve_variant(self, requested: str) -> str:
+        name = super().resolve_variant(requested)
+        # The pipeline reads the budget from this attribute; decoders budget per variant.
+        self.default_max_quality_loss = VARIANT_BUDGETS[name]
+        return name
+
+    def recipe(self, name: str) -> WeightOnlyRecipe:
+        block_size = self.ctx.block_size or DEFAULT_BLOCK_SIZE
+        return dataclasses.replace(VARIANT_RECIPES[name], block_size=block_size)
+
+    # -- stages ---------------------------------------------------------------------------
+    def hf_dir(self) -> Path:
+        """The Hugging Face folder the graph and the PyTorch reference are built from."""
+        if self._hf_dir is None:
+            if self.source.format == "gguf":
+                from appliance.export.llm.gguf_header import read_gguf_header
+                from appliance.export.llm.gguf_load import gguf_to_hf_folder
+
+                self.ctx.progress.step("dequantising the GGUF weights")
+                folder = self.ctx.subdir("hf")
+                gguf_to_hf_folder(read_gguf_header(self.source.path), folder)
+                self._hf_dir = folder
+            else:
+                self._hf_dir = self.source.path
+            if not (self._hf_dir / "tokenizer.json").is_file():
+                raise ExportError(
+                    f"source: {self.source.uri} has no tokenizer.json; the server tokenizes with it",
+                    field="source",
+                )
+        return self._hf_dir
+
+    def export_reference(self) -> Artifact:
+        graph = self._graph or route_for(self.source.architectures)
+        self._graph = graph
+        hf_dir = self.hf_dir()
+        out_dir = self.ctx.subdir("reference")
+        self.ctx.progress.step(f"building the fp32 graph ({'model builder' if graph == 'genai' else 'Optimum'})")
+        if graph == "genai":
+            build_genai(hf_dir, out_dir, self.ctx.work_dir / "builder-cache")
+        else:
+            export_optimum(hf_dir, out_dir)
+        counts = op_counts(load_graph_only(out_dir / MODEL_FILE))
+        self._reference = Artifact(
+            directory=out_dir,
+            variant="fp32",
+            quantization="fp32",
+            details={"graph": graph, "nodes": sum(counts.values()), "ops": dict(counts.most_common(8))},
+        )
+        return self._reference
+
+    def make_variant(self, name: str, reference: Artifact) -> Artifact:
+        if name == "fp32":
+            return reference
+        recipe = self.recipe(name)
+        out_dir = self.ctx.subdir(f"variant-{name}")
+        self.ctx.progress.step(f"weight-only {name}: MatMulNBits, block {recipe.block_size}")
+        details = quantize_weight_only(reference.model_path, out_dir / MODEL_FILE, recipe)
+        if (reference.directory / GENAI_CONFIG_FILE).exists():
+            shutil.copyfile(reference.directory / GENAI_CONFIG_FILE, out_dir / GENAI_CONFIG_FILE)
+        details["graph"] = reference.details.get("graph")
+        details["reference_size_bytes"] = reference.size_bytes
+        details["size_ratio_to_fp32"] = round(
+            sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()) / max(reference.size_bytes, 1), 4
+        )
+        notes = [
+            f"weights {recipe.bits}-bit, LM head {recipe.lm_head_bits or 32}-bit, "
+            f"embedding {recipe.embedding_bits or 32}-bit, block {recipe.block_size}, accuracy_level {recipe.accuracy_level}"
+        ]
+        return Artifact(directory=out_dir, variant=name, quantization=name, details=details, notes=notes)  # type: ignore[arg-type]
+
+    def generation(self, model_path: Path) -> GenerationSpec:
+        hf_dir = self.hf_dir()
+        config = _read_json(hf_dir / "config.json")
+        generation_config = _read_json(hf_dir / "generation_config.json")
+        eos = eos_ids_from(generation_config.get("eos_token_id"), config.get("eos_token_id"))
+        bos = generation_config.get("bos_token_id", config.get("bos_token_id"))
+        return generation_spec(
+            model_path,
+            graph=self._graph or route_for(self.source.architectures),
+            config=config,
+            generation_config=generation_config,
+            eos_token_ids=eos,
+            bos_token_id=bos if isinstance(bos, int) else None,
+        )
+
+    def evaluator(self) -> DecoderEvaluator:
+        if self._evaluator is None:
+            hf_dir = self.hf_dir()
+            tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
+            reference = self._reference or self.export_reference()
+            spec = self.generation(reference.model_path)
+            self._evaluator = DecoderEvaluator(
+                hf_dir=hf_dir,
+                tokenizer_path=hf_dir / "tokenizer.json",
+                chat_template=_chat_template(hf_dir, tokenizer_config),
+                special_tokens=_special_tokens(tokenizer_config),
+                context_length=spec.context_length,
+                data_dir=self.ctx.data_dir,
+                threads=self.ctx.threads,
+                progress=self.ctx.progress,
+            )
+        return self._evaluator
+
+    def evaluate(self, candidate: Artifact) -> Evaluation:
+        reference = self._reference or self.export_reference()
+        spec = self.generation(candidate.model_path)
+        quality, loss = self.evaluator().evaluate(candidate.model_path, reference.model_path, spec)
+        notes = []
+        if candidate.variant != "fp32":
+            notes.append(f"perplexity {quality['perplexity']} vs fp32 export {quality['reference_perplexity']}")
+        return Evaluation(quality=quality, loss=loss, notes=notes)
+
+    def measure(self, candidate: Artifact) -> Measurement:
+        """Load time, prefill of a ~100-token prompt and the median decode step (batch 1)."""
+        from appliance.export.llm.onnx_decoder import OnnxDecoder
+
+        spec = self.generation(candidate.model_path)
+        started = time.perf_counter()
+        open_session(candidate.model_path, threads=self.ctx.threads)
+        load_s = time.perf_counter() - started
+        decoder = OnnxDecoder(candidate.model_path, spec, self.ctx.threads)
+        prompt = self.evaluator().prose_ids[:MEASURE_PROMPT_TOKENS]
+        decoder.greedy(prompt[:8], 2)  # warm-up
+        _, timing = decoder.greedy_timed(prompt, MEASURE_DECODE_STEPS + 1)
+        step_ms = statistics.median(timing.decode_step_s) * 1000.0
+        latency: dict[str, Any] = {
+            "prefill_ms": round(timing.prefill_s * 1000.0, 2),
+            "prefill_tokens": len(prompt),
+            "decode_step_ms": round(step_ms, 3),
+            "decode_tokens_per_s": round(1000.0 / step_ms, 1),
+            "batch": 1,
+            "loop": "export-stage numpy loop, KV copied each step",
+            "provider": "cpu",
+        }
+        return Measurement(load_s=round(load_s, 4), latency=latency)
+
+    def manifest_fields(self, candidate: Artifact) -> ManifestFields:
+        hf_dir = self.hf_dir()
+        inputs, outputs = signature(candidate.model_path)
+        spec = self.generation(candidate.model_path)
+        tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
+        special = _special_tokens(tokenizer_config)
+        tokenizer_file = TokenizerFile(hf_dir / "tokenizer.json")
+        vocab = tokenizer_file.tokenizer.get_vocab()
+        pad_token = special.get("pad_token")
+        tokenizer = TokenizerSpec(
+            file="tokenizer.json",
+            max_length=spec.context_length,
+            add_bos_token=tokenizer_file.adds_bos(spec.bos_token_id),
+            add_eos_token=tokenizer_file.adds_eos(spec.eos_token_ids[0] if spec.eos_token_ids else None),
+            bos_token=special.get("bos_token"),
+            eos_token=special.get("eos_token"),
+            pad_token=pad_token,
+            pad_token_id=vocab.get(pad_token) if pad_token else None,
+            truncation_side="left",
+        )
+        contrib = sorted({op for op in op_counts(load_graph_only(candidate.model_path)) if op in _CONTRIB_OPS})
+        return ManifestFields(
+            inputs=inputs,
+            outputs=outputs,
+            tokenizer=tokenizer,
+            generation=spec,
+            chat_template=_chat_template(hf_dir, tokenizer_config),
+            providers=ProviderHints(preferred=["cuda", "cpu"], contrib_ops=contrib),
+        )
+
+    def files_to_copy(self) -> list[tuple[Path, str]]:
+        hf_dir = self.hf_dir()
+        return [(hf_dir / name, name) for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
+
+
+#: Microsoft-domain operators the exported graphs may use (TensorRT lacks some of them).
+_CONTRIB_OPS = frozenset(
+    {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding"}
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"source: {path.name} is not valid JSON ({exc.msg})", field="source") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, Any]:
+    return {key: _token_text(tokenizer_config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+
+def _chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The chat template from tokenizer_config.json, or a chat_template.jinja beside it."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # several named templates: take "default"
+        template = next((entry.get("template") for entry in template if entry.get("name") == "default"), None)
+    if isinstance(template, str) and template.strip():
+        return template
+    jinja = hf_dir / "chat_template.jinja"
+    return jinja.read_text() if jinja.is_file() else None

@@ -1,0 +1,170 @@
+"""GPU check: exercise CUDA and TensorRT for real on a lent GPU box and print the figures.
+
+What it proves, each as one line with a verdict:
+1. which providers the onnxruntime build lists, and which a CREATED session really gets
+   (the appliance's selection rests on the latter);
+2. CUDA: a session runs on CUDAExecutionProvider; batch 32 vs batch 1 throughput (target >= 3x);
+3. TensorRT: the engine is built once into an engine cache + timing cache, and a second load
+   reuses it (much faster, no new engine files);
+4. the appliance's own `create_session` picks the best provider and reports the fallbacks.
+
+Needs onnxruntime-gpu (or an image's onnxruntime with CUDA/TensorRT), numpy and onnx; runs on
+CPU too (then it just reports the GPU providers as unavailable). The synthetic model is an
+fp32 transformer-sized stack (hidden 384, MLP 1536, sequence 128) built with onnx.helper.
+
+    python scripts/gpu_check.py [--layers 6] [--seq 128] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+HIDDEN = 384
+MLP = 1536
+
+
+def build_model(path: Path, layers: int) -> None:
+    rng = np.random.default_rng(0)
+    inits, nodes, previous = [], [], "x"
+    for layer in range(layers):
+        w1 = (rng.standard_normal((HIDDEN, MLP)) / np.sqrt(HIDDEN)).astype(np.float32)
+        w2 = (rng.standard_normal((MLP, HIDDEN)) / np.sqrt(MLP)).astype(np.float32)
+        inits += [numpy_helper.from_array(w1, f"w1_{layer}"), numpy_helper.from_array(w2, f"w2_{layer}")]
+        nodes += [
+            helper.make_node("MatMul", [previous, f"w1_{layer}"], [f"h{layer}"]),
+            helper.make_node("Relu", [f"h{layer}"], [f"r{layer}"]),
+            helper.make_node("MatMul", [f"r{layer}", f"w2_{layer}"], [f"o{layer}"]),
+            helper.make_node("Add", [f"o{layer}", previous], [f"s{layer}"]),
+        ]
+        previous = f"s{layer}"
+    nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "gpu-check",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", HIDDEN])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def line(verdict: str, name: str, detail: str) -> None:
+    print(f"{verdict:<4} {name}: {detail}", flush=True)
+
+
+def throughput(session: ort.InferenceSession, batch: int, seq: int, runs: int) -> float:
+    x = np.random.default_rng(1).standard_normal((batch, seq, HIDDEN)).astype(np.float32)
+    for _ in range(3):
+        session.run(["y"], {"x": x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(["y"], {"x": x})
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    failures = 0
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    model_path = work / "model.onnx"
+    build_model(model_path, args.layers)
+    built = ort.get_available_providers()
+    line("OK", "onnxruntime", f"{ort.__version__} ({ort.get_device()}), build lists: {', '.join(built)}")
+
+    # CUDA -----------------------------------------------------------------------------------
+    if "CUDAExecutionProvider" in built:
+        session = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        got = session.get_providers()
+        if got[0] != "CUDAExecutionProvider":
+            failures += 1
+            line("FAIL", "cuda session", f"created session got {got} (CUDA libraries missing?)")
+        else:
+            line("OK", "cuda session", f"providers {got}")
+            one = throughput(session, 1, args.seq, args.runs)
+            many = throughput(session, 32, args.seq, args.runs)
+            gain = many / one
+            line("OK" if gain >= 3 else "WARN", "cuda batching gain", f"batch 1: {one:.0f} items/s, batch 32: {many:.0f} items/s, gain {gain:.1f}x (target >= 3x)")
+    else:
+        line("WARN", "cuda session", "CUDAExecutionProvider not in this onnxruntime build")
+
+    # TensorRT -------------------------------------------------------------------------------
+    if "TensorrtExecutionProvider" in built:
+        cache = work / "trt-cache"
+        cache.mkdir()
+        options = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_fp16_enable": True,
+            "trt_max_workspace_size": 2 << 30,
+            "trt_profile_min_shapes": f"x:1x1x{HIDDEN}",
+            "trt_profile_opt_shapes": f"x:16x{args.seq}x{HIDDEN}",
+            "trt_profile_max_shapes": f"x:32x{args.seq}x{HIDDEN}",
+        }
+        loads = []
+        files_after: list[set[str]] = []
+        for attempt in range(2):
+            start = time.perf_counter()
+            session = ort.InferenceSession(
+                str(model_path),
+                providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"],
+            )
+            session.run(["y"], {"x": np.zeros((1, args.seq, HIDDEN), np.float32)})
+            loads.append(time.perf_counter() - start)
+            files_after.append({p.name for p in cache.iterdir()})
+            if attempt == 0 and session.get_providers()[0] != "TensorrtExecutionProvider":
+                failures += 1
+                line("FAIL", "tensorrt session", f"created session got {session.get_providers()}")
+                break
+        else:
+            engines = [name for name in files_after[0] if name.endswith(".engine")]
+            reused = files_after[0] == files_after[1] and loads[1] < loads[0] / 2
+            line("OK" if engines else "FAIL", "tensorrt engine cache", f"{len(engines)} engine file(s), timing cache: {any('timing' in n for n in files_after[0])}")
+            line("OK" if reused else "WARN", "tensorrt cache reuse", f"first load+run {loads[0]:.1f} s, second {loads[1]:.2f} s, no new files: {files_after[0] == files_after[1]}")
+            one = throughput(session, 1, args.seq, args.runs)
+            many = throughput(session, 32, args.seq, args.runs)
+            line("OK" if many / one >= 3 else "WARN", "tensorrt batching gain", f"batch 1: {one:.0f}, batch 32: {many:.0f} items/s, gain {many / one:.1f}x")
+            failures += 0 if engines else 1
+    else:
+        line("WARN", "tensorrt session", "TensorrtExecutionProvider not in this onnxruntime build")
+
+    # The appliance's own selection -------------------------------------------------------
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from appliance.repository.manifest import Manifest, SourceInfo, TensorSpec
+        from appliance.runtime.providers import ProviderConfig, create_session
+    except ImportError as exc:
+        line("WARN", "appliance selection", f"skipped: {exc}")
+    else:
+        manifest = Manifest(
+            name="gpu-check", version=1, task="tensor", source=SourceInfo(kind="onnx", uri="gpu-check", sha256="0" * 64),
+            created_at="2026-01-01T00:00:00Z", opset=17, quantization="fp32",
+            inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, -1, HIDDEN])],
+            outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, HIDDEN])],
+        )
+        _, report = create_session(model_path, manifest, ProviderConfig(trt_cache_dir=work / "appliance-trt"))
+        line("OK", "appliance selection", report.summary())
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

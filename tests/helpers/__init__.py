@@ -1,0 +1,1 @@
+"""Test helpers that build real (tiny, random) models on the fly."""

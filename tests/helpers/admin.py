@@ -1,0 +1,59 @@
+"""Helpers for the admin UI tests: create an admin, sign in with a real HTTP client, read the
+CSRF token from a page. Only tests import this module."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+
+from appliance.config import load_settings
+from appliance.store.admin_users import AdminUserStore
+from appliance.store.db import Database
+from appliance.store.migrate import upgrade
+
+ADMIN_NAME = "alice"
+ADMIN_PASSWORD = "a long admin passphrase"
+_HIDDEN_CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
+_BODY_CSRF = re.compile(r'data-csrf="([^"]*)"')
+_SETUP_URL = re.compile(r"(https?://\S+/admin/setup\?token=(\S+))")
+
+
+def create_admin(state_dir: Path, name: str = ADMIN_NAME, password: str = ADMIN_PASSWORD) -> None:
+    database = Database(load_settings(state_dir=state_dir).db_url)
+    upgrade(database)
+    AdminUserStore(database).create(name, password)
+    database.close()
+
+
+def form_token(html: str) -> str:
+    match = _HIDDEN_CSRF.search(html)
+    assert match, "no csrf_token field on the page"
+    return match.group(1)
+
+
+def page_csrf(html: str) -> str:
+    match = _BODY_CSRF.search(html)
+    assert match and match.group(1), "no session CSRF token on the page"
+    return match.group(1)
+
+
+def setup_token_from(text: str) -> str:
+    match = _SETUP_URL.search(text)
+    assert match, "no setup URL in the log"
+    return match.group(2)
+
+
+def sign_in(client: httpx.Client, base_url: str, name: str = ADMIN_NAME, password: str = ADMIN_PASSWORD) -> str:
+    """Sign in through the login form; returns the session's CSRF token."""
+    page = client.get(f"{base_url}/admin/login")
+    assert page.status_code == 200, page.text
+    answer = client.post(
+        f"{base_url}/admin/login",
+        data={"csrf_token": form_token(page.text), "name": name, "password": password, "next": "/admin"},
+    )
+    assert answer.status_code == 303, answer.text
+    dashboard = client.get(f"{base_url}/admin/keys")
+    assert dashboard.status_code == 200, dashboard.text
+    return page_csrf(dashboard.text)

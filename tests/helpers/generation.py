@@ -1,0 +1,118 @@
+"""Tiny decoders exported through the real export stage, and a plain reference decode loop.
+
+`tiny_decoders` (session fixture, import it into a test module) exports a random Llama-like
+model as fp32 and int4 (graph kind "genai") and a random GPT-2 as fp32 (graph kind "optimum")
+into one state directory, once per test run. `reference_greedy` is the straightforward loop the
+engine must agree with: batch 1, the KV cache fed back as plain arrays, argmax each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from appliance.config import GenerationSettings
+from appliance.generation.engine import GenerationEngine, TokenEvent
+from appliance.generation.params import SamplingParams
+from appliance.repository.store import ModelRepository, ModelVersion
+
+
+@dataclass
+class TinyDecoders:
+    state_dir: Path
+    llama_fp32: ModelVersion
+    llama_int4: ModelVersion
+    gpt2_fp32: ModelVersion
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> TinyDecoders:
+    from appliance.config import load_settings
+    from appliance.export.pipeline import ExportRequest, run_export
+    from tests.helpers.decoders import make_tiny_gpt2, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny-decoders")
+    settings = load_settings(state_dir=root / "state")
+    llama = make_tiny_llama(root / "llama")
+    gpt2 = make_tiny_gpt2(root / "gpt2")
+    fp32 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="fp32"), settings).version
+    int4 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="int4"), settings).version
+    gpt = run_export(ExportRequest(source=str(gpt2), name="tiny-gpt2", task="text-generation", quant="fp32"), settings).version
+    repository = ModelRepository(settings.models_dir)
+    return TinyDecoders(
+        settings.state_dir,
+        repository.get("tiny-llama", fp32.version),
+        repository.get("tiny-llama", int4.version),
+        repository.get("tiny-gpt2", gpt.version),
+    )
+
+
+def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int) -> list[int]:
+    """Greedy decoding the obvious way: one sequence, KV fed back, argmax; EOS ignored."""
+    spec = version.manifest.generation
+    assert spec is not None
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    input_names = {node.name for node in session.get_inputs()}
+    past: dict[str, np.ndarray] = {}
+    for layer in range(spec.num_layers):
+        for template in (spec.past_key_name, spec.past_value_name):
+            past[template.format(layer=layer)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    output_names = [node.name for node in session.get_outputs()]
+    current = list(prompt)
+    done = 0
+    tokens: list[int] = []
+    for _ in range(max_new):
+        feeds = {"input_ids": np.asarray([current], np.int64), "attention_mask": np.ones((1, done + len(current)), np.int64), **past}
+        if "position_ids" in input_names:
+            feeds["position_ids"] = np.arange(done, done + len(current), dtype=np.int64)[None, :]
+        outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
+        token = int(outputs["logits"][0, -1].argmax())
+        tokens.append(token)
+        for layer in range(spec.num_layers):
+            past[spec.past_key_name.format(layer=layer)] = outputs[spec.present_key_name.format(layer=layer)]
+            past[spec.past_value_name.format(layer=layer)] = outputs[spec.present_value_name.format(layer=layer)]
+        done += len(current)
+        current = [token]
+    return tokens
+
+
+def make_engine(version: ModelVersion, *, draft: ModelVersion | None = None, **settings: object) -> GenerationEngine:
+    settings.setdefault("kv_budget_bytes", 64 << 20)
+    settings.setdefault("speculative", "off")
+    engine = GenerationEngine.from_version(version, GenerationSettings(**settings), threads=1, draft_version=draft)
+    engine.start()
+    return engine
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    text: str
+    finish_reason: str | None
+    events: list[TokenEvent]
+
+
+async def generate(engine: GenerationEngine, prompt: Sequence[int], params: SamplingParams) -> Generated:
+    events: list[TokenEvent] = []
+    async for event in engine.generate(list(prompt), params):
+        events.append(event)
+    return Generated(
+        [token for event in events for token in event.token_ids],
+        "".join(event.text for event in events),
+        events[-1].finish_reason if events else None,
+        events,
+    )
+
+
+def greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)  # type: ignore[arg-type]
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]

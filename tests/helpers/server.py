@@ -1,0 +1,110 @@
+"""A real uvicorn server on a free loopback port, in a thread, for HTTP tests.
+
+    with running_server(state_dir, batching={"max_queue_size": 4}) as server:
+        httpx.get(server.url("/v2/health/ready"), headers=server.auth())
+
+Settings are the appliance's own (keyword overrides, nested ones as dicts); by default an API
+key with every scope is created first and exposed as `server.key`. The server waits until
+every model has settled (loaded or failed) before the block starts. Reused by the generation
+and admin tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from appliance.app import create_app
+from appliance.config import Settings, load_settings
+from appliance.store.db import Database
+from appliance.store.keys import KeyStore
+from appliance.store.migrate import upgrade
+
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create_key(state_dir: Path, name: str, scopes: list[str], **overrides: Any) -> str:
+    settings = load_settings(state_dir=state_dir, **overrides)
+    database = Database(settings.db_url)
+    upgrade(database)
+    key, _ = KeyStore(database).create(name, scopes)
+    database.close()
+    return key
+
+
+@dataclass
+class RunningServer:
+    settings: Settings
+    app: FastAPI
+    server: uvicorn.Server
+    key: str | None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        chosen = key or self.key
+        return {"Authorization": f"Bearer {chosen}"} if chosen else {}
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.state.ctx
+
+
+@contextmanager
+def running_server(
+    state_dir: Path,
+    *,
+    create_keys: dict[str, list[str]] | None = None,
+    wait_for_models: bool = True,
+    **overrides: Any,
+) -> Iterator[RunningServer]:
+    """Start the app on a free port; `create_keys` maps key names to scopes (default: one
+    key 'test' with infer, admin and metrics)."""
+    overrides.setdefault("port", free_port())
+    overrides.setdefault("host", "127.0.0.1")
+    wanted = {"test": ["infer", "admin", "metrics"]} if create_keys is None else create_keys
+    keys = {name: create_key(state_dir, name, scopes) for name, scopes in wanted.items()}
+    settings = load_settings(state_dir=state_dir, **overrides)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("test server failed to start")
+        if time.monotonic() > deadline:
+            raise TimeoutError("test server did not start")
+        time.sleep(0.01)
+    if wait_for_models:
+        while not app.state.ctx.registry.all_settled():
+            if time.monotonic() > deadline:
+                raise TimeoutError("models did not settle")
+            time.sleep(0.01)
+    try:
+        yield RunningServer(settings=settings, app=app, server=server, key=next(iter(keys.values()), None), keys=keys)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

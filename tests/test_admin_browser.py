@@ -1,0 +1,187 @@
+"""The admin UI end to end in Debian's chromium, driven by Playwright (one browser, one page, in
+order): first-admin setup with the token from the log, sign out and in, failed-login lockout,
+create a key and use it (API and Playground), undeploy and deploy a model, switch the privacy
+mode and find it in the audit log, and a dashboard screenshot in test-artifacts/. Throughout,
+the page must load nothing from outside the appliance and break no Content-Security-Policy."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.repository.store import ModelRepository
+from tests.helpers.admin import setup_token_from
+from tests.helpers.server import RunningServer, running_server
+from tests.helpers.tiny_models import publish_adder, publish_embedder
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ADMIN = "root"
+PASSWORD = "browser test passphrase"
+#: Playwright waits at most this long for one step (ms).
+STEP_TIMEOUT_MS = 15_000
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class Session:
+    def __init__(self, server: RunningServer, page, log: _Lines) -> None:  # noqa: ANN001 - a Playwright Page
+        self.server, self.page, self.log = server, page, log
+        self.console_errors: list[str] = []
+        self.foreign_requests: list[str] = []
+
+    def go(self, path: str) -> None:
+        self.page.goto(self.server.url(path))
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    state_dir = tmp_path_factory.mktemp("browser") / "state"
+    state_dir.mkdir()
+    repository = ModelRepository(state_dir / "models")
+    publish_adder(repository)
+    publish_embedder(repository)
+    lines = _Lines()
+    logging.getLogger("appliance.admin").addHandler(lines)
+    try:
+        with running_server(state_dir, create_keys={}) as server, sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 1000})
+            context.set_default_timeout(STEP_TIMEOUT_MS)
+            page = context.new_page()
+            session = Session(server, page, lines)
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.on("console", lambda message: session.console_errors.append(message.text) if message.type == "error" else None)
+            page.on(
+                "request",
+                lambda request: None if request.url.startswith(server.base_url) else session.foreign_requests.append(request.url),
+            )
+            yield session
+            browser.close()
+    finally:
+        logging.getLogger("appliance.admin").removeHandler(lines)
+
+
+def test_first_admin_is_created_with_the_setup_token_from_the_log(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin")
+    assert page.url.endswith("/admin/setup")
+    page.fill("#token", setup_token_from("\n".join(ui.log.lines)))
+    page.fill("#name", ADMIN)
+    page.fill("#password", PASSWORD)
+    page.fill("#password_again", PASSWORD)
+    page.click("#create-admin")
+    page.wait_for_selector("text=Welcome: you are signed in.")
+    assert page.url.endswith("/admin?done=welcome")
+
+
+def test_signing_out_and_in_again(ui: Session) -> None:
+    page = ui.page
+    page.click("#logout")
+    page.wait_for_selector("#login-form")
+    page.fill("#name", ADMIN)
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#dashboard")
+
+
+def test_failed_logins_lock_the_name_out(ui: Session) -> None:
+    page = ui.page
+    page.click("#logout")
+    messages = []
+    for _ in range(6):
+        page.fill("#name", "intruder")
+        page.fill("#password", "guessing wrong")
+        page.click("#sign-in")
+        messages.append(page.inner_text("#error"))
+    assert messages[0] == "Wrong name or password."
+    assert "locked" in messages[4] and "locked" in messages[5]
+    page.fill("#name", ADMIN)
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#dashboard")
+
+
+def test_a_key_created_in_the_ui_works_with_the_api_and_the_playground(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/keys")
+    page.fill("#key-name", "browser-key")
+    page.click("#create-key")
+    key = page.inner_text("#new-key").strip()
+    assert key.startswith("apl_")
+    answer = httpx.post(
+        ui.server.url("/v1/embeddings"), json={"model": "tiny-embed", "input": "hello world"},
+        headers={"Authorization": f"Bearer {key}"}, timeout=30,
+    )
+    assert answer.status_code == 200
+    ui.go("/admin/playground")
+    page.fill("#pg-key", key)
+    page.click("#pg-load")
+    page.wait_for_selector("#pg-status:has-text('models ready')")
+    page.select_option("#pg-model", "tiny-embed")
+    page.select_option("#pg-kind", "embeddings")
+    page.fill("#pg-input", "the cat sat on the mat")
+    page.click("#pg-send")
+    page.wait_for_selector("#pg-output:has-text('dimension 8')")
+    ui.go("/admin/keys")
+    assert page.inner_text("tr[data-key='browser-key'] [data-role=last-used]") != "—"
+
+
+def test_undeploy_and_deploy_a_model(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/models")
+    page.click("#model-adder button[data-action=undeploy]")
+    page.wait_for_selector("#model-adder [data-role=status]:has-text('unloaded')")
+    assert ui.server.ctx.registry.state("adder").status == "unloaded"
+    page.click("#model-adder button[data-action=deploy]")
+    page.wait_for_selector("#model-adder [data-role=status]:has-text('ready')")
+    assert ui.server.ctx.registry.state("adder").status == "ready"
+
+
+def test_switching_the_privacy_mode_shows_in_the_audit_log(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/privacy")
+    page.check("#mode-full")
+    page.click("#save-logging")
+    page.wait_for_selector("text=Privacy settings saved.")
+    assert "kept for 7 days" in page.inner_text("#privacy-summary")
+    ui.go("/admin/audit")
+    page.select_option("select[name=action]", "privacy.logging")
+    page.click("#audit-filter button[type=submit]:not([formaction])")
+    row = page.inner_text("#audit tbody tr")
+    assert "privacy.logging" in row and ADMIN in row and "metadata -> full" in row and "127.0.0.1" in row
+
+
+def test_dashboard_screenshot_and_a_page_that_stays_on_the_box(ui: Session) -> None:
+    page = ui.page
+    for _ in range(3):
+        httpx.post(ui.server.url("/v2/models/adder/infer"), json={"inputs": []}, timeout=30)
+    ui.server.app.state.admin.sampler.sample()
+    ui.server.app.state.admin.sampler.sample()
+    ui.go("/admin")
+    page.wait_for_selector("#dashboard[data-refreshed]")
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = ARTIFACTS / "admin-dashboard.png"
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
+    assert ui.foreign_requests == []
+    assert [text for text in ui.console_errors if "Content Security Policy" in text] == []

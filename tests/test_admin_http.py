@@ -1,0 +1,267 @@
+"""The admin UI over real HTTP (uvicorn on a free port, real SQLite): setup, login, throttling,
+sessions, CSRF, network allow-list, security headers, keys, deployments, audit log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.repository.store import ModelRepository
+from appliance.store.audit import AuditFilter
+from tests.helpers.admin import (
+    ADMIN_NAME,
+    ADMIN_PASSWORD,
+    create_admin,
+    form_token,
+    page_csrf,
+    setup_token_from,
+    sign_in,
+)
+from tests.helpers.server import running_server
+from tests.helpers.tiny_models import publish_adder
+
+#: Every state-changing admin route, with an existing model "adder" (version 1) and job 1.
+STATE_CHANGING_ROUTES = [
+    "/admin/logout",
+    "/admin/cost",
+    "/admin/keys",
+    "/admin/keys/test/revoke",
+    "/admin/privacy/logging",
+    "/admin/privacy/networks",
+    "/admin/privacy/purge",
+    "/admin/models/adder/deploy",
+    "/admin/models/adder/undeploy",
+    "/admin/models/adder/versions/1/default",
+    "/admin/models/adder/versions/1/override",
+    "/admin/models/adder/versions/1/delete",
+    "/admin/exports",
+    "/admin/exports/1/cancel",
+]
+
+
+def _events(server, action: str) -> list:
+    return server.app.state.admin.audit.query(AuditFilter(action=action))
+
+
+def test_admin_redirects_to_setup_before_the_first_admin_exists(state_dir: Path) -> None:
+    with running_server(state_dir) as server, httpx.Client() as client:
+        answer = client.get(server.url("/admin"))
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/admin/setup"
+        assert client.get(server.url("/admin/login")).headers["location"] == "/admin/setup"
+
+
+def test_setup_token_from_the_log_creates_the_first_admin_once(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="appliance.admin")
+    with running_server(state_dir) as server, httpx.Client() as client:
+        token = setup_token_from(caplog.text)
+        page = client.get(server.url(f"/admin/setup?token={token}"))
+        assert page.status_code == 200 and token in page.text
+        wrong = client.post(
+            server.url("/admin/setup"),
+            data={"csrf_token": form_token(page.text), "token": "not-the-token", "name": "root", "password": ADMIN_PASSWORD, "password_again": ADMIN_PASSWORD},
+        )
+        assert wrong.status_code == 403
+        assert "setup token" in wrong.text
+        made = client.post(
+            server.url("/admin/setup"),
+            data={"csrf_token": form_token(page.text), "token": token, "name": "root", "password": ADMIN_PASSWORD, "password_again": ADMIN_PASSWORD},
+        )
+        assert made.status_code == 303 and made.headers["location"] == "/admin?done=welcome"
+        assert client.get(server.url("/admin")).status_code == 200
+        # The token is spent and setup is closed once an admin exists.
+        assert not server.app.state.admin.setup_token.active
+        with httpx.Client() as other:
+            assert other.get(server.url("/admin/setup")).headers["location"] == "/admin/login"
+        assert [e.outcome for e in _events(server, "setup.failure")] == ["denied"]
+
+
+def test_login_sets_an_httponly_samesite_strict_cookie_and_rotates_the_session(state_dir: Path) -> None:
+    create_admin(state_dir)
+    with running_server(state_dir) as server, httpx.Client() as client:
+        page = client.get(server.url("/admin/login"))
+        client.cookies.set("appliance_admin", "planted-by-an-attacker", domain="127.0.0.1", path="/admin")
+        answer = client.post(
+            server.url("/admin/login"),
+            data={"csrf_token": form_token(page.text), "name": ADMIN_NAME, "password": ADMIN_PASSWORD, "next": "/admin"},
+        )
+        assert answer.status_code == 303
+        cookie = next(h for h in answer.headers.get_list("set-cookie") if h.startswith("appliance_admin="))
+        lowered = cookie.lower()
+        assert "httponly" in lowered and "samesite=strict" in lowered and "path=/admin" in lowered
+        assert "secure" not in lowered  # plain HTTP on loopback in this test
+        assert "planted-by-an-attacker" not in cookie
+        assert client.get(server.url("/admin")).status_code == 200
+        assert [e.actor for e in _events(server, "login.success")] == [ADMIN_NAME]
+
+
+def test_failed_logins_are_audited_and_lock_the_user_out(state_dir: Path) -> None:
+    create_admin(state_dir)
+    with running_server(state_dir) as server, httpx.Client() as client:
+        page = client.get(server.url("/admin/login"))
+        token = form_token(page.text)
+        statuses = []
+        for _ in range(6):
+            answer = client.post(server.url("/admin/login"), data={"csrf_token": token, "name": ADMIN_NAME, "password": "wrong password!"})
+            statuses.append(answer.status_code)
+        assert statuses == [401, 401, 401, 401, 401, 429]
+        # Even the right password is refused during the lockout, without being checked.
+        locked = client.post(server.url("/admin/login"), data={"csrf_token": token, "name": ADMIN_NAME, "password": ADMIN_PASSWORD})
+        assert locked.status_code == 429 and "locked" in locked.text
+        failures = _events(server, "login.failure")
+        assert len(failures) == 5 and all(e.address == "127.0.0.1" and e.outcome == "failed" for e in failures)
+        assert all("wrong password" not in e.detail for e in server.app.state.admin.audit.query())
+        assert len(_events(server, "login.locked")) == 2
+
+
+def test_login_form_without_its_token_answers_403(state_dir: Path) -> None:
+    create_admin(state_dir)
+    with running_server(state_dir) as server, httpx.Client() as client:
+        answer = client.post(server.url("/admin/login"), data={"name": ADMIN_NAME, "password": ADMIN_PASSWORD})
+        assert answer.status_code == 403
+        assert "appliance_admin=" not in answer.headers.get("set-cookie", "")
+
+
+@pytest.fixture
+def admin_server(state_dir: Path):
+    create_admin(state_dir)
+    publish_adder(ModelRepository(state_dir / "models"))
+    with running_server(state_dir) as server:
+        yield server
+
+
+def test_every_state_changing_route_without_a_session_answers_401(admin_server) -> None:
+    with httpx.Client() as client:
+        for path in STATE_CHANGING_ROUTES:
+            answer = client.post(admin_server.url(path), data={"csrf_token": "x"})
+            assert answer.status_code == 401, path
+        assert client.get(admin_server.url("/admin/keys")).status_code == 303
+    assert len(_events(admin_server, "denied.unauthenticated")) == 10  # the rest were rate-limited
+
+
+def test_every_state_changing_route_without_the_csrf_token_answers_403(admin_server) -> None:
+    with httpx.Client() as client:
+        sign_in(client, admin_server.base_url)
+        for path in STATE_CHANGING_ROUTES:
+            assert client.post(admin_server.url(path), data={}).status_code == 403, path
+            assert client.post(admin_server.url(path), data={"csrf_token": "forged"}).status_code == 403, path
+        # Nothing happened: the model still serves and the key still exists.
+        assert admin_server.ctx.registry.state("adder").status == "ready"
+        assert [k.state() for k in admin_server.ctx.keys.list()] == ["active"]
+    assert _events(admin_server, "denied.csrf")
+
+
+def test_admin_ui_from_a_disallowed_network_answers_403_with_a_reason(state_dir: Path) -> None:
+    create_admin(state_dir)
+    with running_server(state_dir, admin_networks=["10.0.0.0/8"]) as server, httpx.Client() as client:
+        for path in ("/admin", "/admin/login", "/admin/static/admin.js"):
+            answer = client.get(server.url(path))
+            assert answer.status_code == 403
+            assert "127.0.0.1 is not in the admin networks" in answer.text
+        assert client.post(server.url("/admin/login"), data={"name": "x"}).status_code == 403
+        events = _events(server, "denied.network")
+        assert events and events[0].address == "127.0.0.1" and events[0].outcome == "denied"
+        # The API keeps answering: only the admin UI is fenced.
+        assert client.get(server.url("/v2/health/live")).status_code == 200
+
+
+def test_admin_pages_send_strict_security_headers(admin_server) -> None:
+    with httpx.Client() as client:
+        sign_in(client, admin_server.base_url)
+        for path in ("/admin", "/admin/login", "/admin/static/admin.css"):
+            headers = client.get(admin_server.url(path)).headers
+            csp = headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+            assert headers["x-frame-options"] == "DENY"
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["referrer-policy"] == "no-referrer"
+        page = client.get(admin_server.url("/admin")).text
+        assert "<script>" not in page and "http://" not in page.replace(admin_server.base_url, "") and "https://" not in page
+
+
+def test_key_created_in_the_ui_works_with_the_api_until_revoked(admin_server) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, admin_server.base_url)
+        made = client.post(admin_server.url("/admin/keys"), data={"csrf_token": csrf, "name": "laptop", "scope_infer": "on", "expires_days": "30"})
+        assert made.status_code == 201
+        key = made.text.split('id="new-key">')[1].split("<")[0]
+        assert key.startswith("apl_")
+        assert client.get(admin_server.url("/admin/keys")).text.count(key) == 0  # shown once
+        auth = {"Authorization": f"Bearer {key}"}
+        assert client.get(admin_server.url("/v1/models"), headers=auth).status_code == 200
+        bad = client.post(admin_server.url("/admin/keys"), data={"csrf_token": csrf, "name": "bad name!"})
+        assert bad.status_code == 400 and "name:" in bad.text
+        assert client.post(admin_server.url("/admin/keys/laptop/revoke"), data={"csrf_token": csrf}).status_code == 303
+        admin_server.app.state.key_cache.clear()
+        assert client.get(admin_server.url("/v1/models"), headers=auth).status_code == 401
+    created = _events(admin_server, "key.create")
+    assert created and key not in created[0].detail and key[:20] not in created[0].detail
+    assert _events(admin_server, "key.revoke")
+
+
+def test_undeploy_unloads_the_model_and_keeps_it_unloaded_after_a_restart(state_dir: Path) -> None:
+    create_admin(state_dir)
+    publish_adder(ModelRepository(state_dir / "models"))
+    with running_server(state_dir) as server, httpx.Client() as client:
+        csrf = sign_in(client, server.base_url)
+        assert client.post(server.url("/admin/models/adder/undeploy"), data={"csrf_token": csrf}).status_code == 303
+        assert server.ctx.registry.state("adder").status == "unloaded"
+        assert client.get(server.url("/v2/models/adder/ready"), headers=server.auth()).status_code != 200
+    with running_server(state_dir, create_keys={}) as server, httpx.Client() as client:
+        assert server.ctx.registry.state("adder").status == "unloaded"
+        csrf = sign_in(client, server.base_url)
+        assert client.post(server.url("/admin/models/adder/deploy"), data={"csrf_token": csrf}).status_code == 303
+        assert server.ctx.registry.state("adder").status == "ready"
+        assert [e.action for e in server.app.state.admin.audit.query(AuditFilter(action="model."))] == ["model.deploy", "model.undeploy"]
+
+
+def test_models_page_lists_versions_with_their_report(admin_server) -> None:
+    with httpx.Client() as client:
+        sign_in(client, admin_server.base_url)
+        page = client.get(admin_server.url("/admin/models")).text
+        assert 'id="model-adder"' in page and "accepted" in page and "<td>cpu</td>" in page
+
+
+def test_audit_log_filters_and_exports_csv(admin_server) -> None:
+    with httpx.Client() as client:
+        sign_in(client, admin_server.base_url)
+        filtered = client.get(admin_server.url("/admin/audit?action=login.success")).text
+        assert "login.success" in filtered and "admin.user.create</td>" not in filtered
+        bad = client.get(admin_server.url("/admin/audit?since=yesterday"))
+        assert bad.status_code == 400 and "since:" in bad.text
+        csv_answer = client.get(admin_server.url("/admin/audit.csv?outcome=ok"))
+        assert csv_answer.status_code == 200 and csv_answer.headers["content-type"].startswith("text/csv")
+        lines = csv_answer.text.splitlines()
+        assert lines[0] == "at,actor,action,target,outcome,address,detail"
+        assert any(",login.success," in line for line in lines[1:])
+
+
+def test_privacy_mode_change_is_saved_and_audited(admin_server) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, admin_server.base_url)
+        bad = client.post(admin_server.url("/admin/privacy/logging"), data={"csrf_token": csrf, "mode": "everything"})
+        assert bad.status_code == 400 and "mode:" in bad.text
+        ok = client.post(admin_server.url("/admin/privacy/logging"), data={"csrf_token": csrf, "mode": "full", "retention_days": "3"})
+        assert ok.status_code == 303
+        policy = admin_server.app.state.admin.privacy
+        assert (policy.mode, policy.retention_days) == ("full", 3)
+        lockout = client.post(
+            admin_server.url("/admin/privacy/networks"),
+            data={"csrf_token": csrf, "api_networks": "0.0.0.0/0", "admin_networks": "192.168.1.0/24"},
+        )
+        assert lockout.status_code == 400 and "locked out" in lockout.text
+    events = _events(admin_server, "privacy.logging")
+    assert events and "metadata -> full" in events[0].detail and events[0].actor == ADMIN_NAME
+
+
+def test_dashboard_metrics_json_needs_a_session(admin_server) -> None:
+    with httpx.Client() as client:
+        assert client.get(admin_server.url("/admin/api/metrics")).status_code == 303
+        sign_in(client, admin_server.base_url)
+        data = client.get(admin_server.url("/admin/api/metrics")).json()
+        assert {"points", "summary", "models"} <= set(data)
+        assert data["models"][0]["provider"] == "cpu"
+        assert "per_1k_tokens" in data["summary"]["cost"]

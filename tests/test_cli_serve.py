@@ -1,0 +1,174 @@
+"""`appliance serve` as a real process: exit 0 after a drained SIGTERM/SIGINT (in-flight work
+finishes, new work gets 503), 1 when the drain runs out of time, 2 with one readable line
+when it cannot start (port taken, auth off beyond loopback, bad config)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from appliance.repository.store import ModelRepository
+from tests.helpers.server import create_key, free_port
+from tests.helpers.tiny_models import publish_adder, publish_heavy
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 60
+
+
+def _env(state_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_STATE_DIR"] = str(state_dir)
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serving(state_dir: Path, port: int, **extra: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port)],
+        cwd=ROOT, env=_env(state_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_with_nothing_in_flight_exits_zero(state_dir: Path, sig: signal.Signals) -> None:
+    port = free_port()
+    with serving(state_dir, port) as proc:
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: Path) -> None:
+    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=160)
+    key = create_key(state_dir, "t", ["infer"])
+    port = free_port()
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"inputs": [{"name": "X", "shape": [32, 1024], "datatype": "FP32", "data": np.zeros(32 * 1024).tolist()}]}
+    with serving(state_dir, port, APPLIANCE_DRAIN_GRACE_S="60") as proc:
+        base = f"http://127.0.0.1:{port}"
+        results: dict[str, int] = {}
+        worker = threading.Thread(
+            target=lambda: results.update(first=httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers=headers, timeout=120).status_code)
+        )
+        worker.start()
+        deadline = time.monotonic() + 30
+        while "appliance_http_inflight_requests 2.0" not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        if proc.poll() is None and worker.is_alive():
+            late = httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers=headers, timeout=30)
+            assert late.status_code == 503 and "shutting down" in late.json()["error"]
+            assert httpx.get(f"{base}/v2/health/ready").status_code == 503
+        worker.join(timeout=120)
+        assert results["first"] == 200
+        assert proc.wait(timeout=60) == 0
+
+
+def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
+    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=320)
+    key = create_key(state_dir, "t", ["infer"])
+    port = free_port()
+    body = {"inputs": [{"name": "X", "shape": [32, 1024], "datatype": "FP32", "data": np.zeros(32 * 1024).tolist()}]}
+    with serving(state_dir, port, APPLIANCE_DRAIN_GRACE_S="0") as proc:
+        base = f"http://127.0.0.1:{port}"
+        worker = threading.Thread(
+            target=lambda: _ignore(lambda: httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60))
+        )
+        worker.start()
+        deadline = time.monotonic() + 30
+        while "appliance_http_inflight_requests 2.0" not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 1
+        worker.join(timeout=60)
+
+
+def _ignore(action: object) -> None:
+    try:
+        action()  # type: ignore[operator]
+    except httpx.HTTPError:
+        pass
+
+
+def _run(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args], cwd=ROOT, env=_env(state_dir), capture_output=True, text=True, timeout=120
+    )
+
+
+def test_taken_port_exits_2_with_one_line(state_dir: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        result = _run(state_dir, "serve", "--port", str(holder.getsockname()[1]))
+    assert result.returncode == 2
+    assert "port is taken" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_auth_beyond_loopback_is_refused(state_dir: Path) -> None:
+    result = _run(state_dir, "serve", "--host", "0.0.0.0", "--port", str(free_port()), "--no-auth")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without API keys" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_config_value_exits_2_naming_the_field(state_dir: Path) -> None:
+    result = _run(state_dir, "serve", "--port", "70000")
+    assert result.returncode == 2 and "port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_auth_on_loopback_serves_without_keys(state_dir: Path) -> None:
+    publish_adder(ModelRepository(state_dir / "models"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--no-auth"],
+        cwd=ROOT, env=_env(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/models/adder").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
