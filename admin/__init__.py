@@ -26,10 +26,11 @@ from appliance.admin.context import AdminContext
 from appliance.admin.dashboard import SAMPLE_INTERVAL_S, DashboardSampler
 from appliance.admin.exports import ExportRunner
 from appliance.admin.pages import audit, auth, dashboard, keys, models, playground, privacy
-from appliance.admin.security import AdminGuardMiddleware, DeniedAuditLimiter, LoginThrottle
+from appliance.admin.security import AdminGuardMiddleware, LoginThrottle
 from appliance.admin.serving import load_model
 from appliance.admin.setup_token import SETUP_TOKEN_TTL_S, SetupToken
 from appliance.admin.views import STATIC_DIR, render
+from appliance.store.audit import DeniedAuditLimiter
 
 log = logging.getLogger("appliance.admin")
 
@@ -101,7 +102,7 @@ def install_admin(
     ctx.throttle = LoginThrottle()
     ctx.denied_limiter = DeniedAuditLimiter()
     ctx.setup_token = SetupToken()
-    ctx.sampler = DashboardSampler(ctx.registry, ctx.request_log.live, sample_interval_s)
+    ctx.sampler = DashboardSampler(ctx.registry, ctx.request_log.live, sample_interval_s, generation=ctx.generation)
     ctx.exports = ExportRunner(
         ctx.settings.state_dir, ctx.export_jobs, lambda name: load_model(ctx, name), ctx.deployments, command=export_command
     )

@@ -2,10 +2,12 @@
 
 - The session cookie (`appliance_admin`) is HttpOnly, SameSite=Strict, limited to /admin, and
   Secure when the server speaks TLS. Its value is looked up in the session store.
-- `AdminDep`: a signed-in admin, else a redirect to the login page (GET) or 401 (anything
-  else), written to the audit log.
+- `AdminDep`: a signed-in admin, else a redirect to the login page (GET of a page) or 401
+  (the JSON endpoints under /admin/api/, and anything that changes state), written to the
+  audit log.
 - `AdminActionDep`: the same plus the session's CSRF token, sent as the `csrf_token` form
-  field or the `X-CSRF-Token` header; without it 403, written to the audit log.
+  field or the `X-CSRF-Token` header, and no foreign `Origin`; otherwise 403, written to the
+  audit log.
 - Login and setup forms, which have no session yet, carry a pre-login token that must match
   the `appliance_prelogin` cookie (double submit), so another site cannot log a browser in.
 
@@ -18,15 +20,15 @@ import hmac
 import json
 import secrets
 from typing import Annotated
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 from fastapi import Depends, Request
 from starlette.responses import Response
 
 from appliance.admin.context import AdminContext
-from appliance.admin.security import audit_denied
 from appliance.store.admin_sessions import ActiveSession
+from appliance.store.audit import audit_denied
 
 SESSION_COOKIE = "appliance_admin"
 PRELOGIN_COOKIE = "appliance_prelogin"
@@ -106,7 +108,7 @@ async def current_admin(request: Request, ctx: AdminCtxDep) -> ActiveSession:
     if session is not None:
         request.state.admin_session = session
         return session
-    if request.method in ("GET", "HEAD"):
+    if request.method in ("GET", "HEAD") and not request.url.path.startswith("/admin/api/"):
         raise LoginRequired(request.url.path)
     address = client_address(request)
     await anyio.to_thread.run_sync(
@@ -118,9 +120,21 @@ async def current_admin(request: Request, ctx: AdminCtxDep) -> ActiveSession:
     raise AdminHTTPError(401, "sign in first: this action needs an admin session")
 
 
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another site (Origin header).
+
+    Under `Referrer-Policy: no-referrer` browsers send `Origin: null` even for our own forms,
+    so "null" (like no header) proves nothing either way; the CSRF token decides then."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    parsed = urlsplit(origin)
+    return f"{parsed.netloc}".lower() == request.headers.get("host", "").lower()
+
+
 async def checked_admin(request: Request, ctx: AdminCtxDep, session: Annotated[ActiveSession, Depends(current_admin)]) -> ActiveSession:
     sent = request.headers.get(CSRF_HEADER) or (await form_of(request)).get(CSRF_FIELD, "")
-    if not sent or not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
+    if not sent or not hmac.compare_digest(sent.encode(), session.csrf_token.encode()) or not same_origin(request):
         address = client_address(request)
         await anyio.to_thread.run_sync(
             lambda: audit_denied(

@@ -17,7 +17,7 @@ from appliance.generation.registry import GenerationRegistry
 from appliance.runtime.registry import ModelRegistry
 from appliance.store.admin_sessions import SessionStore
 from appliance.store.admin_users import AdminUserStore
-from appliance.store.audit import AuditLog
+from appliance.store.audit import AuditLog, DeniedAuditLimiter
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.export_jobs import ExportJobStore
@@ -28,7 +28,7 @@ from appliance.store.request_log import RequestLog
 if TYPE_CHECKING:
     from appliance.admin.dashboard import DashboardSampler
     from appliance.admin.exports import ExportRunner
-    from appliance.admin.security import DeniedAuditLimiter, LoginThrottle
+    from appliance.admin.security import LoginThrottle
     from appliance.admin.setup_token import SetupToken
 
 

@@ -2,7 +2,7 @@
 and cost per 1k tokens.
 
 A sampler task takes one point every `interval_s` from the appliance's own state (the live
-request statistics of the API layer, the model registry, the generation engine's gauges,
+request statistics of the API layer, the model registry, the generation engines' gauges,
 psutil) and keeps the last hour in memory; the page draws its charts from `/admin/api/metrics`.
 Nothing here leaves the box. Never imports the API layer.
 """
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from prometheus_client import REGISTRY
 
 from appliance.config import CostSettings
+from appliance.errors import ApplianceError
+from appliance.generation.registry import GenerationRegistry
 from appliance.runtime.registry import ModelRegistry
 from appliance.store.request_log import LiveStats
 
@@ -30,8 +31,8 @@ SAMPLES_KEPT = 720
 #: Window over which tokens/s is averaged for the cost figure.
 COST_WINDOW_S = 300.0
 HOURS_PER_YEAR = 8766.0
-#: Gauges of the generation engine that count queued sequences.
-GENERATION_QUEUE_METRICS = ("appliance_num_requests_waiting",)
+#: The generation engines' gauge of queued sequences.
+GENERATION_QUEUE_METRIC = "appliance_num_requests_waiting"
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 
 
@@ -107,7 +108,19 @@ def box_info() -> dict[str, Any]:
     }
 
 
-def loaded_models(registry: ModelRegistry) -> list[dict[str, Any]]:
+def engine_provider(generation: GenerationRegistry, name: str) -> str | None:
+    """The execution provider of a generation engine's session ("cpu", "cuda", ...), if it says."""
+    try:
+        engine = generation.engine(name)
+    except ApplianceError:
+        return None
+    session = getattr(getattr(engine, "runner", None), "session", None)
+    providers = session.get_providers() if session is not None else []
+    return providers[0].removesuffix("ExecutionProvider").lower() if providers else None
+
+
+def loaded_models(registry: ModelRegistry, generation: GenerationRegistry | None = None) -> list[dict[str, Any]]:
+    """Tensor models of the registry, then the generation engines' models."""
     rows = []
     for state in registry.states():
         loaded = state.loaded
@@ -122,22 +135,38 @@ def loaded_models(registry: ModelRegistry) -> list[dict[str, Any]]:
                 "queued": loaded.batcher.queued if loaded else 0,
             }
         )
+    if generation is not None:
+        for name in sorted(generation.generation_models()):
+            status, reason = generation.status(name)
+            rows.append(
+                {
+                    "name": name, "version": None, "status": status, "reason": reason,
+                    "provider": engine_provider(generation, name) if status == "ready" else None,
+                    "task": "text-generation", "queued": 0,
+                }
+            )
     return rows
 
 
-def generation_queue_depth() -> int:
+def generation_queue_depth(generation: GenerationRegistry | None) -> int:
+    """Sequences waiting for admission in every generation engine (from its own gauge)."""
+    if generation is None:
+        return 0
     depth = 0.0
-    for metric in REGISTRY.collect():
-        if metric.name in GENERATION_QUEUE_METRICS:
-            depth += sum(sample.value for sample in metric.samples)
+    for metric in generation.metrics.requests_waiting.collect():
+        depth += sum(sample.value for sample in metric.samples if sample.name == GENERATION_QUEUE_METRIC)
     return int(depth)
 
 
 class DashboardSampler:
     """Takes a Point every `interval_s` while the server runs."""
 
-    def __init__(self, registry: ModelRegistry, live: LiveStats, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(
+        self, registry: ModelRegistry, live: LiveStats, interval_s: float = SAMPLE_INTERVAL_S,
+        *, generation: GenerationRegistry | None = None,
+    ) -> None:
         self.registry = registry
+        self.generation = generation
         self.live = live
         self.interval_s = interval_s
         self.points: deque[Point] = deque(maxlen=SAMPLES_KEPT)
@@ -151,7 +180,7 @@ class DashboardSampler:
         window = self.live.since(self._last)
         self._last = now
         latencies_ms = [v * 1000.0 for v in window.latencies_s]
-        queued = sum(m["queued"] for m in loaded_models(self.registry)) + generation_queue_depth()
+        queued = sum(m["queued"] for m in loaded_models(self.registry)) + generation_queue_depth(self.generation)
         point = Point(
             t=time.time(),
             requests_per_s=window.requests / elapsed,

@@ -39,7 +39,7 @@ def check_export_request(source: str, name: str, quant: str, task: str) -> tuple
     """Validated (source, name, quant, task); InvalidInput names the bad field."""
     source = source.strip()
     if not source:
-        raise InvalidInput("source: give a local folder, a .gguf file or package:NAME", field="source")
+        raise InvalidInput("source: give a local folder, a .gguf or .onnx file, or package:NAME", field="source")
     if source.startswith("package:"):
         if not PACKAGE_SOURCE.fullmatch(source):
             raise InvalidInput("source: package:NAME with a valid Python distribution name", field="source")
@@ -47,8 +47,8 @@ def check_export_request(source: str, name: str, quant: str, task: str) -> tuple
         path = Path(source)
         if not path.is_absolute():
             raise InvalidInput("source: use an absolute path on the appliance", field="source")
-        if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
-            raise InvalidInput(f"source: {source} is neither a folder nor a .gguf file on the appliance", field="source")
+        if not (path.is_dir() or (path.is_file() and path.suffix in (".gguf", ".onnx"))):
+            raise InvalidInput(f"source: {source} is not a folder, a .gguf or an .onnx file on the appliance", field="source")
     try:
         check_model_name(name.strip())
     except ValueError as exc:

@@ -6,8 +6,8 @@
   no caching) to every `/admin` response.
 - `LoginThrottle` counts failed logins per user name and per client address and locks either
   out for a while after too many; a lockout answers without checking the password.
-- `DeniedAuditLimiter` keeps a flood of denied requests from turning into a flood of audit
-  rows: a few per address per minute are written, the rest are counted in the next one.
+- Denied requests are audited through `appliance.store.audit.audit_denied`, rate-limited per
+  address so a flood of them cannot flood the audit log.
 
 Never imports the API layer; never writes a password or token anywhere.
 """
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from appliance.store.audit import AuditLog
+from appliance.store.audit import AuditLog, DeniedAuditLimiter, audit_denied
 from appliance.store.privacy import Network, address_in
 
 ADMIN_PREFIX = "/admin"
@@ -33,8 +33,6 @@ USER_FAILURES_MAX = 5
 ADDRESS_FAILURES_MAX = 20
 LOGIN_WINDOW_S = 15 * 60
 LOCKOUT_S = 15 * 60
-#: Audit events written per address per minute for denied requests; the rest are counted.
-DENIED_EVENTS_PER_MINUTE = 10
 
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -115,39 +113,6 @@ class LoginThrottle:
         """A good login clears the user's count (not the address's lockout)."""
         with self._lock:
             self._failures.pop(self._keys(user, address)[0], None)
-
-
-class DeniedAuditLimiter:
-    """At most DENIED_EVENTS_PER_MINUTE audit events per address per minute for denials."""
-
-    def __init__(self, per_minute: int = DENIED_EVENTS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self.clock = clock
-        self._windows: dict[str, tuple[float, int, int]] = {}
-        self._lock = threading.Lock()
-
-    def admit(self, address: str) -> tuple[bool, int]:
-        """(write this event?, how many were suppressed before it)."""
-        now = self.clock()
-        with self._lock:
-            started, written, suppressed = self._windows.get(address, (now, 0, 0))
-            if now - started >= 60.0:
-                started, written = now, 0
-            if written < self.per_minute:
-                self._windows[address] = (started, written + 1, 0)
-                return True, suppressed
-            self._windows[address] = (started, written, suppressed + 1)
-            return False, 0
-
-
-def audit_denied(audit: AuditLog, limiter: DeniedAuditLimiter, action: str, *, address: str, target: str, actor: str = "-", detail: str = "") -> None:
-    """Write a denial event unless this address is flooding; say how many were skipped."""
-    write, suppressed = limiter.admit(address)
-    if not write:
-        return
-    if suppressed:
-        detail = f"{detail} ({suppressed} similar events not written)".strip()
-    audit.record(action, actor=actor, address=address, outcome="denied", target=target, detail=detail)
 
 
 def security_headers(tls: bool) -> list[tuple[bytes, bytes]]:

@@ -35,6 +35,7 @@ from appliance.repository.store import ModelRepository
 from appliance.runtime.batcher import BatchPolicy
 from appliance.runtime.providers import ProviderConfig
 from appliance.runtime.registry import ModelRegistry
+from appliance.store.audit import AuditLog
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.keys import KeyStore
@@ -43,6 +44,17 @@ from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
 
 log = logging.getLogger("appliance.server")
+
+#: FastAPI's built-in OpenTelemetry off, including its environment auto-configuration
+#: (FASTAPI_OTEL_AUTO_CONFIGURE + OTEL_EXPORTER_OTLP_ENDPOINT would export off the box): the
+#: appliance sends nothing out, and the spans cost CPU on every request. /metrics is ours.
+NO_TELEMETRY: dict[str, Any] = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
 
 
 def check_bind_policy(settings: Settings) -> None:
@@ -124,6 +136,7 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         summary="Quantised ONNX models over KServe V2 and an OpenAI-compatible API.",
         lifespan=lifespan,
+        telemetry=NO_TELEMETRY,
     )
     app.state.ctx = ctx
     app.state.generation = generation
@@ -138,7 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
         settings, database, keys, registry, privacy, request_log, tls=settings.tls_cert is not None, generation=generation
     )
     install_admin(app, admin)
-    app.add_middleware(RequestLogMiddleware, policy=privacy, request_log=request_log)
+    app.add_middleware(RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database))
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight
     )

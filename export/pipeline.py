@@ -133,6 +133,29 @@ class RichProgress(ProgressReporter):
             self.progress.update(self.current, completed=completed, total=total)
 
 
+class LineProgress(ProgressReporter):
+    """One plain line per stage event, for consoles that are not terminals (a log file, the
+    admin UI following an export child process), where live bars would only print at the end."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.stage: str | None = None
+        self.started = 0.0
+
+    def start_stage(self, stage: str, description: str) -> None:
+        self.stage, self.started = stage, time.perf_counter()
+        self.console.print(f"{stage}: {description}", highlight=False, soft_wrap=True)
+
+    def finish_stage(self, description: str | None = None) -> None:
+        if self.stage is not None:
+            self.console.print(f"{self.stage}: done in {time.perf_counter() - self.started:.1f} s", highlight=False)
+        self.stage = None
+
+    def step(self, message: str) -> None:
+        if self.stage is not None:
+            self.console.print(f"{self.stage}: {message}", highlight=False, soft_wrap=True)
+
+
 class _SilentStages(ProgressReporter):
     def start_stage(self, stage: str, description: str) -> None:
         pass
@@ -158,7 +181,9 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
     repository = ModelRepository(settings.models_dir)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(repository)
-    stages: RichProgress | _SilentStages = RichProgress(console) if console is not None else _SilentStages()
+    stages: RichProgress | LineProgress | _SilentStages = _SilentStages()
+    if console is not None:
+        stages = RichProgress(console) if console.is_terminal else LineProgress(console)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with _progress_running(stages), _disk_errors_named(), StagingLease(repository) as lease:
@@ -178,7 +203,7 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
             exporter.check_source()
             variant = exporter.resolve_variant(request.quant)
             stages.step(f"{source.kind} -> {task}, variant {variant}")
-        with _stage(stages, timings, "export", "exporting the fp32 reference to ONNX"):
+        with _stage(stages, timings, "export", "making the fp32 ONNX reference"):
             reference = exporter.export_reference()
         with _stage(stages, timings, "optimise", "graph optimisation"):
             reference = exporter.optimise(reference)
@@ -214,12 +239,11 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
                 forced=bool(request.force and not accepted),
             )
             published = repository.publish(lease.version_dir, manifest, report)
-            lease.version_dir.mkdir()  # publish renamed it away; the lease removes it again
     return ExportResult(version=published, task=task, timings_s=timings)
 
 
 @contextmanager
-def _progress_running(stages: RichProgress | _SilentStages) -> Iterator[None]:
+def _progress_running(stages: RichProgress | LineProgress | _SilentStages) -> Iterator[None]:
     if isinstance(stages, RichProgress):
         with stages.progress:
             yield
@@ -228,7 +252,7 @@ def _progress_running(stages: RichProgress | _SilentStages) -> Iterator[None]:
 
 
 @contextmanager
-def _stage(stages: RichProgress | _SilentStages, timings: dict[str, float], stage: str, description: str) -> Iterator[None]:
+def _stage(stages: RichProgress | LineProgress | _SilentStages, timings: dict[str, float], stage: str, description: str) -> Iterator[None]:
     stages.start_stage(stage, description)
     started = time.perf_counter()
     yield

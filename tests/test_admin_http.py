@@ -16,7 +16,6 @@ from tests.helpers.admin import (
     ADMIN_PASSWORD,
     create_admin,
     form_token,
-    page_csrf,
     setup_token_from,
     sign_in,
 )
@@ -154,6 +153,28 @@ def test_every_state_changing_route_without_the_csrf_token_answers_403(admin_ser
     assert _events(admin_server, "denied.csrf")
 
 
+def test_a_valid_csrf_token_from_another_origin_answers_403(admin_server) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, admin_server.base_url)
+        answer = client.post(
+            admin_server.url("/admin/privacy/purge"), data={"csrf_token": csrf}, headers={"Origin": "http://evil.example"}
+        )
+        assert answer.status_code == 403
+        same = client.post(admin_server.url("/admin/privacy/purge"), data={"csrf_token": csrf}, headers={"Origin": admin_server.base_url})
+        assert same.status_code == 303
+
+
+def test_api_requests_refused_with_401_or_403_are_audited_without_the_key(admin_server) -> None:
+    bogus = "apl_0123456789ab_" + "x" * 43
+    answer = httpx.get(admin_server.url("/v1/models"), headers={"Authorization": f"Bearer {bogus}"})
+    assert answer.status_code == 401
+    assert httpx.get(admin_server.url("/v1/models")).status_code == 401
+    events = _events(admin_server, "denied.api.401")
+    assert len(events) == 2 and {e.actor for e in events} == {"key 0123456789ab", "-"}
+    assert all(bogus not in f"{e.detail}{e.target}{e.actor}" for e in events)
+    assert events[0].target == "GET /v1/models" and events[0].address == "127.0.0.1"
+
+
 def test_admin_ui_from_a_disallowed_network_answers_403_with_a_reason(state_dir: Path) -> None:
     create_admin(state_dir)
     with running_server(state_dir, admin_networks=["10.0.0.0/8"]) as server, httpx.Client() as client:
@@ -259,9 +280,36 @@ def test_privacy_mode_change_is_saved_and_audited(admin_server) -> None:
 
 def test_dashboard_metrics_json_needs_a_session(admin_server) -> None:
     with httpx.Client() as client:
-        assert client.get(admin_server.url("/admin/api/metrics")).status_code == 303
+        refused = client.get(admin_server.url("/admin/api/metrics"))
+        assert refused.status_code == 401 and refused.json() == {"error": "sign in first: this action needs an admin session"}
         sign_in(client, admin_server.base_url)
         data = client.get(admin_server.url("/admin/api/metrics")).json()
         assert {"points", "summary", "models"} <= set(data)
         assert data["models"][0]["provider"] == "cpu"
         assert "per_1k_tokens" in data["summary"]["cost"]
+
+
+def test_rejected_version_needs_an_explicit_override_then_can_be_default_and_deleted(state_dir: Path) -> None:
+    create_admin(state_dir)
+    repository = ModelRepository(state_dir / "models")
+    publish_adder(repository)
+    publish_adder(repository)
+    repository.set_deployable("adder", 2, False)  # as the export stage leaves a rejected variant
+    with running_server(state_dir) as server, httpx.Client() as client:
+        csrf = sign_in(client, server.base_url)
+        assert server.ctx.registry.state("adder").version == 1
+        refused = client.post(server.url("/admin/models/adder/versions/2/default"), data={"csrf_token": csrf})
+        assert refused.status_code == 400 and "override it first" in refused.text
+        unconfirmed = client.post(server.url("/admin/models/adder/versions/2/override"), data={"csrf_token": csrf})
+        assert unconfirmed.status_code == 400 and "confirm:" in unconfirmed.text
+        confirmed = client.post(server.url("/admin/models/adder/versions/2/override"), data={"csrf_token": csrf, "confirm": "yes"})
+        assert confirmed.status_code == 303 and repository.get("adder", 2).manifest.deployable
+        assert client.post(server.url("/admin/models/adder/versions/2/default"), data={"csrf_token": csrf}).status_code == 303
+        assert server.ctx.registry.state("adder").version == 2
+        assert client.post(server.url("/admin/models/adder/versions/2/delete"), data={"csrf_token": csrf}).status_code == 303
+        assert [v.version for v in repository.versions("adder")] == [1]
+        assert server.ctx.registry.state("adder").version == 1 and server.ctx.registry.state("adder").status == "ready"
+        missing = client.post(server.url("/admin/models/adder/versions/7/delete"), data={"csrf_token": csrf})
+        assert missing.status_code == 404 and "version 7" in missing.text
+    actions = [e.action for e in server.app.state.admin.audit.query(AuditFilter(action="model."))]
+    assert actions == ["model.delete", "model.default", "model.override"]

@@ -13,14 +13,14 @@ from alembic import command
 from sqlalchemy import inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
-from appliance.admin.security import DeniedAuditLimiter, LoginThrottle
+from appliance.admin.security import LoginThrottle
 from appliance.admin.setup_token import SetupToken
 from appliance.config import load_settings
 from appliance.errors import InvalidInput
 from appliance.store.admin_models import AdminSession, AuditEvent
 from appliance.store.admin_sessions import SessionStore
 from appliance.store.admin_users import AdminUserStore
-from appliance.store.audit import AuditFilter, AuditLog, to_csv
+from appliance.store.audit import AuditFilter, AuditLog, DeniedAuditLimiter, to_csv
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.migrate import alembic_config, current_revision, head_revision, upgrade

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,23 @@ def _one_error_line(result: Any) -> str:
 def test_an_unreachable_server_is_one_line(state_dir: Path) -> None:
     line = _one_error_line(_bench("--model", "m", "--url", f"http://127.0.0.1:{free_port()}", *QUICK))
     assert "unreachable" in line
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        return None
+
+
+def test_a_server_that_is_not_an_appliance_is_one_line(state_dir: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        line = _one_error_line(_bench("--model", "m", "--url", f"http://127.0.0.1:{server.server_address[1]}", *QUICK))
+    finally:
+        server.shutdown()
+        thread.join()
+    assert "is not live" in line
 
 
 def test_an_unknown_model_a_missing_key_and_a_wrong_workload_are_one_line_each(state_dir: Path) -> None:

@@ -214,3 +214,9 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_encoder: Path, tmp_path: 
     assert stdout_lines[1:] == [f"{state}/models/.staging"]
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert errors == ["error: disk full: free some space and export again"], done.stderr
+
+
+def test_defaults_take_no_source_or_name(tmp_path: Path) -> None:
+    result = invoke("export", "some/folder", "--defaults", "--state-dir", str(tmp_path))
+    assert_one_line_failure(result, "--defaults takes no SOURCE or --name")
+    assert_one_line_failure(invoke("export", "--state-dir", str(tmp_path)), "give a SOURCE")

@@ -201,7 +201,7 @@ def test_relative_prefix_is_refused(tmp_path: Path) -> None:
 
 
 def test_current_environment_hidden_from_the_service_is_refused() -> None:
-    options = InstallOptions(paths=ServicePaths(), current_venv=Path("/root/.venv"))
+    options = InstallOptions(paths=ServicePaths(), current_venv=Path("/home/builder/venv"))
     with pytest.raises(InvalidInput) as caught:
         ServiceInstaller(options, systemd_running=False).plan_install()  # planning only: nothing runs
     assert caught.value.field == "venv"
@@ -224,7 +224,7 @@ def _interpreter_reporting(tmp_path: Path, base_prefix: str) -> Path:
 
 
 def test_interpreter_under_root_home_is_refused_for_a_real_install(tmp_path: Path) -> None:
-    python = _interpreter_reporting(tmp_path, "/root/.pyenv/versions/3.11.7")
+    python = _interpreter_reporting(tmp_path, "/home/builder/.pyenv/versions/3.12.0")
     options = InstallOptions(paths=ServicePaths(), venv_mode="create", python=python)
     with pytest.raises(InvalidInput) as caught:
         ServiceInstaller(options, systemd_running=False).plan_install()  # planning only: nothing runs
@@ -233,10 +233,10 @@ def test_interpreter_under_root_home_is_refused_for_a_real_install(tmp_path: Pat
 
 
 def test_interpreter_under_root_home_only_warns_when_staging(tmp_path: Path) -> None:
-    python = _interpreter_reporting(tmp_path, "/root/.pyenv/versions/3.11.7")
+    python = _interpreter_reporting(tmp_path, "/home/builder/.pyenv/versions/3.12.0")
     options = InstallOptions(paths=ServicePaths(root=tmp_path / "root"), venv_mode="create", python=python)
     first = ServiceInstaller(options).plan_install()[0]
-    assert first.description.startswith("warning: python: the environment's interpreter lives in /root/")
+    assert first.description.startswith("warning: python: the environment's interpreter lives in /home/builder/")
 
 
 def test_system_interpreter_is_accepted(tmp_path: Path) -> None:

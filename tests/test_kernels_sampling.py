@@ -164,3 +164,15 @@ def test_speculation_switches_itself_off_when_acceptance_stays_low() -> None:
     for _ in range(10):
         good.record(8, 6)
     assert good.enabled
+
+
+def test_onnx_greedy_kernel_agrees_with_the_numpy_kernel() -> None:
+    from appliance.kernels.sampling_onnx import GreedyLogprobsKernel
+
+    logits = (np.random.default_rng(8).standard_normal((6, VOCAB)) * 3).astype(np.float32)
+    expected = sample(logits, SamplingArrays.greedy(6), [[]] * 6, [[]] * 6, top_logprobs=3)
+    token, logprob, top_ids, top_logprobs = GreedyLogprobsKernel(3)(logits)
+    assert list(token) == list(expected.tokens)
+    np.testing.assert_allclose(logprob, expected.logprobs, rtol=1e-5, atol=1e-5)
+    assert (top_ids == expected.top_ids).all()
+    np.testing.assert_allclose(top_logprobs, expected.top_logprobs, rtol=1e-5, atol=1e-5)

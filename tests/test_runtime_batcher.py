@@ -215,7 +215,6 @@ def test_allocation_failure_at_run_time_marks_model_not_ready_and_reloads_it(tmp
             await asyncio.sleep(0.01)
         loaded = registry.get("tiny-embed")
         session = loaded.runner._sessions.get()
-        real_run = session.run
 
         class OnceFailing:
             def __init__(self) -> None:
@@ -235,7 +234,6 @@ def test_allocation_failure_at_run_time_marks_model_not_ready_and_reloads_it(tmp
         assert reloaded is not loaded
         result = await reloaded.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)}, None, 5)
         assert result.outputs["sentence_embedding"].shape == (1, 8)
-        del real_run
         await registry.close(0)
 
     asyncio.run(scenario())

@@ -29,10 +29,10 @@ from appliance.admin.auth import (
     set_session_cookie,
 )
 from appliance.admin.context import AdminContext
-from appliance.admin.security import audit_denied
 from appliance.admin.views import render
 from appliance.errors import InvalidInput
 from appliance.store.admin_users import PASSWORD_MIN_CHARS, check_new_password, check_user_name
+from appliance.store.audit import audit_denied
 
 router = APIRouter()
 FormDep = Annotated[dict[str, str], Depends(form_of)]

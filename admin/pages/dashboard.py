@@ -37,7 +37,7 @@ def _summary(ctx: AdminContext) -> dict[str, Any]:
 def _page(request: Request, ctx: AdminContext, *, error: str | None = None, status_code: int = 200) -> Response:
     values = {
         "box": box_info(),
-        "models": loaded_models(ctx.registry),
+        "models": loaded_models(ctx.registry, ctx.generation),
         "summary": _summary(ctx),
         "cost_settings": ctx.privacy.cost,
         "sample_interval_s": ctx.sampler.interval_s,
@@ -57,7 +57,7 @@ def metrics_json(ctx: AdminCtxDep, _admin: AdminDep) -> JSONResponse:
             "interval_s": ctx.sampler.interval_s,
             "points": ctx.sampler.series(),
             "summary": _summary(ctx),
-            "models": loaded_models(ctx.registry),
+            "models": loaded_models(ctx.registry, ctx.generation),
         }
     )
 

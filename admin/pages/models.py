@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, AdminHTTPError, client_address, form_of
 from appliance.admin.context import AdminContext
+from appliance.admin.dashboard import engine_provider
 from appliance.admin.exports import QUANT_CHOICES, TASK_CHOICES
 from appliance.admin.serving import is_generation, load_model, unload_model
 from appliance.admin.views import render
@@ -59,7 +60,7 @@ def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
         serving = repository.serving_version(name)
         if is_generation(ctx, name) and ctx.generation is not None:
             status, reason = ctx.generation.status(name)
-            provider = "generation engine" if status == "ready" else None
+            provider = engine_provider(ctx.generation, name) if status == "ready" else None
             loaded_version = serving.version if status == "ready" and serving is not None else None
         else:
             state = ctx.registry.state(name)

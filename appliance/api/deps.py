@@ -25,14 +25,16 @@ KEY_CACHE_TTL_S = 2.0
 KEY_CACHE_MAX_ENTRIES = 1024
 
 
-def get_ctx(request: Request) -> ServerContext:
+async def get_ctx(request: Request) -> ServerContext:
+    """Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a thread hop
+    per request for a dictionary lookup."""
     return request.app.state.ctx
 
 
 CtxDep = Annotated[ServerContext, Depends(get_ctx)]
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.ctx.registry
 
 

@@ -12,6 +12,9 @@ from the stream's chunks) and then, by the privacy policy's mode:
 The live statistics for the dashboard are fed in every mode (numbers only, in memory). Text
 seen while parsing lives only in this request's memory. Never logs prompt or completion text,
 never changes what the client receives, and a failure here never fails the request.
+
+It also writes an audit event for every API request refused with 401 or 403 (who: the key's
+public prefix if one was sent; never the key), rate-limited per address.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.store.audit import AuditLog, DeniedAuditLimiter, audit_denied
 from appliance.store.keys import KEY_PATTERN
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog, RequestRecord
@@ -36,6 +41,7 @@ LOGGED_PATH = re.compile(
     r"^/v1/(?P<openai>chat/completions|completions|embeddings)$"
     r"|^/v2/models/(?P<v2model>[^/]+)(?:/versions/[^/]+)?/infer$"
 )
+ADMIN_PREFIX = "/admin"
 #: Request bodies larger than this are not parsed for the model name or prompt.
 REQUEST_CAPTURE_MAX_BYTES = 4 << 20
 #: JSON responses larger than this are not parsed for usage (big embedding batches).
@@ -165,15 +171,44 @@ def _key_id(scope: Scope) -> str | None:
 
 
 class RequestLogMiddleware:
-    def __init__(self, app: ASGIApp, *, policy: PrivacyPolicy, request_log: RequestLog) -> None:
+    def __init__(self, app: ASGIApp, *, policy: PrivacyPolicy, request_log: RequestLog, audit: AuditLog) -> None:
         self.app = app
         self.policy = policy
         self.request_log = request_log
+        self.audit = audit
+        self.denied_limiter = DeniedAuditLimiter()
+
+    async def _audit_if_denied(self, scope: Scope, status: int) -> None:
+        """401 and 403 answers of the API are audit events (rate-limited per address)."""
+        if status not in (401, 403):
+            return
+        client = scope.get("client")
+        address = client[0] if client else "-"
+        key_id = _key_id(scope)
+        detail = "missing or invalid API key" if status == 401 else "key lacks the scope, or network not allowed"
+        await anyio.to_thread.run_sync(
+            lambda: audit_denied(
+                self.audit, self.denied_limiter, f"denied.api.{status}", actor=f"key {key_id}" if key_id else "-",
+                address=address, target=f"{scope.get('method')} {scope.get('path', '')}", detail=detail,
+            )
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = LOGGED_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("path", "").startswith(ADMIN_PREFIX):
+            await self.app(scope, receive, send)  # the admin UI audits its own denials
+            return
+        match = LOGGED_PATH.match(scope.get("path", "")) if scope.get("method") == "POST" else None
+        if match is None:
+            seen_status = 0
+
+            async def status_send(message: Message) -> None:
+                nonlocal seen_status
+                if message["type"] == "http.response.start":
+                    seen_status = int(message["status"])
+                await send(message)
+
+            await self.app(scope, receive, status_send)
+            await self._audit_if_denied(scope, seen_status)
             return
         mode = self.policy.mode
         started = time.perf_counter()
@@ -221,6 +256,7 @@ class RequestLogMiddleware:
             await self.app(scope, capture_receive, capture_send)
         finally:
             record_once()
+        await self._audit_if_denied(scope, status)
 
     def _record(
         self, scope: Scope, match: re.Match[str], kind: str | None, body: bytes, reader: _ResponseReader,

@@ -35,7 +35,7 @@ from appliance.api.v2_schemas import (
     RepositoryIndexRequest,
     ServerMetadataResponse,
 )
-from appliance.errors import ApplianceError, InvalidInput, ModelNotFound
+from appliance.errors import InvalidInput, ModelNotFound
 from appliance.runtime.registry import LoadedModel
 from appliance.runtime.tensors import check_inputs, from_binary, from_json_data, to_binary, to_json_data
 
@@ -290,7 +290,7 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
         timer.failure(exc)
         log.info("POST %s: client disconnected; its work was cancelled", request.url.path)
         return Response(status_code=499)
-    except (ApplianceError, Exception) as exc:
+    except Exception as exc:
         timer.failure(exc)
         raise
     timer.success(result.queue_us, result.compute_us)

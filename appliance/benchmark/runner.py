@@ -19,7 +19,7 @@ import httpx
 
 from appliance.benchmark.compare import recommend, variant_result, variants_of
 from appliance.benchmark.cost import HourlyCost, point_cost
-from appliance.benchmark.loadgen import LoadMode, PointPlan, PointRun, run_point
+from appliance.benchmark.loadgen import MAX_IN_FLIGHT_OPEN_LOOP, LoadMode, PointPlan, PointRun, run_point
 from appliance.benchmark.results import BenchResult, PointResult, VariantResult
 from appliance.benchmark.safety import check_sweep, check_target
 from appliance.benchmark.serverproc import PrivateServer
@@ -140,12 +140,23 @@ def _refused(response: httpx.Response, url: str) -> None:
         raise Forbidden(f"the server at {url} refused the API key (403): it needs the 'infer' scope", field="api-key")
 
 
+def _json(response: httpx.Response, url: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise ServerUnreachable(f"{response.request.method} {response.request.url.path} on {url} did not answer JSON; is it an appliance?", field="url") from None
+
+
 async def preflight(client: httpx.AsyncClient, options: BenchOptions, url: str) -> dict[str, Any] | None:
     """Check the server answers and serves the model; returns V2 metadata for infer workloads."""
     try:
-        live = await client.get("/v2/health/live", timeout=PREFLIGHT_TIMEOUT_S)
+        return await _preflight(client, options, url)
     except httpx.TransportError as exc:
         raise ServerUnreachable(f"the server at {url} is unreachable: {exc.__class__.__name__}: {exc}", field="url") from None
+
+
+async def _preflight(client: httpx.AsyncClient, options: BenchOptions, url: str) -> dict[str, Any] | None:
+    live = await client.get("/v2/health/live", timeout=PREFLIGHT_TIMEOUT_S)
     if live.status_code != 200:
         raise ServerUnreachable(f"the server at {url} is not live (GET /v2/health/live answered {live.status_code})", field="url")
     if options.workload == "infer":
@@ -156,7 +167,9 @@ async def preflight(client: httpx.AsyncClient, options: BenchOptions, url: str) 
             raise ModelNotFound(f"model {options.model!r}{' version ' + str(options.version) if options.version else ''} does not exist on {url}", field="model")
         if response.status_code != 200:
             raise ServerUnreachable(f"GET /v2/models/{options.model} answered {response.status_code}", field="model")
-        metadata = response.json()
+        metadata = _json(response, url)
+        if not isinstance(metadata, dict):
+            raise ServerUnreachable(f"GET /v2/models/{options.model} on {url} answered no model metadata", field="url")
         state = metadata.get("state")
         if state not in (None, "ready"):
             reason = metadata.get("reason") or ""
@@ -166,7 +179,9 @@ async def preflight(client: httpx.AsyncClient, options: BenchOptions, url: str) 
     _refused(response, url)
     if response.status_code != 200:
         raise ServerUnreachable(f"GET /v1/models on {url} answered {response.status_code}", field="url")
-    served = sorted(str(card.get("id")) for card in response.json().get("data", []) if isinstance(card, dict))
+    listing = _json(response, url)
+    cards = listing.get("data", []) if isinstance(listing, dict) else []
+    served = sorted(str(card.get("id")) for card in cards if isinstance(card, dict))
     if options.model not in served:
         raise ModelNotFound(
             f"model {options.model!r} is not served by {url} (served: {', '.join(served) or 'none'})", field="model"
@@ -206,7 +221,9 @@ def _point_result(run: PointRun, cost: CostSettings, unit: str) -> PointResult:
 
 async def measure(url: str, options: BenchOptions, cost: CostSettings, progress: ProgressSink, label: str) -> tuple[Workload, list[PointResult]]:
     """Preflight, then every sweep point in order against one server."""
-    connections = max(int(max(options.levels)) if options.mode == "closed" else 64, 1)
+    # One connection per closed-loop client; an open loop may need as many as it has in flight,
+    # else requests would queue in the client's pool and hide the server's queueing.
+    connections = max(int(max(options.levels)), 1) if options.mode == "closed" else MAX_IN_FLIGHT_OPEN_LOOP
     async with _client(url, options.api_key, options.request_timeout_s, connections) as client:
         metadata = await preflight(client, options, url)
         workload = build_workload(options, metadata)

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from appliance.benchmark.compare import DEFAULT_MAX_QUALITY_LOSS
 from appliance.cli.app import ConfigOption, StateDirOption, app, console, err_console, fail, settings_from
 from appliance.errors import ApplianceError, InvalidInput
 
+#: Characters per line of the table when stdout is not a terminal.
+PIPED_TABLE_WIDTH = 200
 #: Closed-loop clients when neither --concurrency nor --rate is given.
 DEFAULT_CONCURRENCY = 1
 #: Folder under `<state dir>/bench/` where each run's results.json and plots go.
@@ -163,5 +166,7 @@ def bench(
     if json_output:
         sys.stdout.write(result.to_json() + "\n")
         return
-    console.print(render(result))
+    # Piped output is read later (logs, CI): give the table room instead of truncating cells.
+    table_console = console if console.is_terminal else Console(width=PIPED_TABLE_WIDTH)
+    table_console.print(render(result))
     console.print(f"results: {written}" + (f" (+ {len(result.plots)} plots)" if result.plots else ""), highlight=False)

@@ -358,7 +358,7 @@ class GenerationEngine:
         if k <= 0:
             return False
         if self.speculative == "draft" and self.draft is not None:
-            draft = self._draft_model_propose(seq, k)
+            draft = self._draft_model_propose(seq, min(k, seq.gate.draft_length))
         else:
             draft = self.prompt_lookup.propose(seq.tokens, k)
         if not draft:
@@ -373,6 +373,7 @@ class GenerationEngine:
             emitted = accept_sampled(filtered_probs(logits, arrays), draft, None, seq.rng)
         accepted = len(emitted) - 1
         seq.gate.record(len(draft), accepted)
+        seq.gate.adapt(len(draft), accepted)
         self.counters["draft_tokens"] += len(draft)
         self.counters["accepted_tokens"] += accepted
         self._m.spec_draft_tokens.inc(len(draft))

@@ -59,7 +59,9 @@ class KvCacheManager:
         return self.free_slots > 0 and self.reserved_tokens + tokens <= self.budget_tokens
 
     def admit(self, owner: SlotOwner, tokens: int) -> None:
-        slot = next(index for index in range(self.max_slots - 1, -1, -1) if index not in self._owners)
+        # The lowest free slot: running rows fill [0, n), so a prompt admitted now usually sits
+        # exactly where it will decode and never moves.
+        slot = next(index for index in range(self.max_slots) if index not in self._owners)
         owner.slot = slot
         owner.reserved_tokens = tokens
         self._owners[slot] = owner

@@ -31,6 +31,10 @@ NGRAM_MIN = 2
 #: After this many proposed tokens, a sequence whose acceptance is below the floor stops.
 GATE_MIN_PROPOSED = 24
 GATE_MIN_ACCEPTANCE = 0.3
+#: Draft-model drafts start at this length and adapt between the bounds: each drafted token
+#: costs a draft-model step, so the length follows how far drafts tend to be accepted.
+DRAFT_LENGTH_START = 4
+DRAFT_LENGTH_MIN = 2
 
 
 class PromptLookupDrafter:
@@ -60,12 +64,20 @@ class SpeculationGate:
     proposed: int = 0
     accepted: int = 0
     enabled: bool = True
+    draft_length: int = DRAFT_LENGTH_START
 
     def record(self, proposed: int, accepted: int) -> None:
         self.proposed += proposed
         self.accepted += accepted
         if self.proposed >= GATE_MIN_PROPOSED and self.accepted < GATE_MIN_ACCEPTANCE * self.proposed:
             self.enabled = False
+
+    def adapt(self, proposed: int, accepted: int) -> None:
+        """Longer drafts after a fully accepted one, shorter after an early rejection."""
+        if accepted == proposed:
+            self.draft_length = min(self.draft_length + 2, MAX_DRAFT_TOKENS)
+        else:
+            self.draft_length = max(DRAFT_LENGTH_MIN, accepted + 1)
 
     @property
     def acceptance(self) -> float:

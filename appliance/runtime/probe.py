@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -28,6 +30,8 @@ DETAIL_MAX_CHARS = 500
 #: Most events one page or CSV export returns.
 AUDIT_QUERY_LIMIT = 10_000
 CSV_COLUMNS = ("at", "actor", "action", "target", "outcome", "address", "detail")
+#: Audit events written per address per minute for denied requests; the rest are counted.
+DENIED_EVENTS_PER_MINUTE = 10
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,39 @@ class AuditLog:
         """The distinct action names seen so far (for the filter's choices)."""
         with self.database.session() as session:
             return sorted(session.scalars(select(AuditEvent.action).distinct()))
+
+
+class DeniedAuditLimiter:
+    """At most DENIED_EVENTS_PER_MINUTE audit events per address per minute for denials."""
+
+    def __init__(self, per_minute: int = DENIED_EVENTS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._windows: dict[str, tuple[float, int, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, address: str) -> tuple[bool, int]:
+        """(write this event?, how many were suppressed before it)."""
+        now = self.clock()
+        with self._lock:
+            started, written, suppressed = self._windows.get(address, (now, 0, 0))
+            if now - started >= 60.0:
+                started, written = now, 0
+            if written < self.per_minute:
+                self._windows[address] = (started, written + 1, 0)
+                return True, suppressed
+            self._windows[address] = (started, written, suppressed + 1)
+            return False, 0
+
+
+def audit_denied(audit: AuditLog, limiter: DeniedAuditLimiter, action: str, *, address: str, target: str, actor: str = "-", detail: str = "") -> None:
+    """Write a denial event unless this address is flooding; say how many were skipped."""
+    write, suppressed = limiter.admit(address)
+    if not write:
+        return
+    if suppressed:
+        detail = f"{detail} ({suppressed} similar events not written)".strip()
+    audit.record(action, actor=actor, address=address, outcome="denied", target=target, detail=detail)
 
 
 def to_csv(events: Iterable[AuditEvent]) -> str:

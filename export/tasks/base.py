@@ -47,7 +47,6 @@ task modules, never at import of this file).
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import time
@@ -55,7 +54,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -63,6 +62,9 @@ from appliance.errors import ExportError
 from appliance.export.sources.base import ResolvedSource, load_builtin_modules
 from appliance.repository import EmbeddingSpec, GenerationSpec, TensorSpec, TokenizerSpec
 from appliance.repository.manifest import ProviderHints, Quantization, Task
+
+if TYPE_CHECKING:
+    from appliance.export.variants.base import VariantContext
 
 #: Latency is the median of this many timed runs (after one warm-up run).
 LATENCY_RUNS = 5
@@ -227,14 +229,14 @@ class TaskExporter(ABC):
 
     def make_variant(self, name: str, reference: Artifact) -> Artifact:
         """Produce variant `name` from the reference, through the variant registry."""
-        from appliance.export.variants import VariantContext, get_variant
+        from appliance.export.variants import get_variant
 
         if name == reference.variant:
             return reference
         out_dir = self.ctx.subdir(f"variant-{name}")
         return get_variant(name).apply(reference, out_dir, self.variant_context())
 
-    def variant_context(self) -> "VariantContext":  # noqa: F821 - imported lazily above
+    def variant_context(self) -> VariantContext:
         """What variants need from the task (calibration data for int8-static)."""
         from appliance.export.variants import VariantContext
 
@@ -334,8 +336,3 @@ def detect_task(source: ResolvedSource) -> str:
         field="source",
     )
 
-
-def environment_threads() -> int | None:
-    """Threads for sessions opened during export: APPLIANCE_CPU_THREADS if set."""
-    value = os.environ.get("APPLIANCE_CPU_THREADS")
-    return int(value) if value and value.isdigit() else None

@@ -23,7 +23,7 @@ from appliance.errors import ExportError
 from appliance.export import onnx_tools
 from appliance.export.tasks.base import Artifact, Evaluation, ManifestFields, register_task
 from appliance.export.tasks.encoder import EVAL_BATCH_SIZE, SUPPORTED_ENCODERS, EncoderExporter
-from appliance.kernels.pooling import PoolingMode, pool_numpy, pooling_piece
+from appliance.kernels.pooling import PoolingMode, pooling_piece
 from appliance.repository import EmbeddingSpec
 from appliance.repository.manifest import ProviderHints
 
@@ -241,4 +241,4 @@ def _provider_hints(candidate: Artifact) -> ProviderHints:
     return ProviderHints()
 
 
-__all__ = ["FeatureExtractionExporter", "fuse_pooling", "pool_numpy", "torch_pool"]
+__all__ = ["FeatureExtractionExporter", "fuse_pooling", "torch_pool"]

@@ -156,6 +156,13 @@ class TensorExporter(TaskExporter):
             shutil.copyfile(path, out / path.name)
         return Artifact(directory=out, variant="fp32", quantization="fp32", model_file=model_file, details={"source_file": self.source.path.name})
 
+    def optimise(self, reference: Artifact) -> Artifact:
+        """No offline pass: the server's ONNX Runtime applies every graph optimisation at load
+        time (ORT_ENABLE_ALL), and a saved pre-optimised graph would tie the file to this CPU
+        and ORT version for no run-time gain. The report lists the fusions ORT makes."""
+        reference.notes.append("offline optimisation skipped: ONNX Runtime fuses at load time (see fusions)")
+        return reference
+
     def calibration_reader(self) -> list[dict[str, np.ndarray]]:
         if self.ctx.calibration is None:
             raise ExportError("quant: int8-static for a tensor model needs --calibration FILE.npz", field="calibration")

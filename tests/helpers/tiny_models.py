@@ -110,6 +110,7 @@ def embed_reference(table: np.ndarray, ids: list[int]) -> np.ndarray:
 def write_tokenizer(path: Path) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(EMBED_SPECIALS + EMBED_WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(EMBED_SPECIALS)
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
