@@ -104,7 +104,8 @@ def install_admin(
     ctx.setup_token = SetupToken()
     ctx.sampler = DashboardSampler(ctx.registry, ctx.request_log.live, sample_interval_s, generation=ctx.generation)
     ctx.exports = ExportRunner(
-        ctx.settings.state_dir, ctx.export_jobs, lambda name: load_model(ctx, name), ctx.deployments, command=export_command
+        ctx.settings.state_dir, ctx.export_jobs, lambda name: load_model(ctx, name), ctx.deployments,
+        command=export_command, config=ctx.settings.config,
     )
     app.state.admin = ctx
 

@@ -76,9 +76,11 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 class ExportRunner:
     def __init__(
         self, state_dir: Path, jobs: ExportJobStore, reload: Callable[[str], Awaitable[object]], deployments: DeploymentStore,
-        *, command: list[str] | None = None,
+        *, command: list[str] | None = None, config: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
+        #: The server's configuration file, handed on so the export sees the same settings.
+        self.config = config
         self.jobs = jobs
         #: Loads the model's serving version in whichever engine serves it.
         self.reload = reload
@@ -106,6 +108,8 @@ class ExportRunner:
         arguments = [*self.command, "export", "--name", name, "--quant", quant, "--state-dir", str(self.state_dir)]
         if chosen_task:
             arguments += ["--task", chosen_task]
+        if self.config is not None:
+            arguments += ["--config", str(self.config)]
         arguments += ["--", source]
         with open(log_path, "wb") as output:
             process = await asyncio.create_subprocess_exec(

@@ -47,7 +47,7 @@ def main() -> None:
         greedy = SamplingArrays.greedy(rows)
         plain = timed(lambda: logits.argmax(axis=1))
         with_logprobs = timed(lambda: sample(logits, greedy, [[]] * rows, [[]] * rows, top_logprobs=5))
-        onnx_times = [timed(GreedyLogprobsKernel(5, [provider]), logits) for provider in providers]
+        onnx_times = [timed(GreedyLogprobsKernel(5, [provider]), logits, logits.argmax(axis=1)) for provider in providers]
         print(f"{rows:>5}{plain:>17.1f}{with_logprobs:>20.1f}" + "".join(f"{t:>16.1f}" for t in onnx_times))
 
 

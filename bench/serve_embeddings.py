@@ -272,6 +272,7 @@ def main() -> None:
     print(f"model: {version.name} v{version.version} ({version.manifest.quantization}), {len(sentences)} sentences")
 
     figures: dict[str, Any] = {"machine": machine(), "model": f"{version.name} v{version.version} {version.manifest.quantization}"}
+    figures["load_average_before"] = os.getloadavg()[0]
     figures["in_process_batch32"] = in_process(version, sentences, 32, args.repeats)
     figures["in_process_batch1"] = in_process(version, sentences, 1, args.repeats)
     if args.torch:
@@ -283,6 +284,7 @@ def main() -> None:
         serve_workloads(state_dir, version.name, sentences, batching=False, delay_us=0, repeats=args.repeats, ingestion=False)
     )
 
+    figures["load_average_after"] = os.getloadavg()[0]
     on, off = figures["batching_on"], figures["batching_off"]
     ingest_ratio = on["ingestion"]["sentences_per_s"] / figures["in_process_batch32"]
     query_gain = on["query"]["requests_per_s"] / off["query"]["requests_per_s"]
@@ -304,6 +306,7 @@ def main() -> None:
     if figures.get("torch_fp32_batch32"):
         print(f"ingestion / PyTorch fp32: {i['sentences_per_s'] / figures['torch_fp32_batch32']:.2f} (target >= 2)")
     print(f"query batching gain: {query_gain:.2f}x (target >= 1.5x); p99/p50 with batching: {tail:.2f} (target < 4)")
+    print(f"1-minute load average: {figures['load_average_before']:.1f} before, {figures['load_average_after']:.1f} after ({os.cpu_count()} CPUs)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -21,7 +21,7 @@ anything from the server.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,9 +185,11 @@ def sample(
     output_tokens: Sequence[Sequence[int]],
     *,
     top_logprobs: int = -1,
+    logprob_kernel: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> SampleResult:
     """One token per row. `top_logprobs` < 0: no log-probabilities; 0: the chosen token's only;
-    n > 0: also the n most likely tokens per row."""
+    n > 0: also the n most likely tokens per row. `logprob_kernel` (sampling_onnx's) computes
+    the log-probabilities instead of numpy when given; it must return at least n alternatives."""
     penalised = apply_penalties(logits, arrays, prompt_tokens, output_tokens)
     tokens = penalised.argmax(axis=1).astype(np.int64)
     sampled = np.flatnonzero(arrays.temperature > 0)
@@ -195,6 +197,11 @@ def sample(
         sub_arrays = _take(arrays, sampled)
         probs = filtered_probs(penalised[sampled], sub_arrays)
         tokens[sampled] = _draw(probs, sub_arrays.uniform)
+    if top_logprobs >= 0 and logprob_kernel is not None:
+        _, chosen, top_ids, top_values = logprob_kernel(logits, tokens)
+        if top_logprobs == 0:
+            return SampleResult(tokens, chosen, None, None)
+        return SampleResult(tokens, chosen, top_ids[:, :top_logprobs], top_values[:, :top_logprobs])
     return _with_logprobs(logits, tokens, top_logprobs)
 
 

@@ -15,6 +15,8 @@ from appliance.config import load_settings
 from appliance.store.admin_users import AdminUserStore
 from appliance.store.audit import AuditLog
 from appliance.store.db import Database
+from appliance.store.migrate import upgrade
+from appliance.store.privacy import PrivacyPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +56,15 @@ def test_create_user_refuses_bad_input_with_one_line(state_dir: Path) -> None:
         assert message in done.stderr
         assert done.exception is None or isinstance(done.exception, SystemExit)
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_reset_settings_forgets_what_the_ui_changed(state_dir: Path) -> None:
+    settings = load_settings(state_dir=state_dir)
+    database = Database(settings.db_url)
+    upgrade(database)
+    PrivacyPolicy(settings, database).set_networks(["10.0.0.0/8"], ["10.1.0.0/16"], actor="alice", address="10.1.2.3")
+    done = CliRunner().invoke(app, ["admin", "reset-settings", "--state-dir", str(state_dir)])
+    assert done.exit_code == 0 and "admin_networks" in done.stdout
+    assert [str(n) for n in PrivacyPolicy(settings, database).admin_networks] == ["127.0.0.0/8", "::1/128"]
+    assert AuditLog(database).query()[0].action == "settings.reset"
+    database.close()

@@ -135,6 +135,16 @@ def test_decode_with_kv_cache_equals_full_recompute(llama_versions: dict[str, Mo
     assert [int(np.argmax(row)) for row in full[len(prompt) - 1 :]] == tokens
 
 
+def test_fp16_variant_is_the_builders_half_precision_graph(models_dir: Path, settings: Settings) -> None:
+    version = run_export(ExportRequest(source=str(models_dir / "llama"), name="tiny-llama-gpu", quant="fp16"), settings).version
+    spec = version.manifest.generation
+    assert spec is not None and spec.kv_datatype == "FP16"
+    assert version.manifest.quantization == "fp16"
+    assert version.report is not None and version.report.quality["greedy_agreement"] > 0.5
+    tokens = _decoder(version).greedy([5, 6, 7, 8], 4)
+    assert len(tokens) == 4
+
+
 def test_gpt2_exports_through_optimum(models_dir: Path, settings: Settings) -> None:
     version = run_export(ExportRequest(source=str(models_dir / "gpt2"), name="tiny-gpt2", quant="fp32"), settings).version
     spec = version.manifest.generation

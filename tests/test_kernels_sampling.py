@@ -171,8 +171,16 @@ def test_onnx_greedy_kernel_agrees_with_the_numpy_kernel() -> None:
 
     logits = (np.random.default_rng(8).standard_normal((6, VOCAB)) * 3).astype(np.float32)
     expected = sample(logits, SamplingArrays.greedy(6), [[]] * 6, [[]] * 6, top_logprobs=3)
-    token, logprob, top_ids, top_logprobs = GreedyLogprobsKernel(3)(logits)
+    kernel = GreedyLogprobsKernel(3)
+    token, logprob, top_ids, top_logprobs = kernel(logits)
     assert list(token) == list(expected.tokens)
     np.testing.assert_allclose(logprob, expected.logprobs, rtol=1e-5, atol=1e-5)
     assert (top_ids == expected.top_ids).all()
     np.testing.assert_allclose(top_logprobs, expected.top_logprobs, rtol=1e-5, atol=1e-5)
+    # Sampled rows: the chosen (not the greedy) token's log-probability, through `sample`.
+    arrays = _arrays(6, np.random.default_rng(2), temperature=1.0)
+    with_numpy = sample(logits, arrays, [[]] * 6, [[]] * 6, top_logprobs=2)
+    with_onnx = sample(logits, arrays, [[]] * 6, [[]] * 6, top_logprobs=2, logprob_kernel=kernel)
+    assert list(with_onnx.tokens) == list(with_numpy.tokens)
+    np.testing.assert_allclose(with_onnx.logprobs, with_numpy.logprobs, rtol=1e-5, atol=1e-5)
+    assert (with_onnx.top_ids == with_numpy.top_ids).all()

@@ -92,7 +92,7 @@ def setup_submit(request: Request, ctx: AdminCtxDep, form: FormDep) -> Response:
     except InvalidInput as exc:
         return _with_prelogin(request, ctx, "setup.html", values, status_code=400, error=exc.message)
     if not ctx.setup_token.consume(form.get("token", "").strip()):
-        ctx.audit.record("setup.failure", actor=name or "-", address=address, outcome="denied", target=name, detail="wrong, used or expired setup token")
+        audit_denied(ctx.audit, ctx.denied_limiter, "setup.failure", actor=name or "-", address=address, target=name, detail="wrong, used or expired setup token")
         return _with_prelogin(
             request, ctx, "setup.html", values, status_code=403,
             error="token: wrong, used or expired setup token. Restart the server for a new one, or use `appliance admin create-user`.",
@@ -124,7 +124,7 @@ def login_submit(request: Request, ctx: AdminCtxDep, form: FormDep) -> Response:
         return _with_prelogin(request, ctx, "login.html", values, status_code=403, error="The form expired: reload the page and try again.")
     wait_s = ctx.throttle.locked_for_s(name, address)
     if wait_s > 0:
-        ctx.audit.record("login.locked", actor=name or "-", address=address, outcome="denied", target=name, detail="attempt during lockout")
+        audit_denied(ctx.audit, ctx.denied_limiter, "login.locked", actor=name or "-", address=address, target=name, detail="attempt during lockout")
         minutes = max(1, int(wait_s // 60) + 1)
         return _with_prelogin(
             request, ctx, "login.html", values, status_code=429,

@@ -17,6 +17,8 @@ from appliance.errors import InvalidInput
 from appliance.store.privacy import LOGGING_MODES, RETENTION_DAYS_MAX
 
 router = APIRouter()
+#: Logged requests listed on the page (metadata only; the page never shows stored text).
+RECENT_REQUESTS_SHOWN = 20
 FormDep = Annotated[dict[str, str], Depends(form_of)]
 
 
@@ -31,6 +33,7 @@ def _page(request: Request, ctx: AdminContext, *, error: str | None = None, stat
         "admin_networks": [str(n) for n in ctx.privacy.admin_networks],
         "log_rows": rows,
         "log_rows_with_text": with_text,
+        "recent": ctx.request_log.recent(RECENT_REQUESTS_SHOWN),
         "your_address": client_address(request),
         "database": "SQLite file in the state directory" if ctx.database.url.startswith("sqlite") else "the configured database",
     }

@@ -81,11 +81,19 @@ def _error_text(response: httpx.Response) -> str:
     return response.text[:MAX_ERROR_CHARS]
 
 
-async def send(client: httpx.AsyncClient, workload: Workload, call: HttpCall) -> RequestRecord:
-    """Send one call and record what happened; never raises for a failed request."""
+async def send(
+    client: httpx.AsyncClient, workload: Workload, call: HttpCall, sink: list[RequestRecord] | None = None
+) -> RequestRecord:
+    """Send one call and record what happened; never raises for a failed request.
+
+    The record joins `sink` when the request starts, so a request still in flight when its
+    point runs out of time is counted (as "cancelled"), not silently dropped.
+    """
     clock = time.perf_counter
     start = clock()
     record = RequestRecord(start_s=start, end_s=start, status=STATUS_NO_RESPONSE)
+    if sink is not None:
+        sink.append(record)
     try:
         if call.stream:
             await _send_streamed(client, call, record, clock)
@@ -107,6 +115,10 @@ async def send(client: httpx.AsyncClient, workload: Workload, call: HttpCall) ->
         record.error, record.error_kind = f"connect failed: {exc}", "connect"
     except httpx.TransportError as exc:
         record.error, record.error_kind = f"{exc.__class__.__name__}: {exc}", "transport"
+    except asyncio.CancelledError:
+        record.error, record.error_kind = "still running when the point's time ran out", "cancelled"
+        record.end_s = clock()
+        raise
     record.end_s = clock()
     return record
 
@@ -156,9 +168,7 @@ async def _closed_loop(
         nonlocal started
         while started < count and time.perf_counter() < deadline:
             started += 1
-            record = await send(client, workload, workload.next_call(rng))
-            records.append(record)
-            on_done(record)
+            on_done(await send(client, workload, workload.next_call(rng), records))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(clients, count)))))
 
@@ -179,8 +189,7 @@ async def _open_loop(
 
     async def one(call: HttpCall) -> None:
         async with in_flight:
-            record = await send(client, workload, call)
-        records.append(record)
+            record = await send(client, workload, call, records)
         on_done(record)
 
     next_arrival = time.perf_counter()

@@ -4,6 +4,10 @@ The password comes from the first line of stdin when stdin is not a terminal (sc
 `systemd-ask-password | appliance admin create-user root`), and from two hidden prompts when it
 is. It is hashed with argon2id before it touches the database and never echoed or logged. The
 database is migrated first, so this works on a fresh state directory.
+
+`appliance admin reset-settings` forgets what was set on the Privacy and Dashboard pages
+(logging mode, retention, client networks, cost model), e.g. when a network change locked the
+admin out; the configuration file applies again at the next start.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import typer
 from appliance.cli.app import ConfigOption, StateDirOption, app, console, fail, settings_from
 from appliance.errors import ApplianceError
 from appliance.store.admin_users import AdminUserStore
+from appliance.store.app_settings import AppSettingsStore
 from appliance.store.db import Database
 from appliance.store.migrate import upgrade
 
@@ -55,3 +60,18 @@ def create_user(
     finally:
         database.close()
     console.print(f"created admin {user.name!r}; sign in at /admin", highlight=False)
+
+
+@admin_app.command("reset-settings")
+def reset_settings(state_dir: StateDirOption = None, config: ConfigOption = None) -> None:
+    """Forget the settings changed in the web UI; the configuration applies at the next start."""
+    settings = settings_from(state_dir=state_dir, config=config)
+    database = Database(settings.db_url)
+    try:
+        upgrade(database)
+        keys = AppSettingsStore(database).clear(actor="cli", address="local")
+    except ApplianceError as exc:
+        fail(str(exc))
+    finally:
+        database.close()
+    console.print(f"removed UI settings: {', '.join(keys) or 'none'}; restart the server to apply", highlight=False)

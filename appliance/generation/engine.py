@@ -34,7 +34,7 @@ from appliance.errors import ApplianceError, CapacityExceeded, InvalidInput, Mod
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.model_runner import KvGeometry, KvStore, make_runner, open_decoder_session
-from appliance.generation.params import SamplingParams
+from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
 from appliance.generation.speculative import (
@@ -45,6 +45,7 @@ from appliance.generation.speculative import (
 )
 from appliance.generation.text import ChatTemplate, PromptTokenizer, StopStringFilter
 from appliance.kernels.sampling import SamplingArrays, filtered_probs, sample
+from appliance.kernels.sampling_onnx import GreedyLogprobsKernel
 from appliance.repository.manifest import Manifest
 from appliance.repository.store import ModelVersion
 
@@ -167,6 +168,7 @@ class GenerationEngine:
         )
         self.speculative = settings.speculative if (settings.speculative != "draft" or self.draft) else "prompt-lookup"
         self.prompt_lookup = PromptLookupDrafter()
+        self._logprob_kernel = GreedyLogprobsKernel(TOP_LOGPROBS_MAX)
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
         self._cv = threading.Condition()
@@ -326,7 +328,9 @@ class GenerationEngine:
             return
         arrays = _sampling_arrays(seqs)
         top_n = max(p.logprobs for p in params)
-        result = sample(logits, arrays, [seq.prompt for seq in seqs], [seq.output for seq in seqs], top_logprobs=top_n)
+        result = sample(
+            logits, arrays, [seq.prompt for seq in seqs], [seq.output for seq in seqs], top_logprobs=top_n, logprob_kernel=self._logprob_kernel
+        )
         for row, seq in enumerate(seqs):
             logprob = None
             if seq.params.logprobs >= 0 and result.logprobs is not None:

@@ -33,6 +33,8 @@ log = logging.getLogger("appliance.runtime")
 
 #: Smallest Retry-After a full queue answers with, in seconds.
 MIN_RETRY_AFTER_S = 1.0
+#: Shortest wait for running batches when a batcher closes, in seconds.
+MIN_CLOSE_WAIT_S = 0.05
 
 
 class SessionPoisoned(Exception):
@@ -175,7 +177,9 @@ class DynamicBatcher:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(ShuttingDown(f"model {self.name!r} was unloaded"))
         if self._inflight:
-            await asyncio.wait(self._inflight, timeout=max(0.0, deadline - time.monotonic()) or None)
+            # A running batch cannot be interrupted without failing its batch-mates; give it
+            # what is left of the grace (at least a moment to hand back its results).
+            await asyncio.wait(self._inflight, timeout=max(MIN_CLOSE_WAIT_S, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling ----------------------------------------------------------------------

@@ -93,10 +93,28 @@ def check_version_files(version: ModelVersion) -> onnx.ModelProto:
     return model
 
 
+def _shape_conflict(declared: list[int], graph_shape: object) -> str | None:
+    """Why a manifest shape cannot describe the graph's, or None when it can.
+
+    The ranks must be equal, and where the graph fixes a dimension the manifest must say the
+    same number (or -1). A lying shape would otherwise pass request validation and fail
+    every request inside ONNX Runtime."""
+    if not isinstance(graph_shape, (list, tuple)):
+        return None  # the graph does not declare a shape: nothing to hold the manifest to
+    if len(declared) != len(graph_shape):
+        return f"rank {len(declared)} {declared}, the graph has rank {len(graph_shape)} {list(graph_shape)}"
+    for index, (want, have) in enumerate(zip(declared, graph_shape, strict=True)):
+        if isinstance(have, int) and have >= 0 and want not in (-1, have):
+            return f"dimension {index} = {want}, the graph fixes it at {have}"
+    return None
+
+
 def check_signature(version: ModelVersion, session_inputs: list[object], session_outputs: list[object]) -> None:
-    """The manifest's inputs/outputs must exist in the graph with the same datatype."""
+    """The manifest's inputs/outputs must exist in the graph with the same datatype and a
+    compatible shape."""
     graph_inputs = {arg.name: ORT_TYPES.get(arg.type) for arg in session_inputs}  # type: ignore[attr-defined]
     graph_outputs = {arg.name: ORT_TYPES.get(arg.type) for arg in session_outputs}  # type: ignore[attr-defined]
+    shapes = {arg.name: getattr(arg, "shape", None) for arg in [*session_inputs, *session_outputs]}  # type: ignore[attr-defined]
     for kind, specs, graph in (("input", version.manifest.inputs, graph_inputs), ("output", version.manifest.outputs, graph_outputs)):
         for spec in specs:
             if spec.name not in graph:
@@ -105,6 +123,9 @@ def check_signature(version: ModelVersion, session_inputs: list[object], session
                 raise ModelRejected(
                     f"manifest {kind} '{spec.name}' says {spec.datatype}, the graph has {graph[spec.name]}"
                 )
+            conflict = _shape_conflict(list(spec.shape), shapes.get(spec.name))
+            if conflict is not None:
+                raise ModelRejected(f"manifest {kind} '{spec.name}' declares {conflict}")
     required = set(graph_inputs) - {spec.name for spec in version.manifest.inputs}
     if required:
         raise ModelRejected(f"graph inputs missing from the manifest: {', '.join(sorted(required))}")

@@ -186,10 +186,20 @@ class ModelRegistry:
     async def load(self, name: str) -> ModelState:
         """(Re)load the serving version of `name`; the old version serves until the new is ready."""
         async with self._lock(name):
+            previous = self._states.get(name)
             if name not in self.repository.names():
+                if previous is not None:
+                    # Its files were deleted while it was loaded: stop serving what no longer
+                    # exists on disk, and say so where the index and the UI look.
+                    self._states[name] = ModelState(
+                        name=name, status="failed", version=previous.version,
+                        reason="its files were removed from the model repository while it was loaded",
+                    )
+                    log.error("model %s failed: its files were removed from the repository", name)
+                    if previous.loaded is not None:
+                        await previous.loaded.batcher.close(grace_s=self.grace_s)
                 raise ModelNotFound(f"model {name!r} not found", field="model")
             chosen = self._serving(name)
-            previous = self._states.get(name)
             if chosen is None:
                 broken = self.repository.broken_versions(name)
                 detail = "; ".join(f"version {v}: {why}" for v, why in broken.items())

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from appliance.store.admin_models import AppSetting
 from appliance.store.audit import AuditLog
@@ -46,3 +46,14 @@ class AppSettingsStore:
                 else:
                     row.value_json, row.updated_at, row.updated_by = encoded, now, actor
             AuditLog.record_in(session, action, actor=actor, address=address, target=",".join(sorted(values)), detail=detail)
+
+    def clear(self, *, actor: str, address: str) -> list[str]:
+        """Forget every UI override (the configuration applies again); returns the keys."""
+        with self.database.session() as session:
+            keys = sorted(session.scalars(select(AppSetting.key)))
+            session.execute(delete(AppSetting))
+            AuditLog.record_in(
+                session, "settings.reset", actor=actor, address=address, target=",".join(keys),
+                detail="UI overrides removed; the configuration applies",
+            )
+            return keys

@@ -29,6 +29,9 @@ class TorchReference:
 
         if threads:
             torch.set_num_threads(threads)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
                 str(hf_dir), dtype=torch.float32, local_files_only=True

@@ -61,7 +61,7 @@ VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
     "int8": WeightOnlyRecipe(bits=8, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=None),
 }
 #: Largest accepted perplexity increase over the fp32 export, per variant (the issue's targets).
-VARIANT_BUDGETS: dict[str, float] = {"fp32": 0.01, "int8": 0.01, "int4": 0.10}
+VARIANT_BUDGETS: dict[str, float] = {"fp32": 0.01, "fp16": 0.01, "int8": 0.01, "int4": 0.10}
 #: Files of the Hugging Face folder that travel into the version folder when present.
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 #: Prompt length and decode steps of the report's speed figures.
@@ -74,7 +74,7 @@ class TextGenerationExporter(TaskExporter):
     """Decoder LLMs: builder or Optimum graph, weight-only int8/int4, perplexity budgets."""
 
     task = "text-generation"
-    variants: ClassVar[tuple[str, ...]] = ("int4", "int8", "fp32")
+    variants: ClassVar[tuple[str, ...]] = ("int4", "int8", "fp16", "fp32")
     default_max_quality_loss = VARIANT_BUDGETS["int4"]
     quality_metric = "perplexity / reference_perplexity - 1"
 
@@ -162,6 +162,8 @@ class TextGenerationExporter(TaskExporter):
     def make_variant(self, name: str, reference: Artifact) -> Artifact:
         if name == "fp32":
             return reference
+        if name == "fp16":
+            return self._fp16(reference)
         recipe = self.recipe(name)
         out_dir = self.ctx.subdir(f"variant-{name}")
         self.ctx.progress.step(f"weight-only {name}: MatMulNBits, block {recipe.block_size}")
@@ -178,6 +180,21 @@ class TextGenerationExporter(TaskExporter):
             f"embedding {recipe.embedding_bits or 32}-bit, block {recipe.block_size}, accuracy_level {recipe.accuracy_level}"
         ]
         return Artifact(directory=out_dir, variant=name, quantization=name, details=details, notes=notes)  # type: ignore[arg-type]
+
+    def _fp16(self, reference: Artifact) -> Artifact:
+        """fp16 for GPU providers: the builder's own fp16 graph (fp16 KV cache and logits),
+        or the registry's fp16 conversion (fp32 io) for Optimum graphs. It also runs, slowly,
+        on the CPU provider, which is how the export evaluates it on a box without a GPU."""
+        if reference.details.get("graph") != "genai":
+            artifact = super().make_variant("fp16", reference)
+            artifact.details["graph"] = reference.details.get("graph")
+            return artifact
+        out_dir = self.ctx.subdir("variant-fp16")
+        self.ctx.progress.step("building the fp16 graph (model builder, CUDA layout)")
+        build_genai(self.hf_dir(), out_dir, self.ctx.work_dir / "builder-cache", precision="fp16", provider="cuda")
+        counts = op_counts(load_graph_only(out_dir / MODEL_FILE))
+        details = {"graph": "genai", "nodes": sum(counts.values()), "method": "model builder fp16 (cuda)"}
+        return Artifact(directory=out_dir, variant="fp16", quantization="fp16", details=details)
 
     def generation(self, model_path: Path) -> GenerationSpec:
         hf_dir = self.hf_dir()
