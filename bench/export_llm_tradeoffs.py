@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -45,9 +46,13 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int4, lm_head 8, emb fp32": WeightOnlyRecipe(bits=4, lm_head_bits=8),
     "int4, lm_head 8, emb 4 (default)": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4),
     "int4, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4),
+    "int4 asym, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4, symmetric=False),
+    "int4 asym, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4, symmetric=False),
+    "int4 asym, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4, symmetric=False),
+    "int8 asym (lm_head 8)": WeightOnlyRecipe(bits=8, lm_head_bits=8, symmetric=False),
 }
 #: Optimum's graph only gets the rows that decide the route.
-OPTIMUM_RECIPES = ("fp32", "int4, lm_head 8, emb 4 (default)")
+OPTIMUM_RECIPES = ("fp32", "int4, lm_head 8, emb 4 (default)", "int4, lm_head fp32 (tied)")
 
 
 def folder_mb(folder: Path) -> float:
@@ -75,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work_dir", nargs="?", type=Path)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", action="append", help="measure only these variant names (repeatable)")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="llm-tradeoffs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -96,9 +102,11 @@ def main() -> None:
         for name, recipe in RECIPES.items():
             if graph == "optimum" and name not in OPTIMUM_RECIPES:
                 continue
+            if args.only and name not in args.only:
+                continue
             folder = base
             if recipe is not None:
-                folder = work / f"{graph}-{abs(hash(name)) % 10**8}"
+                folder = work / f"{graph}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}"
                 if not (folder / "model.onnx").exists():
                     started = time.perf_counter()
                     quantize_weight_only(base / "model.onnx", folder / "model.onnx", recipe)

@@ -13,7 +13,11 @@ What it does, all in one process on one machine:
    >= 1.7x), and the cosine figures of the int8 export against the PyTorch reference (from its
    report.json) and against the fp32 ONNX export.
 
-    .venv/bin/python bench/export_minilm.py [--passes 5] [--threads 2] [--json FILE]
+    .venv/bin/python bench/export_minilm.py [--passes 5] [--threads 2] [--json FILE] [--st-python PY]
+
+With `--st-python PY` (the interpreter of the separate sentence-transformers venv that
+bench/st_onnx_int8.py describes) it then runs that comparison right away, on the same machine
+state, and prints its figures too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +93,7 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=5, help="timed passes per engine and batch size")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (the server uses all cores)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--st-python", type=Path, default=None, help="sentence-transformers venv python (optional)")
     args = parser.parse_args()
 
     from appliance.config import load_settings
@@ -143,6 +149,11 @@ def main() -> int:
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    if args.st_python:
+        print("sentence-transformers' own ONNX int8 backend, same sentences:")
+        command = [str(args.st_python), str(ROOT / "bench" / "st_onnx_int8.py"), "--passes", str(args.passes), "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        print(done.stdout.strip() or done.stderr.strip().splitlines()[-1])
     return 0
 
 

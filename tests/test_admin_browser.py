@@ -15,20 +15,13 @@ import httpx
 import pytest
 
 from appliance.repository.store import ModelRepository
-from tests.helpers.admin import setup_token_from
+from tests.helpers.admin import CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, setup_token_from
 from tests.helpers.server import RunningServer, running_server
 from tests.helpers.tiny_models import publish_adder, publish_embedder
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 ADMIN = "root"
 PASSWORD = "browser test passphrase"
-#: Playwright waits at most this long for one step (ms).
-STEP_TIMEOUT_MS = 15_000
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 sync_api = pytest.importorskip("playwright.sync_api")

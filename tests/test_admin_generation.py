@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers.admin import create_admin, sign_in
+from tests.helpers.admin import ADMIN_NAME, ADMIN_PASSWORD, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, create_admin, sign_in
 from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 from tests.helpers.server import RunningServer, running_server
 
@@ -58,3 +58,32 @@ def test_undeploy_and_deploy_a_generation_model(server: RunningServer, state) ->
         assert server.app.state.generation.status(MODEL)[0] == "unloaded"
         assert client.post(server.url(f"/admin/models/{MODEL}/deploy"), data={"csrf_token": csrf}).status_code == 303
         assert MODEL in _listed(server)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_the_playground_streams_a_chat_answer_in_the_browser(server: RunningServer) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.goto(server.url("/admin/login"))
+            page.fill("#name", ADMIN_NAME)
+            page.fill("#password", ADMIN_PASSWORD)
+            page.click("#sign-in")
+            page.wait_for_selector("#dashboard")
+            page.goto(server.url("/admin/playground"))
+            page.fill("#pg-key", server.key or "")
+            page.click("#pg-load")
+            page.wait_for_selector("#pg-status:has-text('models ready')")
+            page.select_option("#pg-model", MODEL)
+            page.select_option("#pg-kind", "chat")
+            page.fill("#pg-max-tokens", "6")
+            page.fill("#pg-input", "hello there")
+            page.click("#pg-send")
+            page.wait_for_selector("#pg-status:has-text('chunks')")
+            assert page.inner_text("#pg-output").strip()
+            assert int(page.inner_text("#pg-status").split()[0]) >= 1
+        finally:
+            browser.close()

@@ -4,6 +4,7 @@ sessions, CSRF, network allow-list, security headers, keys, deployments, audit l
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -251,6 +252,8 @@ def test_audit_log_filters_and_exports_csv(admin_server) -> None:
         sign_in(client, admin_server.base_url)
         filtered = client.get(admin_server.url("/admin/audit?action=login.success")).text
         assert "login.success" in filtered and "admin.user.create</td>" not in filtered
+        today = datetime.now(UTC).date().isoformat()
+        assert "login.success" in client.get(admin_server.url(f"/admin/audit?since={today}&until={today}")).text
         bad = client.get(admin_server.url("/admin/audit?since=yesterday"))
         assert bad.status_code == 400 and "since:" in bad.text
         csv_answer = client.get(admin_server.url("/admin/audit.csv?outcome=ok"))

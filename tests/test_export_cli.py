@@ -190,6 +190,16 @@ def test_ctrl_c_mid_export_exits_130_and_leaves_nothing(tiny_encoder: Path, tmp_
     assert_repository_empty(state)
 
 
+def test_sigterm_mid_export_exits_143_and_leaves_nothing(tiny_encoder: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process = _start_and_wait_for_work(tiny_encoder, state)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["error: terminated: nothing was published"]
+    assert_repository_empty(state)
+
+
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_encoder: Path, tmp_path: Path) -> None:
     """A real full disk: a 200 kB tmpfs mounted over the state directory in a private mount
     namespace (unshare), so the host is never touched."""

@@ -175,6 +175,8 @@ def test_off_mode_writes_nothing_and_purge_now_deletes_everything(state_dir: Pat
         assert server.app.state.admin.request_log.flush()
         assert len(_rows(state_dir)) == 1
         csrf = sign_in(client, server.base_url)
+        listed = client.get(server.url("/admin/privacy")).text.split('id="request-log"')[1]
+        assert "/v1/embeddings" in listed and "tiny-embed" in listed and "hello world" not in listed
         assert client.post(server.url("/admin/privacy/purge"), data={"csrf_token": csrf}).status_code == 303
         assert _rows(state_dir) == []
         assert client.post(server.url("/admin/privacy/logging"), data={"csrf_token": csrf, "mode": "off"}).status_code == 303

@@ -3,7 +3,7 @@ Read-only: no route here (or anywhere in the UI) edits or deletes an event."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -16,6 +16,8 @@ from appliance.store.audit import AuditFilter, to_csv
 router = APIRouter()
 #: Events shown on the page; the CSV export holds up to the store's limit.
 PAGE_EVENTS = 500
+#: Length of a plain date (YYYY-MM-DD) in the time filters.
+DATE_ONLY_CHARS = 10
 
 
 def _time(value: str, field: str) -> datetime | None:
@@ -26,7 +28,10 @@ def _time(value: str, field: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidInput(f"{field}: {value!r} is not a date or time (YYYY-MM-DD or YYYY-MM-DDTHH:MM)", field=field) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if field == "until" and len(value) == DATE_ONLY_CHARS:
+        parsed += timedelta(days=1) - timedelta(microseconds=1)  # "until a day" includes that day
+    return parsed
 
 
 def _filter(request: Request) -> AuditFilter:

@@ -35,7 +35,7 @@ def _page(request: Request, ctx: AdminContext, *, error: str | None = None, stat
         "log_rows_with_text": with_text,
         "recent": ctx.request_log.recent(RECENT_REQUESTS_SHOWN),
         "your_address": client_address(request),
-        "database": "SQLite file in the state directory" if ctx.database.url.startswith("sqlite") else "the configured database",
+        "database": "the SQLite file in the state directory" if ctx.database.url.startswith("sqlite") else "the configured database",
     }
     return render(request, "privacy.html", values, page="privacy", error=error, status_code=status_code)
 

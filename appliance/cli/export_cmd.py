@@ -8,7 +8,11 @@ the command runs, so the rest of the CLI and the server never load it.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -21,6 +25,25 @@ TASK_CHOICES = ("text-generation", "feature-extraction", "text-classification", 
 #: Ctrl-C: the shell's convention for death by SIGINT (128 + 2).
 INTERRUPTED_EXIT_CODE = 130
 INTERRUPTED_MESSAGE = "interrupted: nothing was published"
+#: SIGTERM (a service stop, the admin UI cancelling an export): 128 + 15.
+TERMINATED_EXIT_CODE = 143
+TERMINATED_MESSAGE = "terminated: nothing was published"
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so the export unwinds and removes its staging."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 QUANT_HELP = "fp32 | fp16 | int8 | int8-static | int4 | auto (auto picks per task and provider)."
 
 
@@ -80,11 +103,14 @@ def export_command(
         calibration=calibration,
     )
     try:
-        result = run_export(request, settings, console)
+        with _sigterm_unwinds():
+            result = run_export(request, settings, console)
     except ApplianceError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(INTERRUPTED_MESSAGE, code=INTERRUPTED_EXIT_CODE)
+    except _Terminated:
+        fail(TERMINATED_MESSAGE, code=TERMINATED_EXIT_CODE)
     except Exception as exc:  # noqa: BLE001 - a library failure still gets one line, no traceback
         fail(f"export failed: {type(exc).__name__}: {_first_line(exc)}")
     console.print(report_table(result.version))
@@ -97,11 +123,14 @@ def _run_defaults(settings: object) -> None:
     from appliance.export.defaults import ensure_default_models
 
     try:
-        versions = ensure_default_models(settings, console)  # type: ignore[arg-type]
+        with _sigterm_unwinds():
+            versions = ensure_default_models(settings, console)  # type: ignore[arg-type]
     except ApplianceError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(INTERRUPTED_MESSAGE, code=INTERRUPTED_EXIT_CODE)
+    except _Terminated:
+        fail(TERMINATED_MESSAGE, code=TERMINATED_EXIT_CODE)
     except Exception as exc:  # noqa: BLE001
         fail(f"export failed: {type(exc).__name__}: {_first_line(exc)}")
     for version in versions:

@@ -142,9 +142,15 @@ class GenerationRegistry:
         """The engine for `name`: 404 unknown, 400 not a generation model, 503 not ready."""
         state = self._states.get(name)
         if state is None:
-            if name in self.repository.names():
-                raise InvalidInput(f"model: {name!r} is not a text-generation model", field="model")
-            raise ModelNotFound(f"model {name!r} not found", field="model")
+            if name not in self.repository.names():
+                raise ModelNotFound(f"model {name!r} not found", field="model")
+            try:
+                versions = self.repository.versions(name)
+            except ApplianceError:
+                versions = []
+            if any(version.manifest.task == "text-generation" for version in versions):
+                raise ModelNotReady(f"model {name!r} has no deployable version (see `appliance models show {name}`)", field="model")
+            raise InvalidInput(f"model: {name!r} is not a text-generation model", field="model")
         if state.engine is None:
             raise ModelNotReady(f"model {name!r} is {state.status}" + (f": {state.reason}" if state.reason else ""), field="model")
         return state.engine

@@ -41,6 +41,38 @@ def _tensors(graph: GraphProto) -> Iterator[TensorProto]:
                     stack.extend(attribute.graphs)
 
 
+#: Bytes per element of the tensor types a model may store; 4-bit types count half a byte.
+_ELEMENT_BYTES: dict[int, float] = {
+    TensorProto.FLOAT: 4, TensorProto.UINT8: 1, TensorProto.INT8: 1, TensorProto.UINT16: 2,
+    TensorProto.INT16: 2, TensorProto.INT32: 4, TensorProto.INT64: 8, TensorProto.BOOL: 1,
+    TensorProto.FLOAT16: 2, TensorProto.DOUBLE: 8, TensorProto.UINT32: 4, TensorProto.UINT64: 8,
+    TensorProto.BFLOAT16: 2, TensorProto.UINT4: 0.5, TensorProto.INT4: 0.5,
+}
+
+
+def _declared_bytes(tensor: TensorProto) -> int | None:
+    """Bytes the tensor's dims and type promise, or None for types without a fixed size."""
+    per_element = _ELEMENT_BYTES.get(tensor.data_type)
+    if per_element is None:
+        return None
+    if any(dim < 0 for dim in tensor.dims):
+        raise ModelRejected(f"tensor {tensor.name!r}: negative dimension in {list(tensor.dims)}")
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return int(-(-count * per_element // 1))
+
+
+def _check_stored_size(tensor: TensorProto, stored_bytes: int) -> None:
+    """The bytes a tensor stores must be the bytes its shape declares: a tensor declaring
+    terabytes over a few stored bytes is refused here, before anyone allocates for it."""
+    declared = _declared_bytes(tensor)
+    if declared is not None and declared != stored_bytes:
+        raise ModelRejected(
+            f"tensor {tensor.name!r}: shape {list(tensor.dims)} declares {declared} bytes but {stored_bytes} are stored"
+        )
+
+
 def _inside(folder: Path, relative: str, what: str) -> Path:
     """`relative` resolved inside `folder`, refusing absolute paths, '..' escapes and symlinks."""
     if not relative or os.path.isabs(relative) or "\x00" in relative:
@@ -79,6 +111,8 @@ def check_version_files(version: ModelVersion) -> onnx.ModelProto:
     sizes: dict[Path, int] = {}
     for tensor in _tensors(model.graph):
         if tensor.data_location != TensorProto.EXTERNAL:
+            if tensor.raw_data:
+                _check_stored_size(tensor, len(tensor.raw_data))
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
         path = _inside(folder, entries.get("location", ""), f"tensor {tensor.name!r}")
@@ -90,6 +124,10 @@ def check_version_files(version: ModelVersion) -> onnx.ModelProto:
             raise ModelRejected(f"tensor {tensor.name!r}: offset/length are not integers") from None
         if offset < 0 or length < 0 or offset + length > size:
             raise ModelRejected(f"tensor {tensor.name!r}: external data range {offset}+{length} exceeds its file ({size} bytes)")
+        if "length" in entries:
+            _check_stored_size(tensor, length)
+        elif (_declared_bytes(tensor) or 0) > length:
+            raise ModelRejected(f"tensor {tensor.name!r}: shape {list(tensor.dims)} declares more bytes than its file holds")
     return model
 
 

@@ -41,6 +41,9 @@ class WeightOnlyRecipe:
     block_size: int = 32
     lm_head_bits: int | None = None
     embedding_bits: int | None = None
+    #: False: unsigned codes with a per-block zero point (uint8), which follows the asymmetric
+    #: grid of GGUF Q4_1/Q4_K sources more closely than symmetric codes do.
+    symmetric: bool = True
     #: 4 = int8 activations inside MatMulNBits (the fast CPU kernel; accuracy_level 0 ran
     #: 8-bit weights at 8.7 tok/s against 58 tok/s).
     accuracy_level: int = 4
@@ -142,7 +145,7 @@ def _quantizer(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     # It logs two INFO lines per node (thousands for an LLM); the report says what was done.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
-    quantizer = MatMulNBitsQuantizer(model, is_symmetric=True, **kwargs)
+    quantizer = MatMulNBitsQuantizer(model, **kwargs)
     quantizer.process()
     return quantizer.model.model
 
@@ -162,6 +165,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         bits=recipe.bits,
         block_size=recipe.block_size,
         accuracy_level=recipe.accuracy_level,
+        is_symmetric=recipe.symmetric,
         nodes_to_exclude=exclude,
         op_types_to_quantize=("MatMul",),
     )
@@ -171,6 +175,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
             bits=recipe.lm_head_bits,
             block_size=recipe.block_size,
             accuracy_level=recipe.accuracy_level,
+            is_symmetric=recipe.symmetric,
             nodes_to_include=[lm_head.name],
             op_types_to_quantize=("MatMul",),
         )
@@ -179,6 +184,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
             model,
             bits=recipe.embedding_bits,
             block_size=recipe.block_size,
+            is_symmetric=recipe.symmetric,
             nodes_to_include=[embedding.name],
             op_types_to_quantize=("Gather",),
             quant_axes=(("Gather", 1),),

@@ -9,6 +9,7 @@ unpickling runs code. Never imports torch or transformers.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -19,6 +20,11 @@ SAFETENSORS_GLOB = "*.safetensors"
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt")
 #: A safetensors header larger than this is corrupt, not a model.
 SAFETENSORS_MAX_HEADER_BYTES = 100 << 20
+#: Bytes per element of the safetensors dtypes (others are not size-checked).
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 
 
 def check_safetensors(path: Path) -> None:
@@ -40,9 +46,21 @@ def check_safetensors(path: Path) -> None:
         if key == "__metadata__":
             continue
         try:
-            data_end = max(data_end, int(entry["data_offsets"][1]))
+            begin, end = (int(value) for value in entry["data_offsets"])
+            shape = [int(dim) for dim in entry["shape"]]
+            per_element = SAFETENSORS_DTYPE_BYTES.get(str(entry["dtype"]))
         except (KeyError, IndexError, TypeError, ValueError):
             raise ExportError(f"source: {path.name} has a corrupt safetensors header", field="source") from None
+        if begin < 0 or end < begin or any(dim < 0 for dim in shape):
+            raise ExportError(f"source: {path.name}: tensor {key!r} has impossible offsets or shape", field="source")
+        if per_element is not None and math.prod(shape) * per_element != end - begin:
+            # A header that lies about a shape would make the loader allocate what it says.
+            raise ExportError(
+                f"source: {path.name}: tensor {key!r} declares shape {shape} ({math.prod(shape) * per_element} bytes) "
+                f"over {end - begin} stored bytes",
+                field="source",
+            )
+        data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
         raise ExportError(
             f"source: {path.name} is truncated: {size} bytes, the header promises {8 + header_len + data_end}",

@@ -13,6 +13,14 @@ from appliance.store.admin_users import AdminUserStore
 from appliance.store.db import Database
 from appliance.store.migrate import upgrade
 
+#: Debian's chromium (scripts/test_system_deps.sh installs it); Playwright drives it, never its own download.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+#: Playwright waits at most this long for one step (ms).
+STEP_TIMEOUT_MS = 15_000
 ADMIN_NAME = "alice"
 ADMIN_PASSWORD = "a long admin passphrase"
 _HIDDEN_CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')

@@ -64,6 +64,15 @@ def default_models_dir(request: pytest.FixtureRequest) -> Path:
     return combined
 
 
+def _deploy_even_if_rejected(repository: ModelRepository, name: str) -> None:
+    """Load tests are about serving, not about the quality gate: a version the export stage
+    rejected is deployed with the admin's explicit override (a new manifest file is written
+    in place of the hard link, so the shared export stays as it was)."""
+    for version in repository.versions(name) if name in repository.names() else []:
+        if not version.manifest.deployable:
+            repository.set_deployable(name, version.version, True)
+
+
 def prepare_state(state_dir: Path, models_dir: Path | None = None, *, tiny: bool = True) -> PreparedState:
     """A state directory with the default models (when `models_dir` is given), the tiny
     `adder` and `tiny-embed` models, and one API key with every scope."""
@@ -72,6 +81,7 @@ def prepare_state(state_dir: Path, models_dir: Path | None = None, *, tiny: bool
     models.mkdir(exist_ok=True)
     if models_dir is not None:
         _copy_version_folders(models_dir, models, (EMBEDDING_MODEL, CHAT_MODEL))
+        _deploy_even_if_rejected(ModelRepository(models), CHAT_MODEL)
     if tiny:
         repository = ModelRepository(models)
         publish_adder(repository)
