@@ -4,7 +4,8 @@ The export stage needs torch and transformers, which the server must never impor
 runs the same command a person would type, as a separate process, with its output in
 `<state_dir>/exports/job-<id>.log`. The page polls the job for status and the log's tail. When
 the process publishes a new version and exits 0, the model is (re)loaded unless an admin
-holds it back. Arguments are checked and passed as a list (no shell), the source after `--`.
+holds it back. Arguments are checked and passed as a list, the source after `--`. Never runs
+a shell and never imports the export stage.
 """
 
 from __future__ import annotations

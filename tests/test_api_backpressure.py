@@ -31,7 +31,7 @@ def _publish(state: Path, layers: int) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after(state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    _publish(state_dir, layers=16)
+    _publish(state_dir, layers=64)  # one run takes several times longer than parsing a request
     with running_server(state_dir, batching={"max_queue_size": 1, "max_batch_size": ROWS}) as server:
         body = _heavy_body()
 

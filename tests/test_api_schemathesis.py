@@ -1,5 +1,5 @@
 """Property-based fuzzing of every route in /openapi.json (Schemathesis): whatever it sends,
-the server never answers 5xx. Runs against a real uvicorn with tiny models loaded."""
+the server never answers 5xx, and every answer matches the schema /openapi.json declares. Runs against a real uvicorn with tiny models loaded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from appliance.repository.store import ModelRepository
 from tests.helpers.server import RunningServer, running_server
@@ -49,6 +50,11 @@ def test_no_input_makes_the_server_answer_5xx(fuzz_server: RunningServer) -> Non
             statuses.append(response.status_code)
             if response.status_code >= 500 and response.status_code != 503:
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+            # Whatever it answers must match what /openapi.json declares for that status.
+            try:
+                case.validate_response(response, checks=[response_schema_conformance, content_type_conformance])
+            except Exception as exc:  # noqa: BLE001 - schemathesis raises a group of failures
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: schema: {str(exc)[:300]}")
 
         check()
     assert not failures, failures[:5]

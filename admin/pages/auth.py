@@ -3,7 +3,8 @@
 Setup works only while no admin exists and only with the one-time token from the server log.
 Login is throttled per user name and per address; every attempt, good or bad, is an audit
 event (the name tried and the address, never the password). A login always starts a new
-session, so a session id planted before login is useless after it.
+session, so a session id planted before login is useless after it. Never logs or audits a
+password or a token.
 """
 
 from __future__ import annotations

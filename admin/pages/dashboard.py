@@ -1,5 +1,6 @@
 """Dashboard: the box, loaded models, live request figures, cost per 1k tokens; the metrics JSON
-its charts poll; the form that sets the cost model (hardware price, power draw)."""
+its charts poll; the form that sets the cost model (hardware price, power draw). Never reads
+request text: the figures are numbers the API layer counted."""
 
 from __future__ import annotations
 

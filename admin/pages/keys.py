@@ -1,5 +1,6 @@
 """API keys page: create (the key is shown once, on the answer to the create form, never in a
-URL or the audit log), list with last use, revoke."""
+URL or the audit log), list with last use, revoke. Never stores or logs a key: the key store
+keeps only its hash."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ variant deployable; start an export and follow it.
 
 Deploying records the decision (it survives restarts) and loads the serving version now;
 undeploying unloads it and keeps it unloaded at the next start. Every action is an audit event.
+Never imports the export stage: exports run as a separate process (exports.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Privacy page: request logging mode and retention, purge-now, the client networks allowed to
-the API and to this UI, and a plain-language account of what the box stores and sends."""
+the API and to this UI, and a plain-language account of what the box stores and sends. Never
+shows stored prompt or completion text."""
 
 from __future__ import annotations
 

@@ -205,10 +205,12 @@ class RequestLogMiddleware:
                 nonlocal seen_status
                 if message["type"] == "http.response.start":
                     seen_status = int(message["status"])
+                elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                    # Written before the last bytes leave: the event exists once the client has its answer.
+                    await self._audit_if_denied(scope, seen_status)
                 await send(message)
 
             await self.app(scope, receive, status_send)
-            await self._audit_if_denied(scope, seen_status)
             return
         mode = self.policy.mode
         started = time.perf_counter()
@@ -250,13 +252,13 @@ class RequestLogMiddleware:
                 # Recorded before the last bytes leave, so the log is complete when the client
                 # has its answer (the latency misses only that final write).
                 record_once()
+                await self._audit_if_denied(scope, status)
             await send(message)
 
         try:
             await self.app(scope, capture_receive, capture_send)
         finally:
             record_once()
-        await self._audit_if_denied(scope, status)
 
     def _record(
         self, scope: Scope, match: re.Match[str], kind: str | None, body: bytes, reader: _ResponseReader,

@@ -113,13 +113,35 @@ class BenchResult(BaseModel):
         return self.model_dump_json(indent=2, by_alias=True)
 
 
+def _cpu_model() -> str:
+    """The CPU's marketing name where Linux tells it, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_facts() -> dict[str, Any]:
-    """What the figures ran on, so a reader can tell one box's numbers from another's."""
+    """What the figures ran on, so a reader can tell one box's numbers from another's.
+
+    The load averages (1, 5, 15 min, taken when the result is assembled) say whether other
+    work shared the cores during the run: on a busy box the figures are the box's, not the
+    appliance's best.
+    """
+    try:
+        load = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load = []
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
+        "load_average": load,
     }
 
 

@@ -56,6 +56,14 @@ def render(result: BenchResult) -> Group:
             ratio = cost.get("cloud_ratio")
             row += [_triple(stats["latency"]), errors, _money(local), _money(cloud), "-" if ratio is None else f"{ratio:.2f}"]
             table.add_row(*row)
+    machine = result.machine
+    load = machine.get("load_average") or []
+    table.caption = (
+        f"{machine.get('processor', '?')}, {machine.get('cpu_count', '?')} cores"
+        + (f", load average {load[0]:g}/{load[1]:g}/{load[2]:g}" if len(load) == 3 else "")
+        + f"; box {result.cost_model.get('cost_per_h', 0):.4g} {currency}/h"
+    )
+    table.caption_justify = "left"
     parts: list[Any] = [table]
     pick = result.recommendation
     if pick is not None:

@@ -7,7 +7,8 @@ is refused at submission with a message that states the limit. Running sequences
 slots [0, n) (`compact`) because the decode batch binds that range as one numpy view; moving a
 row happens only when a sequence leaves or starts decoding, never per step.
 
-Never imports onnxruntime; never allocates per step.
+Never imports onnxruntime; never allocates per step (only the rare swap of two sequences when
+every slot is taken copies one of them).
 """
 
 from __future__ import annotations
@@ -82,10 +83,28 @@ class KvCacheManager:
         for owner in outside:
             target = next(index for index in range(count) if self._owners.get(index) not in running)
             occupant = self._owners.get(target)
-            if occupant is not None:
-                spare = next(index for index in range(self.max_slots - 1, count - 1, -1) if index not in self._owners)
+            if occupant is None:
+                self._move(owner, target)
+                continue
+            spare = next((index for index in range(self.max_slots - 1, count - 1, -1) if index not in self._owners), None)
+            if spare is None:
+                # Every slot is taken (a full batch with some still prefilling): trade places.
+                self._swap(owner, occupant)
+            else:
                 self._move(occupant, spare)
-            self._move(owner, target)
+                self._move(owner, target)
+
+    def _swap(self, owner: SlotOwner, occupant: SlotOwner) -> None:
+        """Exchange two sequences' slots through a copy of the occupant's rows (only when no
+        slot is free, so the usual move-into-a-spare cannot be used)."""
+        saved = [store.read(occupant.slot, occupant.num_cached) for store in self.stores]
+        here, there = owner.slot, occupant.slot
+        for store in self.stores:
+            store.move_slot(here, there, owner.num_cached)
+        for store, rows in zip(self.stores, saved, strict=True):
+            store.write(here, rows, occupant.num_cached)
+        owner.slot, occupant.slot = there, here
+        self._owners[there], self._owners[here] = owner, occupant
 
     def _move(self, owner: SlotOwner, target: int) -> None:
         for store in self.stores:

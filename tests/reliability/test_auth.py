@@ -168,6 +168,7 @@ def test_every_api_route_refuses_a_bad_key_with_401(world: AuthWorld, credential
     }[credential]
     answered = {f"{e.method} {e.path}": _call(world.server, e, headers=headers) for e in api_endpoints(world.server.app)}
     wrong = {route: (r.status_code, r.text[:120]) for route, r in answered.items() if r.status_code != 401}
+    print(f"{len(answered)} API routes with a {credential} key: {len(answered) - len(wrong)} answered 401")
     assert wrong == {}
     assert all("error" in r.json() for r in answered.values())
 
@@ -205,6 +206,7 @@ def test_every_admin_route_refuses_without_a_live_session(world: AuthWorld, cred
             let_in[f"{endpoint.method} {endpoint.path}"] = answer.status_code
         if endpoint.method == "POST":
             assert answer.status_code in (401, 403), (endpoint, answer.status_code)
+    print(f"{len(admin_endpoints(world.server.app))} admin routes with {credential}: {len(let_in)} let in")
     assert let_in == {}
 
 

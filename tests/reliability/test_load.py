@@ -43,7 +43,13 @@ TIGHT_CAPACITY = {
     "APPLIANCE_GENERATION__MAX_WAITING_SEQUENCES": "2",
     "APPLIANCE_BATCHING__MAX_QUEUE_SIZE": "8",
 }
-GAUGE_SETTLE_S = 30.0
+GAUGE_SETTLE_S = 60.0
+SLOW_READERS = 4
+DISCONNECTS = 8
+OTHER_CLIENTS = 8
+OTHERS_DURATION_S = 15.0
+#: Median latency of the other clients with slow readers around, at most this times without.
+SLOWDOWN_MAX = 3.0
 
 
 def _chat(stream: bool, max_tokens: int = 8) -> Call:
@@ -81,14 +87,15 @@ def _assert_held(report: LoadReport, *, expect_429: bool = False) -> None:
         assert report.statuses[429] > 0, "the run never exceeded capacity; tighten TIGHT_CAPACITY"
 
 
-def _wait_gauges_zero(server: ServedAppliance) -> None:
+def _wait_gauges_zero(server: ServedAppliance, allowed_running: int = 0) -> None:
+    """Running and waiting sequences back to 0 (or to `allowed_running` streams kept open on
+    purpose), and no HTTP request in flight but the /metrics one asking."""
     deadline = time.monotonic() + GAUGE_SETTLE_S
     while True:
         running = server.metric_sum("appliance_num_requests_running")
         waiting = server.metric_sum("appliance_num_requests_waiting")
         inflight = server.metric_sum("appliance_http_inflight_requests")
-        # The /metrics request itself is in flight while it is answered.
-        if running == 0 and waiting == 0 and inflight <= 1:
+        if running <= allowed_running and waiting == 0 and (allowed_running or inflight <= 1):
             return
         assert time.monotonic() < deadline, f"gauges stuck: running {running}, waiting {waiting}, inflight {inflight}"
         time.sleep(0.2)
@@ -162,24 +169,31 @@ def _disconnect_mid_stream(server: ServedAppliance, count: int) -> int:
 @pytest.mark.reliability
 def test_slow_readers_and_mid_stream_disconnects_neither_block_others_nor_leak_sequences(default_state: PreparedState) -> None:
     with served(default_state.state_dir, default_state.key) as server:
-        stop, counters = threading.Event(), [[0] for _ in range(4)]
+        baseline = run_load(server.base_url, server.auth(), MIX, clients=OTHER_CLIENTS, duration_s=OTHERS_DURATION_S)
+        _assert_held(baseline)
+        stop, counters = threading.Event(), [[0] for _ in range(SLOW_READERS)]
         slow_body = {**_chat(stream=True, max_tokens=64).body}
         readers = [
             threading.Thread(target=_slow_reader, args=(server.base_url, server.auth(), slow_body, stop, counters[i]))
-            for i in range(len(counters))
+            for i in range(SLOW_READERS)
         ]
         for reader in readers:
             reader.start()
         try:
-            dropped = _disconnect_mid_stream(server, 8)
-            report = run_load(server.base_url, server.auth(), MIX, clients=8, duration_s=15.0)
+            dropped = _disconnect_mid_stream(server, DISCONNECTS)
+            _wait_gauges_zero(server, allowed_running=SLOW_READERS)
+            report = run_load(server.base_url, server.auth(), MIX, clients=OTHER_CLIENTS, duration_s=OTHERS_DURATION_S)
         finally:
             stop.set()
             for reader in readers:
                 reader.join(timeout=90)
-        assert dropped == 8
+        print(f"without slow readers: {baseline.summary()}")
+        print(f"with {SLOW_READERS} slow readers after {DISCONNECTS} disconnects: {report.summary()}")
+        assert dropped == DISCONNECTS
         assert all(counter[0] > 0 for counter in counters), "a slow reader got nothing"
         _assert_held(report)
+        # Loose on purpose (a shared 2-core box): slow readers must not stall everyone else.
+        assert report.percentile_s(0.5) <= SLOWDOWN_MAX * baseline.percentile_s(0.5) + 2.0
         _wait_gauges_zero(server)
         assert server.terminate() == 0
 

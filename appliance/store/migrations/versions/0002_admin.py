@@ -1,5 +1,5 @@
 """Admin UI tables: admin users, sessions, deployments, settings, export jobs, audit events,
-request log. On SQLite, triggers make the audit log append-only.
+request log. On SQLite and PostgreSQL, triggers make the audit log append-only.
 
 Revision ID: 0002_admin
 Revises: 0001_api_keys
@@ -20,6 +20,7 @@ AUDIT_TRIGGERS = {
     "audit_events_no_update": "UPDATE",
     "audit_events_no_delete": "DELETE",
 }
+POSTGRES_AUDIT_FUNCTION = "audit_events_append_only"
 
 
 def upgrade() -> None:
@@ -100,18 +101,34 @@ def upgrade() -> None:
     )
     op.create_index("ix_request_log_at", "request_log", ["at"])
     op.create_index("ix_request_log_text_expires_at", "request_log", ["text_expires_at"])
-    if op.get_bind().dialect.name == "sqlite":
+    dialect = op.get_bind().dialect.name
+    if dialect == "sqlite":
         for trigger, statement in AUDIT_TRIGGERS.items():
             op.execute(
                 f"CREATE TRIGGER {trigger} BEFORE {statement} ON audit_events "
                 "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
             )
+    elif dialect == "postgresql":
+        op.execute(
+            f"CREATE FUNCTION {POSTGRES_AUDIT_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$"
+        )
+        for trigger, statement in AUDIT_TRIGGERS.items():
+            op.execute(
+                f"CREATE TRIGGER {trigger} BEFORE {statement} ON audit_events "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {POSTGRES_AUDIT_FUNCTION}()"
+            )
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
+    dialect = op.get_bind().dialect.name
+    if dialect == "sqlite":
         for trigger in AUDIT_TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    elif dialect == "postgresql":
+        for trigger in AUDIT_TRIGGERS:
+            op.execute(f"DROP TRIGGER IF EXISTS {trigger} ON audit_events")
+        op.execute(f"DROP FUNCTION IF EXISTS {POSTGRES_AUDIT_FUNCTION}()")
     op.drop_index("ix_request_log_text_expires_at", table_name="request_log")
     op.drop_index("ix_request_log_at", table_name="request_log")
     op.drop_table("request_log")
