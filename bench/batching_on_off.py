@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from appliance.benchmark.results import machine_facts  # noqa: E402
 from appliance.benchmark.runner import BenchOptions, SilentProgress, measure  # noqa: E402
 from appliance.benchmark.serverproc import PrivateServer  # noqa: E402
 from appliance.config import CostSettings  # noqa: E402
@@ -100,7 +99,9 @@ def main() -> int:
     median = {label: {key: statistics.median(p[key] for p in runs) for key in runs[0]} for label, runs in passes.items()}
     print(f"\n{version.name} version {version.version} ({version.manifest.quantization}), {args.clients} clients, "
           f"{args.tokens} tokens each, median of {args.repeats} passes")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    machine = machine_facts()
+    print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}, "
+          f"load average {machine['load_average']}")
     print(f"{'':12} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p50':>8} {'e2e p99':>8} {'errors':>6}")
     for label in ("on", "off"):
         m = median[label]
@@ -109,7 +110,8 @@ def main() -> int:
     ratio = median["on"]["tokens_per_s"] / median["off"]["tokens_per_s"] if median["off"]["tokens_per_s"] else float("nan")
     print(f"throughput ratio on/off: {ratio:.2f}x")
     if args.json is not None:
-        args.json.write_text(json.dumps({"passes": passes, "median": median, "ratio_tokens_per_s": ratio}, indent=2))
+        document = {"passes": passes, "median": median, "ratio_tokens_per_s": ratio, "machine": machine}
+        args.json.write_text(json.dumps(document, indent=2))
     return 0
 
 

@@ -167,8 +167,8 @@ class _SilentStages(ProgressReporter):
 def target_provider(settings: Settings) -> str:
     """The provider `--quant auto` optimises for: the configured one, or what this box has.
 
-    GPU presence is read from the NVIDIA driver (as the setup script does), not from onnxruntime's provider list
-    (the GPU build lists CUDA even on a box without a GPU)."""
+    GPU presence is read from the NVIDIA driver (as the setup script does), not from
+    onnxruntime's provider list (the GPU build lists CUDA even on a box without a GPU)."""
     if settings.providers != "auto":
         return settings.providers
     return "cuda" if Path(NVIDIA_DRIVER_FILE).exists() else "cpu"
@@ -269,7 +269,9 @@ def _disk_errors_named() -> Iterator[None]:
         raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" while writing {exc.filename}" if exc.filename else ""
+            # A failed copy names its source first and its destination second (filename2).
+            written = exc.filename2 or exc.filename
+            where = f" while writing {written}" if written else ""
             raise ExportError(f"disk full{where}: free some space and export again", field="state_dir") from None
         raise
     except RuntimeError as exc:

@@ -113,3 +113,10 @@ def test_chat_rendering_refuses_a_template_that_raises() -> None:
     with pytest.raises(ExportError, match="only user messages") as caught:
         render_chat(template, [{"role": "user", "content": "hi"}], {})
     assert caught.value.field == "chat_template"
+
+
+def test_promoted_layers_follow_the_mixed_rule() -> None:
+    from appliance.export.llm.quantize import promoted_layer_indices
+
+    assert sorted(promoted_layer_indices(30, "mixed")) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29]
+    assert promoted_layer_indices(2, "all") == {0, 1}

@@ -210,3 +210,20 @@ def test_stale_staging_leftovers_are_removed_but_a_running_export_is_not(tiny_en
         fcntl.flock(handle, fcntl.LOCK_EX)
         run_export(ExportRequest(source=str(tiny_encoder), name="tiny-embed", quant="fp32"), settings)
         assert sorted(p.name for p in staging.iterdir()) == ["feed-work", "feed.lock"]
+
+
+def test_tensor_model_with_external_data_in_a_subfolder_is_published_self_contained(tmp_path: Path, settings: Settings) -> None:
+    import onnx
+
+    path = write_linear_onnx(tmp_path / "m" / "linear.onnx", external=True)
+    (path.parent / "data").mkdir()
+    (path.parent / "weights.bin").rename(path.parent / "data" / "weights.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "data/weights.bin"
+    onnx.save_model(model, str(path))
+    version = run_export(ExportRequest(source=str(path), name="linear", quant="fp32"), settings).version
+    assert sorted(p.name for p in version.path.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})[0], [[4.0, 4.0]])

@@ -99,7 +99,7 @@ def bench(
     from appliance.benchmark.results import BENCH_DIR, write_result
     from appliance.benchmark.runner import BenchOptions, run_bench, run_compare
     from appliance.benchmark.table import render
-    from appliance.benchmark.workloads import parse_range
+    from appliance.benchmark.workloads import load_prompts, parse_range
     from appliance.repository import ModelRepository
 
     settings = settings_from(state_dir=state_dir, config=config)
@@ -132,8 +132,6 @@ def bench(
             seed=seed,
         )
         if prompts is not None:
-            from appliance.benchmark.workloads import load_prompts
-
             load_prompts(prompts)  # a malformed file fails before any server is started
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]} done"), TimeElapsedColumn())
         with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:

@@ -18,6 +18,7 @@ Never imports torch; never changes graph inputs or outputs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ class WeightOnlyRecipe:
     block_size: int = 32
     lm_head_bits: int | None = None
     embedding_bits: int | None = None
+    #: Bits for the quantisation-sensitive MatMuls (None: same as `bits`). Which ones: the
+    #: groups in `promoted_groups` of the layers `promoted_layers` picks (llama.cpp's mixed
+    #: rule: first and last eighth of the layers and every third layer between).
+    promoted_bits: int | None = None
+    promoted_groups: tuple[str, ...] = ()
+    promoted_layers: str = "mixed"
+    #: For tied embeddings with an 8-bit LM head: read the embedding from the LM head's
+    #: quantised weights (GatherBlockQuantized over the same bytes) instead of storing a copy.
+    share_embedding: bool = False
     #: False: unsigned codes with a per-block zero point (uint8), which follows the asymmetric
     #: grid of GGUF Q4_1/Q4_K sources more closely than symmetric codes do.
     symmetric: bool = True
@@ -55,13 +65,46 @@ class WeightOnlyRecipe:
             raise ExportError(f"quant: lm_head bits must be 4, 8 or fp32, not {self.lm_head_bits}", field="quant")
         if self.embedding_bits not in (None, 4):
             raise ExportError("quant: the embedding can be stored in 4 bits or fp32 only", field="quant")
+        if self.promoted_bits not in (None, 4, 8):
+            raise ExportError(f"quant: promoted bits must be 4 or 8, not {self.promoted_bits}", field="quant")
+        if self.promoted_layers not in ("mixed", "all"):
+            raise ExportError(f"quant: promoted layers must be 'mixed' or 'all', not {self.promoted_layers!r}", field="quant")
         if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ExportError(
                 f"block_size: {self.block_size} must be a power of two between 16 and 256", field="block_size"
             )
 
+    def promoted_nodes(self, model: onnx.ModelProto, num_layers: int) -> list[str]:
+        """Names of the MatMuls that get `promoted_bits` instead of `bits`."""
+        if self.promoted_bits is None or not self.promoted_groups:
+            return []
+        layers = promoted_layer_indices(num_layers, self.promoted_layers)
+        chosen: list[str] = []
+        for node in model.graph.node:
+            match = _LAYER_IN_NAME.search(node.name)
+            if node.op_type == "MatMul" and match and int(match.group(1)) in layers:
+                if any(f"/{group}/" in node.name for group in self.promoted_groups):
+                    chosen.append(node.name)
+        return chosen
+
     def describe(self) -> dict[str, Any]:
         return {key: ("fp32" if value is None else value) for key, value in asdict(self).items()}
+
+
+_LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
+
+
+def promoted_layer_indices(num_layers: int, rule: str) -> set[int]:
+    """Layers whose sensitive MatMuls keep more bits: "all", or "mixed" = the first and last
+    eighth of the layers and every third one between (llama.cpp's Q4_K_M placement)."""
+    if rule == "all":
+        return set(range(num_layers))
+    eighth = num_layers / 8
+    return {
+        index
+        for index in range(num_layers)
+        if index < eighth or index >= 7 * eighth or (index - round(eighth)) % 3 == 2
+    }
 
 
 def load_with_weights(path: Path) -> onnx.ModelProto:
@@ -137,6 +180,72 @@ def find_embedding(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return None
 
 
+def _is_tied(model: onnx.ModelProto, lm_head: onnx.NodeProto, embedding: onnx.NodeProto) -> bool:
+    """True when the embedding table is exactly the transposed LM head weight."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    head = initializers.get(lm_head.input[1])
+    table = initializers.get(embedding.input[0])
+    if head is None or table is None or list(head.dims) != list(reversed(table.dims)):
+        return False
+    return bool(np.array_equal(numpy_helper.to_array(head).T, numpy_helper.to_array(table)))
+
+
+def share_embedding_with_lm_head(model: onnx.ModelProto, lm_head_output: str, embedding: onnx.NodeProto) -> None:
+    """Replace the embedding Gather by a GatherBlockQuantized over the 8-bit LM head weights.
+
+    MatMulNBits stores B as [N=vocab, blocks, block bytes] with per-block scales [N, blocks]:
+    row v is token v's (tied) embedding, block-quantised along the hidden size, which is what
+    GatherBlockQuantized reads (gather_axis 0, quantize_axis 1). Symmetric 8-bit codes carry an
+    implicit zero point of 128, given explicitly here.
+    """
+    graph = model.graph
+    head = next(node for node in graph.node if node.op_type == "MatMulNBits" and lm_head_output in node.output)
+    attrs = {a.name: a.i for a in head.attribute}
+    if attrs.get("bits") != 8 or len(head.input) > 3 and head.input[3]:
+        raise ExportError("internal: embedding sharing needs a symmetric 8-bit LM head", field="quant")
+    initializers = {init.name: init for init in graph.initializer}
+    weight_dims = list(initializers[head.input[1]].dims)
+    vocab, blocks = weight_dims[0], weight_dims[1]
+    hidden = attrs["K"]
+    prefix = embedding.name
+    shape = numpy_helper.from_array(np.asarray([vocab, blocks * weight_dims[2]], dtype=np.int64), f"{prefix}/shared_shape")
+    zero = numpy_helper.from_array(np.full((vocab, blocks), 128, dtype=np.uint8), f"{prefix}/shared_zero_points")
+    graph.initializer.extend([shape, zero])
+    reshape = onnx.helper.make_node("Reshape", [head.input[1], shape.name], [f"{prefix}/shared_weight"], name=f"{prefix}/SharedReshape")
+    gather = onnx.helper.make_node(
+        "GatherBlockQuantized",
+        [reshape.output[0], embedding.input[1], head.input[2], zero.name],
+        list(embedding.output),
+        name=f"{prefix}/SharedGatherBlockQuantized",
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=attrs["block_size"],
+        bits=8,
+    )
+    if blocks * attrs["block_size"] != hidden and weight_dims[2] * blocks != hidden:
+        raise ExportError("internal: padded LM head blocks cannot be shared with the embedding", field="quant")
+    old_table = embedding.input[0]
+    nodes = list(graph.node)
+    index = nodes.index(embedding)
+    del graph.node[:]
+    graph.node.extend([*nodes[:index], reshape, gather, *nodes[index + 1 :]])
+    used = {name for node in graph.node for name in node.input}
+    if old_table not in used:
+        graph.initializer.remove(initializers[old_table])
+
+
+def _quantize_only(model: onnx.ModelProto, names: list[str], op_type: str, **kwargs: Any) -> onnx.ModelProto:
+    """Quantise exactly the `op_type` nodes in `names`.
+
+    MatMulNBitsQuantizer's `nodes_to_include` does not restrict what it quantises (onnxruntime
+    1.32: every eligible node is still taken), so everything else is excluded instead.
+    """
+    wanted = set(names)
+    others = [node.name for node in model.graph.node if node.op_type == op_type and node.name not in wanted]
+    return _quantizer(model, nodes_to_exclude=others, op_types_to_quantize=(op_type,), **kwargs)
+
+
 def _quantizer(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     import logging
 
@@ -159,7 +268,10 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     untied = fold_constant_transposes(model) if recipe.lm_head_bits or recipe.embedding_bits else []
     lm_head = find_lm_head(model)
     embedding = find_embedding(model)
-    exclude = [lm_head.name] if lm_head is not None else []
+    num_layers = len({int(m.group(1)) for node in model.graph.node if (m := _LAYER_IN_NAME.search(node.name))})
+    promoted = recipe.promoted_nodes(model, num_layers)
+    tied = bool(untied) and lm_head is not None and embedding is not None and _is_tied(model, lm_head, embedding)
+    exclude = ([lm_head.name] if lm_head is not None else []) + promoted
     model = _quantizer(
         model,
         bits=recipe.bits,
@@ -169,24 +281,38 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         nodes_to_exclude=exclude,
         op_types_to_quantize=("MatMul",),
     )
-    if lm_head is not None and recipe.lm_head_bits is not None:
-        model = _quantizer(
+    if promoted:
+        model = _quantize_only(
             model,
+            promoted,
+            "MatMul",
+            bits=recipe.promoted_bits,
+            block_size=recipe.block_size,
+            accuracy_level=recipe.accuracy_level,
+            is_symmetric=recipe.symmetric,
+        )
+    if lm_head is not None and recipe.lm_head_bits is not None:
+        model = _quantize_only(
+            model,
+            [lm_head.name],
+            "MatMul",
             bits=recipe.lm_head_bits,
             block_size=recipe.block_size,
             accuracy_level=recipe.accuracy_level,
             is_symmetric=recipe.symmetric,
-            nodes_to_include=[lm_head.name],
-            op_types_to_quantize=("MatMul",),
         )
+    lm_head_output = lm_head.output[0] if lm_head is not None else ""
+    if recipe.share_embedding and tied and recipe.lm_head_bits == 8 and embedding is not None:
+        share_embedding_with_lm_head(model, lm_head_output, embedding)
+        embedding = None
     if embedding is not None and recipe.embedding_bits is not None:
-        model = _quantizer(
+        model = _quantize_only(
             model,
+            [embedding.name],
+            "Gather",
             bits=recipe.embedding_bits,
             block_size=recipe.block_size,
             is_symmetric=recipe.symmetric,
-            nodes_to_include=[embedding.name],
-            op_types_to_quantize=("Gather",),
             quant_axes=(("Gather", 1),),
         )
     counts: dict[str, int] = {}
@@ -194,4 +320,11 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     save_with_weights(model, target)
-    return {"recipe": recipe.describe(), "untied": untied, "ops": counts, "lm_head": lm_head.name if lm_head else None}
+    return {
+        "recipe": recipe.describe(),
+        "untied": untied,
+        "ops": counts,
+        "lm_head": lm_head.name if lm_head else None,
+        "promoted_matmuls": len(promoted),
+        "embedding_shared_with_lm_head": bool(recipe.share_embedding and tied and recipe.lm_head_bits == 8),
+    }

@@ -11,10 +11,10 @@ none are given): cosine of each example's outputs, worst case. Never imports tor
 from __future__ import annotations
 
 import functools
-import shutil
 from typing import Any
 
 import numpy as np
+import onnx
 
 from appliance.errors import ExportError
 from appliance.export import onnx_tools
@@ -28,8 +28,10 @@ from appliance.export.tasks.base import (
     median_ms,
     register_task,
 )
+from appliance.export.variants.common import EXTERNAL_DATA_THRESHOLD_BYTES, save_model
 from appliance.repository import TensorSpec
 
+MODEL_FILE = "model.onnx"
 #: Rows per calibration feed.
 CALIBRATION_BATCH_SIZE = 8
 #: Examples generated when the user gives no inputs (and the size of free dynamic axes).
@@ -65,7 +67,10 @@ def load_npz_inputs(path: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarray
         for spec in inputs:
             array = archive[spec.name]
             if spec.datatype not in KSERVE_TO_NUMPY:
-                raise ExportError(f"calibration: input {spec.name!r} of type {spec.datatype} cannot be calibrated", field="calibration")
+                raise ExportError(
+                    f"calibration: input {spec.name!r} of type {spec.datatype} cannot be calibrated",
+                    field="calibration",
+                )
             if array.ndim != len(spec.shape):
                 raise ExportError(
                     f"calibration: input {spec.name!r} has {array.ndim} dimensions, the model expects {len(spec.shape)}",
@@ -74,7 +79,9 @@ def load_npz_inputs(path: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarray
             arrays[spec.name] = array.astype(KSERVE_TO_NUMPY[spec.datatype])
     counts = {array.shape[0] for array in arrays.values()}
     if len(counts) != 1 or 0 in counts:
-        raise ExportError("calibration: every input needs the same number (> 0) of examples on axis 0", field="calibration")
+        raise ExportError(
+            "calibration: every input needs the same number (> 0) of examples on axis 0", field="calibration"
+        )
     return arrays
 
 
@@ -84,8 +91,14 @@ def generated_inputs(inputs: list[TensorSpec], seed: int = 0) -> dict[str, np.nd
     arrays: dict[str, np.ndarray] = {}
     for spec in inputs:
         if spec.datatype not in KSERVE_TO_NUMPY:
-            raise ExportError(f"source: input {spec.name!r} of type {spec.datatype} needs --calibration inputs", field="calibration")
-        dims = [GENERATED_EXAMPLES if index == 0 and dim == -1 else (GENERATED_DYNAMIC_DIM if dim == -1 else dim) for index, dim in enumerate(spec.shape)]
+            raise ExportError(
+                f"source: input {spec.name!r} of type {spec.datatype} needs --calibration inputs",
+                field="calibration",
+            )
+        dims = [
+            dim if dim != -1 else (GENERATED_EXAMPLES if index == 0 else GENERATED_DYNAMIC_DIM)
+            for index, dim in enumerate(spec.shape)
+        ]
         dtype = KSERVE_TO_NUMPY[spec.datatype]
         if np.issubdtype(dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(dims).astype(dtype)
@@ -146,15 +159,24 @@ class TensorExporter(TaskExporter):
     def _feeds(self, rows: int) -> list[dict[str, np.ndarray]]:
         count = next(iter(self.examples.values())).shape[0]
         step = rows if self.batched else 1
-        return [{name: array[start : start + step] for name, array in self.examples.items()} for start in range(0, count, step)]
+        return [
+            {name: array[start : start + step] for name, array in self.examples.items()}
+            for start in range(0, count, step)
+        ]
 
     def export_reference(self) -> Artifact:
+        """The source model re-saved as model.onnx, its weights inline or, past the protobuf
+        limit, in one model.onnx.data beside it (whatever external-data layout it came with)."""
         out = self.ctx.subdir("reference")
-        model_file = "model.onnx"
-        shutil.copyfile(self.source.path, out / model_file)
-        for path in self.source.weight_files[1:]:
-            shutil.copyfile(path, out / path.name)
-        return Artifact(directory=out, variant="fp32", quantization="fp32", model_file=model_file, details={"source_file": self.source.path.name})
+        external = sum(path.stat().st_size for path in self.source.weight_files) > EXTERNAL_DATA_THRESHOLD_BYTES
+        save_model(onnx.load(str(self.source.path)), out, MODEL_FILE, external)
+        return Artifact(
+            directory=out,
+            variant="fp32",
+            quantization="fp32",
+            model_file=MODEL_FILE,
+            details={"source_file": self.source.path.name},
+        )
 
     def optimise(self, reference: Artifact) -> Artifact:
         """No offline pass: the server's ONNX Runtime applies every graph optimisation at load

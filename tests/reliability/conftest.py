@@ -37,6 +37,14 @@ class PreparedState:
         return self.state_dir / "appliance.db"
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link when both sides share a filesystem, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _copy_version_folders(models_dir: Path, target: Path, names: tuple[str, ...]) -> None:
     """Hard-link every published version of `names` (never the staging area or the lock)."""
     for name in names:
@@ -44,7 +52,7 @@ def _copy_version_folders(models_dir: Path, target: Path, names: tuple[str, ...]
         if not source.is_dir():
             continue
         shutil.copytree(
-            source, target / name, copy_function=os.link, dirs_exist_ok=True,
+            source, target / name, copy_function=_link_or_copy, dirs_exist_ok=True,
             ignore=shutil.ignore_patterns(".staging", ".lock"),
         )
 

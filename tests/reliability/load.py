@@ -5,7 +5,8 @@ given: plain and streamed chat, embeddings, V2 infer. Every answer is judged on 
 
 - 200 must be well-formed for its kind (a chat with a message, a stream of parseable SSE
   chunks ending in `[DONE]`, one embedding per input, V2 outputs with data);
-- 429 must carry Retry-After (capacity reached is an answer, never a hang);
+- 429 must carry Retry-After (capacity reached is an answer, never a hang), and the client
+  then waits as asked, as a polite SDK does;
 - anything else, a transport error (a dropped connection) or no answer within the client
   timeout is a failure, listed with what was sent.
 
@@ -28,6 +29,8 @@ import httpx
 CLIENT_TIMEOUT_S = 120.0
 #: Hard stop on the number of requests one client sends in one run.
 MAX_REQUESTS_PER_CLIENT = 100_000
+#: A client told to retry later waits what Retry-After says, at most this long.
+RETRY_AFTER_CAP_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,10 @@ def _read_stream(response: httpx.Response) -> str | None:
     return None if chunks else "stream without chunks"
 
 
-def send(client: httpx.Client, base_url: str, call: Call, report: LoadReport) -> None:
+def send(client: httpx.Client, base_url: str, call: Call, report: LoadReport) -> float:
+    """Send one call and judge the answer; returns the seconds a 429 asked to wait."""
     started = time.monotonic()
+    wait_s = 0.0
     status = 0
     problem: str | None = None
     try:
@@ -134,6 +139,7 @@ def send(client: httpx.Client, base_url: str, call: Call, report: LoadReport) ->
                 else:
                     response.read()
                     problem = _judge_refusal(response)
+                    wait_s = _retry_after(response)
         else:
             response = client.post(base_url + call.path, json=call.body)
             status = response.status_code
@@ -144,11 +150,23 @@ def send(client: httpx.Client, base_url: str, call: Call, report: LoadReport) ->
                     problem = "200 with a body that is not JSON"
             else:
                 problem = _judge_refusal(response)
+                wait_s = _retry_after(response)
     except httpx.TimeoutException:
         problem = f"no answer within {CLIENT_TIMEOUT_S:.0f} s"
     except httpx.TransportError as exc:
         problem = f"connection dropped: {exc.__class__.__name__}: {exc}"
     report.record(call, status, time.monotonic() - started, problem)
+    return wait_s
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """A polite client waits as a 429 asks (capped, so a run stays bounded in time)."""
+    if response.status_code != 429:
+        return 0.0
+    try:
+        return min(float(response.headers.get("retry-after", "0")), RETRY_AFTER_CAP_S)
+    except ValueError:
+        return 0.0
 
 
 def _judge_refusal(response: httpx.Response) -> str | None:
@@ -176,7 +194,9 @@ def run_load(
             for count in range(MAX_REQUESTS_PER_CLIENT):
                 if stop.is_set():
                     return
-                send(client, base_url, calls[(index + count) % len(calls)], report)
+                wait_s = send(client, base_url, calls[(index + count) % len(calls)], report)
+                if wait_s:
+                    stop.wait(wait_s)
 
     threads = [threading.Thread(target=client_loop, args=(index,), name=f"load-{index}") for index in range(clients)]
     started = time.monotonic()

@@ -2,7 +2,8 @@
 go bad (corrupted, deleted while loaded, a manifest that lies about shapes).
 
 After kill -9 the restarted server serves again, the database passes `PRAGMA integrity_check`,
-keys and audit events written before the cut are all there, and every published model loads.
+keys and audit events written before the cut are all there, every published model loads, and
+no prompt text is in anything the crash left behind.
 A broken model is marked failed with a readable reason while the others keep serving.
 """
 
@@ -24,7 +25,7 @@ from appliance.repository.manifest import MANIFEST_FILE
 from appliance.repository.store import ModelRepository
 from tests.helpers.server import create_key, running_server
 from tests.helpers.tiny_models import publish_adder, publish_embedder, publish_heavy
-from tests.reliability.conftest import TENSOR_MODEL, PreparedState, prepare_state
+from tests.reliability.conftest import SECRET_PROMPT_MARKER, TENSOR_MODEL, PreparedState, prepare_state
 from tests.reliability.load import Call, run_load
 from tests.reliability.served import ROOT, clean_env, integrity_ok, served, table_rows
 
@@ -36,7 +37,7 @@ ADDER_BODY = {
 }
 TINY_MIX = [
     Call("infer", f"/v2/models/{TENSOR_MODEL}/infer", ADDER_BODY),
-    Call("embeddings", "/v1/embeddings", {"model": "tiny-embed", "input": ["the cat sat on the mat", "blue sky"]}),
+    Call("embeddings", "/v1/embeddings", {"model": "tiny-embed", "input": [f"the cat sat {SECRET_PROMPT_MARKER}", "blue sky"]}),
 ]
 LOAD_BEFORE_KILL_S = 3.0
 HEAVY_WIDTH = 1024
@@ -87,6 +88,10 @@ def test_kill_9_under_load_then_restart_serves_with_database_keys_audit_and_mode
         assert _infer(second.base_url, second.auth(revoked)).status_code == 401
         assert second.terminate() == 0
     assert integrity_ok(tiny_state.db_path)
+    # Nothing the crash left behind (WAL, logs of both runs) holds prompt text.
+    marker = SECRET_PROMPT_MARKER.encode()
+    files = [p for p in tiny_state.state_dir.parent.rglob("*") if p.is_file() and "models" not in p.relative_to(tiny_state.state_dir.parent).parts]
+    assert files and [str(p) for p in files if marker in p.read_bytes()] == []
 
 
 def subprocess_revoke(state_dir: Path, name: str) -> None:
