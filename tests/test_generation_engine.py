@@ -198,6 +198,13 @@ def test_prompt_plus_max_tokens_that_can_never_fit_is_refused_naming_the_limit(t
 
 def test_closing_a_stream_frees_its_slot_and_reservation_within_a_step(tiny_decoders: TinyDecoders) -> None:
     engine = make_engine(tiny_decoders.llama_fp32)
+    forward = engine.runner.forward
+
+    def slow_forward(*args: object, **kwargs: object) -> object:
+        time.sleep(0.01)  # the tiny model would otherwise finish all 200 tokens at once
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = slow_forward  # type: ignore[method-assign]
     try:
         async def scenario() -> None:
             stream = engine.generate(PROMPTS[0], greedy(200))

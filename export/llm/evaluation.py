@@ -118,12 +118,13 @@ class DecoderEvaluator:
         return self._perplexity_cache[model_path]
 
     def evaluate(
-        self, candidate: Path, reference: Path, spec: GenerationSpec
+        self, candidate: Path, reference: Path, spec: GenerationSpec, reference_spec: GenerationSpec
     ) -> tuple[dict[str, Any], float]:
-        """(quality dict, loss) of the candidate graph; `reference` is the fp32 export."""
+        """(quality dict, loss) of the candidate graph; `reference` is the fp32 export (its
+        own spec: an fp16 candidate has a half-precision KV cache, the reference does not)."""
         torch_outputs = self.reference()
         self.progress.step("ONNX: perplexity of the fp32 export")
-        reference_perplexity = self.onnx_perplexity(reference, spec)
+        reference_perplexity = self.onnx_perplexity(reference, reference_spec)
         self.progress.step("ONNX: perplexity of the candidate")
         perplexity = self.onnx_perplexity(candidate, spec)
         agreement = self.agreement(candidate, spec, "candidate")
@@ -139,7 +140,7 @@ class DecoderEvaluator:
         }
         if candidate != reference:
             # The fp32 export's own faithfulness to PyTorch, so one report shows both.
-            for key, value in self.agreement(reference, spec, "fp32 export").items():
+            for key, value in self.agreement(reference, reference_spec, "fp32 export").items():
                 quality[f"reference_{key}"] = value
         return quality, loss
 

@@ -257,7 +257,8 @@ class TextGenerationExporter(TaskExporter):
     def evaluate(self, candidate: Artifact) -> Evaluation:
         reference = self._reference or self.export_reference()
         spec = self.generation(candidate.model_path)
-        quality, loss = self.evaluator().evaluate(candidate.model_path, reference.model_path, spec)
+        reference_spec = self.generation(reference.model_path)
+        quality, loss = self.evaluator().evaluate(candidate.model_path, reference.model_path, spec, reference_spec)
         notes = []
         if candidate.variant != "fp32":
             notes.append(f"perplexity {quality['perplexity']} vs fp32 export {quality['reference_perplexity']}")

@@ -148,13 +148,17 @@ def test_sigterm_under_load_finishes_in_flight_work_answers_503_to_new_and_exits
     with served(state.state_dir, state.key, APPLIANCE_DRAIN_GRACE_S="120") as server:
         heavy = [threading.Thread(target=heavy_client, args=(server.base_url, server.auth())) for _ in range(SIGTERM_CLIENTS)]
         lights = [threading.Thread(target=light_client, args=(server.base_url, server.auth())) for _ in range(4)]
-        for thread in [*heavy, *lights]:
+        for thread in heavy:
             thread.start()
         deadline = time.monotonic() + 60
-        # Every heavy request accepted (plus the light ones and this /metrics request).
+        # Every heavy request accepted (plus this /metrics request), before any light client.
         while server.metric_sum("appliance_http_inflight_requests") < SIGTERM_CLIENTS + 1:
             assert time.monotonic() < deadline, "the heavy requests never got in flight together"
             time.sleep(0.02)
+        for thread in lights:
+            thread.start()
+        while len(light) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
         code = server.terminate(timeout_s=180)
         for thread in [*heavy, *lights]:
             thread.join(timeout=180)
