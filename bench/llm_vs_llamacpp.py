@@ -209,6 +209,8 @@ class Process:
 def appliance_server(state_dir: Path, threads: int, **generation: str) -> Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(APPLIANCE_STATE_DIR=str(state_dir), APPLIANCE_AUTH="false", APPLIANCE_LOG_LEVEL="warning", APPLIANCE_CPU_THREADS=str(threads))
+    # The warm-up sends the measured prompt: without this, TTFT would be a prefix-cache hit.
+    env["APPLIANCE_GENERATION__PREFIX_CACHE"] = "false"
     for key, value in generation.items():
         env[f"APPLIANCE_GENERATION__{key.upper()}"] = value
     return Process([sys.executable, "-m", "appliance", "serve", "--port", "{port}", "--no-auth"], env, "/v2/health/ready")

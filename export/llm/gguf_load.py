@@ -54,14 +54,14 @@ def gguf_to_hf_folder(header: GgufHeader, out_dir: Path) -> GgufTokenizerFacts:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     fix_tokenizer_files(out_dir, facts)
-    _drop_stale_keys(out_dir / "config.json")
+    _record_float32(out_dir / "config.json")
     del model
     return facts
 
 
-def _drop_stale_keys(config_path: Path) -> None:
-    """Remove keys the GGUF conversion leaves that mislead later readers (none needed yet
-    besides a dtype note, kept for a stable config)."""
+def _record_float32(config_path: Path) -> None:
+    """Say in config.json that the weights are float32: they were dequantised from the GGUF
+    blocks, and the builder and the PyTorch reference read the dtype from here."""
     config: dict[str, Any] = json.loads(config_path.read_text())
     config["torch_dtype"] = "float32"
     config.pop("dtype", None)
