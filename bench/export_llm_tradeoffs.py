@@ -34,6 +34,7 @@ from appliance.export.llm.quantize import WeightOnlyRecipe, quantize_weight_only
 from appliance.export.llm.routes import build_genai, export_optimum  # noqa: E402
 from appliance.export.sources import resolve  # noqa: E402
 from appliance.export.tasks.base import DATA_DIR  # noqa: E402
+from appliance.export.tasks.text_generation import VARIANT_RECIPES  # noqa: E402
 
 PROMPT_TOKENS = 100
 NEW_TOKENS = 128
@@ -44,7 +45,8 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int8 (lm_head 8)": WeightOnlyRecipe(bits=8, lm_head_bits=8),
     "int4, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4),
     "int4, lm_head 8, emb fp32": WeightOnlyRecipe(bits=4, lm_head_bits=8),
-    "int4, lm_head 8, emb 4 (default)": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4),
+    "int4, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4),
+    "int4 default (attn + down 8-bit, emb shared)": VARIANT_RECIPES["int4"],
     "int4, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4),
     "int4 asym, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4, symmetric=False),
     "int4 asym, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4, symmetric=False),
@@ -52,7 +54,7 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int8 asym (lm_head 8)": WeightOnlyRecipe(bits=8, lm_head_bits=8, symmetric=False),
 }
 #: Optimum's graph only gets the rows that decide the route.
-OPTIMUM_RECIPES = ("fp32", "int4, lm_head 8, emb 4 (default)", "int4, lm_head fp32 (tied)")
+OPTIMUM_RECIPES = ("fp32", "int4, lm_head 8, emb 4", "int4 default (attn + down 8-bit, emb shared)")
 
 
 def folder_mb(folder: Path) -> float:
