@@ -110,7 +110,10 @@ def configure_logging(
         journal = stderr_is_journal(target)
         handler.setFormatter(TextFormatter(syslog_prefix=journal, timestamps=not journal))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+    # Ours from an earlier call, and the plain stderr handler a library's logging.basicConfig()
+    # may have installed (the export stage's libraries do, before `up` starts serving): both
+    # would print every line a second time in another shape.
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME or type(h) is logging.StreamHandler]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(log_level.upper())

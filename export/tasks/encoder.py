@@ -8,6 +8,7 @@ torch and transformers are imported inside methods only, so importing this modul
 
 from __future__ import annotations
 
+import abc
 import functools
 import warnings
 from collections.abc import Iterator
@@ -100,9 +101,9 @@ class EncoderExporter(TaskExporter):
         return reference
 
     # -- reference ------------------------------------------------------------------------
+    @abc.abstractmethod
     def load_torch_model(self) -> Any:
         """The PyTorch model for this task (AutoModel, AutoModelForSequenceClassification)."""
-        raise NotImplementedError
 
     @functools.cached_property
     def torch_model(self) -> Any:
