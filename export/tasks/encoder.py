@@ -136,6 +136,25 @@ class EncoderExporter(TaskExporter):
             raise ExportError("source: the tokenizer has no fast (tokenizer.json) form the server can use", field="source")
         return tokenizer
 
+    def torch_reference(self, sentences: list[str], outputs_of: Any) -> np.ndarray:
+        """Run the PyTorch model over `sentences` in evaluation batches, tokenised exactly as the
+        exported graph will be fed; `outputs_of(model_output, batch)` picks the rows to keep."""
+        import torch
+
+        self.ctx.progress.step(f"PyTorch reference over {len(sentences)} sentences")
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(sentences), EVAL_BATCH_SIZE):
+                batch = self.tokenizer(
+                    sentences[start : start + EVAL_BATCH_SIZE],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                rows.append(outputs_of(self.torch_model(**batch), batch).float().numpy())
+        return np.concatenate(rows)
+
     @functools.cached_property
     def max_length(self) -> int:
         limits = [DEFAULT_MAX_LENGTH]

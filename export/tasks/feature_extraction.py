@@ -183,24 +183,11 @@ class FeatureExtractionExporter(EncoderExporter):
 
     @functools.cached_property
     def reference_embeddings(self) -> np.ndarray:
-        import torch
-
         mode, normalize, _ = self.pooling
-        sentences = self.read_lines("sentences.txt")
-        self.ctx.progress.step(f"PyTorch reference over {len(sentences)} sentences")
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(sentences), EVAL_BATCH_SIZE):
-                batch = self.tokenizer(
-                    sentences[start : start + EVAL_BATCH_SIZE],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                hidden = self.torch_model(**batch).last_hidden_state
-                rows.append(torch_pool(hidden, batch["attention_mask"], mode, normalize).float().numpy())
-        return np.concatenate(rows)
+        return self.torch_reference(
+            self.read_lines("sentences.txt"),
+            lambda output, batch: torch_pool(output.last_hidden_state, batch["attention_mask"], mode, normalize),
+        )
 
     def evaluate(self, candidate: Artifact) -> Evaluation:
         reference = self.reference_embeddings

@@ -63,22 +63,7 @@ class TextClassificationExporter(EncoderExporter):
 
     @functools.cached_property
     def reference_logits(self) -> np.ndarray:
-        import torch
-
-        sentences = self.read_lines("sentences.txt")
-        self.ctx.progress.step(f"PyTorch reference over {len(sentences)} sentences")
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(sentences), EVAL_BATCH_SIZE):
-                batch = self.tokenizer(
-                    sentences[start : start + EVAL_BATCH_SIZE],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                rows.append(self.torch_model(**batch).logits.float().numpy())
-        return np.concatenate(rows)
+        return self.torch_reference(self.read_lines("sentences.txt"), lambda output, _batch: output.logits)
 
     def evaluate(self, candidate: Artifact) -> Evaluation:
         reference = self.reference_logits
