@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -241,6 +241,14 @@ def _stream_error(path: str, exc: ApplianceError) -> bytes:
     return _sse(error_body(path, exc.status_code, exc.message, exc.field))
 
 
+#: Proxies must pass server-sent events through as they are made, not buffer them.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _event_stream(events: Any) -> StreamingResponse:
+    """A server-sent-events response over an async iterator of `data: ...` frames."""
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
@@ -269,10 +277,8 @@ async def chat_completions(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _chat_events(request.url.path, engine, body.model, completion_id, created, streams, len(prompt_ids), include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return _event_stream(
+            _chat_events(request.url.path, engine, body.model, completion_id, created, streams, len(prompt_ids), include_usage)
         )
     choices = await until_disconnect(request, _collect(streams))
     return ChatCompletion(
@@ -407,10 +413,8 @@ async def completions(
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _completion_events(request.url.path, engine, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return _event_stream(
+            _completion_events(request.url.path, engine, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0)
         )
     choices = await until_disconnect(request, _collect(streams))
     return Completion(

@@ -258,24 +258,9 @@ class TaskExporter(ABC):
         """(source file, name in the version folder) pairs copied next to the model."""
         return []
 
-    def sample_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Representative inputs of `batch_size` rows for the latency measurement."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sample_inputs or measure")
-
+    @abstractmethod
     def measure(self, candidate: Artifact) -> Measurement:
-        """Session load time and median latency at batch 1 and 32 on the CPU provider."""
-        from appliance.export.onnx_tools import open_session
-
-        started = time.perf_counter()
-        session = open_session(candidate.model_path, threads=self.ctx.threads)
-        load_s = time.perf_counter() - started
-        latency: dict[str, Any] = {}
-        for batch in LATENCY_BATCH_SIZES:
-            feeds = self.sample_inputs(batch)
-            latency[f"batch_{batch}_ms"] = round(median_ms(lambda: session.run(None, feeds)), 3)
-        latency["runs"] = LATENCY_RUNS
-        latency["provider"] = "cpu"
-        return Measurement(load_s=round(load_s, 4), latency=latency)
+        """Session load time and latency (batch 1 and 32, or one decode step) on the CPU provider."""
 
 
 def median_ms(call: Callable[[], object], runs: int = LATENCY_RUNS) -> float:

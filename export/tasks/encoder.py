@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,14 @@ import numpy as np
 
 from appliance.errors import ExportError
 from appliance.export import onnx_tools
-from appliance.export.tasks.base import Artifact, TaskExporter
+from appliance.export.tasks.base import (
+    LATENCY_BATCH_SIZES,
+    LATENCY_RUNS,
+    Artifact,
+    Measurement,
+    TaskExporter,
+    median_ms,
+)
 from appliance.repository import TokenizerSpec
 
 #: transformers model types the encoder tasks export, with their base-model class names.
@@ -232,6 +240,19 @@ class EncoderExporter(TaskExporter):
             self.encode(sentences[start : start + CALIBRATION_BATCH_SIZE], self.input_names)
             for start in range(0, len(sentences), CALIBRATION_BATCH_SIZE)
         ]
+
+    def measure(self, candidate: Artifact) -> Measurement:
+        """Session load time and median latency at batch 1 and 32 on the CPU provider."""
+        started = time.perf_counter()
+        session = onnx_tools.open_session(candidate.model_path, threads=self.ctx.threads)
+        load_s = time.perf_counter() - started
+        latency: dict[str, Any] = {}
+        for batch in LATENCY_BATCH_SIZES:
+            feeds = self.sample_inputs(batch)
+            latency[f"batch_{batch}_ms"] = round(median_ms(lambda: session.run(None, feeds)), 3)
+        latency["runs"] = LATENCY_RUNS
+        latency["provider"] = "cpu"
+        return Measurement(load_s=round(load_s, 4), latency=latency)
 
     def sample_inputs(self, batch_size: int) -> dict[str, np.ndarray]:
         sentences = self.read_lines("sentences.txt")
