@@ -26,8 +26,8 @@ app = typer.Typer(
 )
 
 #: Where progress and tables go; errors go to stderr as one line.
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(stderr=False, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 StateDirOption = Annotated[
     Path | None,
