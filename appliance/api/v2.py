@@ -36,6 +36,7 @@ from appliance.api.v2_schemas import (
     ServerMetadataResponse,
 )
 from appliance.errors import InvalidInput, ModelNotFound
+from appliance.repository import parse_version
 from appliance.runtime.registry import LoadedModel
 from appliance.runtime.tensors import check_inputs, from_binary, from_json_data, to_binary, to_json_data
 
@@ -101,9 +102,10 @@ async def server_metadata(_key: InferKeyDep) -> ServerMetadataResponse:
 def _version_number(version: str | None) -> int | None:
     if version is None:
         return None
-    if not version.isdigit() or len(version) > 9:
+    number = parse_version(version)
+    if number is None:
         raise ModelNotFound(f"version {version!r} not found", field="version")
-    return int(version)
+    return number
 
 
 def _metadata(ctx: ServerContext, name: str, version: str | None) -> ModelMetadataResponse:

@@ -16,7 +16,7 @@ from rich.table import Table
 from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, console, fail, settings_from
 from appliance.cli.app import app as root_app
 from appliance.errors import ApplianceError
-from appliance.repository import ModelRepository, ModelVersion
+from appliance.repository import ModelRepository, ModelVersion, parse_version
 
 models_app = typer.Typer(
     name="models",
@@ -38,9 +38,10 @@ def parse_ref(ref: str, *, version_required: bool) -> tuple[str, int | None]:
         if version_required:
             fail(f"model: {ref!r} needs a version, as NAME/VERSION (see appliance models list)", code=2)
         return name, None
-    if not version_text.isdigit() or int(version_text) < 1:
+    version = parse_version(version_text)
+    if version is None or version < 1:
         fail(f"model: version {version_text!r} in {ref!r} is not a positive number", code=2)
-    return name, int(version_text)
+    return name, version
 
 
 def repository_from(state_dir: Any, config: Any) -> ModelRepository:

@@ -14,6 +14,7 @@ from appliance.repository.manifest import (
     Task,
     TensorSpec,
     TokenizerSpec,
+    parse_version,
 )
 from appliance.repository.store import ModelRepository, ModelVersion
 
@@ -29,4 +30,5 @@ __all__ = [
     "Task",
     "TensorSpec",
     "TokenizerSpec",
+    "parse_version",
 ]

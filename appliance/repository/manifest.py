@@ -19,6 +19,9 @@ MANIFEST_FORMAT_VERSION = 1
 
 #: Model names are used in URLs and paths: keep them to a safe alphabet.
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: Version folders are ASCII decimal numbers. `str.isdigit()` also accepts '¹' or '٣', which
+#: `int()` then refuses, so the rule is spelled out instead.
+VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
 
 Task = Literal["text-generation", "feature-extraction", "text-classification", "tensor"]
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
@@ -33,6 +36,13 @@ def check_model_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def parse_version(text: str) -> int | None:
+    """The version number in `text` (a folder name or URL segment), or None if it is not one."""
+    if not VERSION_PATTERN.fullmatch(text):
+        return None
+    return int(text)
 
 
 class TensorSpec(BaseModel):

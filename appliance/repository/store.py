@@ -28,6 +28,7 @@ from appliance.repository.manifest import (
     Manifest,
     Report,
     check_model_name,
+    parse_version,
 )
 
 STAGING_DIR = ".staging"
@@ -118,7 +119,7 @@ class ModelRepository:
 
     def _version_dirs(self, model_dir: Path) -> list[Path]:
         return sorted(
-            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+            (p for p in model_dir.iterdir() if p.is_dir() and parse_version(p.name) is not None),
             key=lambda p: int(p.name),
         )
 

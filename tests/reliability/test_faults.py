@@ -40,8 +40,9 @@ TINY_MIX = [
     Call("embeddings", "/v1/embeddings", {"model": "tiny-embed", "input": [f"the cat sat {SECRET_PROMPT_MARKER}", "blue sky"]}),
 ]
 LOAD_BEFORE_KILL_S = 3.0
-HEAVY_WIDTH = 1024
-#: Enough layers that one heavy request is still running when SIGTERM arrives.
+#: Wide and deep enough that one heavy request runs for about a second on 2 cores: with 1024
+#: (0.15 s) a loaded CI machine finished the first before the sixth had arrived.
+HEAVY_WIDTH = 2048
 HEAVY_LAYERS = 160
 SIGTERM_CLIENTS = 6
 
