@@ -10,6 +10,7 @@ import pytest
 from appliance.errors import InvalidInput
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import BLOCK_TOKENS
+from appliance.generation.speculative import VerificationCost
 from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixture
     TinyDecoders,
     generate,
@@ -139,10 +140,33 @@ def test_prompt_lookup_speculation_gives_identical_greedy_output(tiny_decoders: 
         speculative.stop()
 
 
+class CheapDrafts(VerificationCost):
+    """A box where drafting and verifying cost next to nothing (a GPU with a small draft
+    model), held fixed: the test below checks acceptance bookkeeping, not this machine's
+    timings, which would rightly tell the engine that a model drafting for itself never pays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra_token = self.draft_step = 0.02
+
+    def seed(self, step_s: float, verification_width: int, verification_s: float, draft_step_s: float | None) -> None:
+        del step_s, verification_width, verification_s, draft_step_s
+
+    def observe_step(self, seconds: float) -> None:
+        del seconds
+
+    def observe_verification(self, width: int, seconds: float) -> None:
+        del width, seconds
+
+    def observe_draft_step(self, seconds: float) -> None:
+        del seconds
+
+
 def test_accepted_drafts_save_steps_and_keep_the_output(tiny_decoders: TinyDecoders) -> None:
     # The model drafting for itself: every draft token is accepted.
     plain = make_engine(tiny_decoders.llama_fp32)
     engine = make_engine(tiny_decoders.llama_fp32, speculative="draft", draft=tiny_decoders.llama_fp32)
+    engine.cost = CheapDrafts()
     try:
         expected = asyncio.run(generate(plain, PROMPTS[0], greedy(40))).tokens
         assert asyncio.run(generate(engine, PROMPTS[0], greedy(40))).tokens == expected
@@ -155,6 +179,7 @@ def test_accepted_drafts_save_steps_and_keep_the_output(tiny_decoders: TinyDecod
 
 def test_draft_model_speculation_gives_the_target_greedy_output(tiny_decoders: TinyDecoders) -> None:
     engine = make_engine(tiny_decoders.llama_fp32, speculative="draft", draft=tiny_decoders.llama_int4)
+    engine.cost = CheapDrafts()  # a tiny draft costs what its tiny target does: it would never draft
     try:
         for prompt in PROMPTS[:2]:
             assert asyncio.run(generate(engine, prompt, greedy(25))).tokens == reference_greedy(tiny_decoders.llama_fp32, prompt, 25)

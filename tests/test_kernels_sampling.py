@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.generation.speculative import PromptLookupDrafter, SpeculationGate, accept_greedy, accept_sampled
+from appliance.generation.speculative import (
+    PROBE_INTERVAL,
+    PromptLookupDrafter,
+    SpeculationGate,
+    VerificationCost,
+    accept_greedy,
+    accept_sampled,
+    expected_emitted,
+)
 from appliance.kernels.sampling import (
     CANDIDATES,
     SamplingArrays,
@@ -156,14 +164,54 @@ def test_prompt_lookup_proposes_what_followed_the_latest_ngram() -> None:
 
 
 def test_speculation_switches_itself_off_when_acceptance_stays_low() -> None:
+    cost = VerificationCost()
     gate = SpeculationGate()
     for _ in range(10):
-        gate.record(8, 0)
-    assert not gate.enabled
+        gate.record(4, 0)
+    lengths = [gate.choose_length(8, cost, model_drafted=False) for _ in range(PROBE_INTERVAL)]
+    # Plain decoding, except one single-token probe per interval so acceptance can recover.
+    assert lengths == [0] * (PROBE_INTERVAL - 1) + [1]
+    assert gate.enabled
+    # A draft model would have to catch up on every skipped token to probe: it stops instead.
+    assert gate.choose_length(8, cost, model_drafted=True) == 0 and not gate.enabled
+    assert gate.choose_length(8, cost, model_drafted=False) == 0
     good = SpeculationGate()
     for _ in range(10):
-        good.record(8, 6)
-    assert good.enabled
+        good.record(8, 8)
+    assert good.choose_length(8, cost, model_drafted=False) == 8
+    assert good.choose_length(3, cost, model_drafted=False) == 3
+
+
+def test_draft_length_follows_what_verification_costs_on_this_box() -> None:
+    gate = SpeculationGate()
+    for _ in range(10):
+        gate.record(4, 2)  # acceptance about 2/3 per token
+    cpu = VerificationCost()
+    cpu.observe_step(0.010)
+    for _ in range(60):
+        cpu.observe_verification(9, 0.034)  # each extra token a third of a step
+    gpu = VerificationCost()
+    gpu.observe_step(0.010)
+    for _ in range(60):
+        gpu.observe_verification(9, 0.011)  # extra tokens nearly free
+    assert cpu.extra_token == pytest.approx(0.3, abs=0.02) and gpu.extra_token < 0.03
+    on_cpu = gate.choose_length(8, cpu, model_drafted=False)
+    on_gpu = gate.choose_length(8, gpu, model_drafted=False)
+    assert 1 <= on_cpu < on_gpu
+    # A draft model's own steps make each drafted token dearer still.
+    assert gate.choose_length(8, cpu, model_drafted=True) <= on_cpu
+
+
+def test_expected_emitted_tokens_match_a_simulation() -> None:
+    rng = np.random.default_rng(3)
+    for acceptance, length in ((0.5, 4), (0.8, 8), (1.0, 3)):
+        emitted = []
+        for _ in range(20_000):
+            accepted = 0
+            while accepted < length and rng.random() < acceptance:
+                accepted += 1
+            emitted.append(accepted + 1)
+        assert expected_emitted(acceptance, length) == pytest.approx(float(np.mean(emitted)), rel=0.02)
 
 
 def test_onnx_greedy_kernel_agrees_with_the_numpy_kernel() -> None:

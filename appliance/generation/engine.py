@@ -40,6 +40,7 @@ from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, St
 from appliance.generation.speculative import (
     MAX_DRAFT_TOKENS,
     PromptLookupDrafter,
+    VerificationCost,
     accept_greedy,
     accept_sampled,
 )
@@ -54,6 +55,15 @@ log = logging.getLogger(__name__)
 #: Speculate only while at most this many sequences run: a batched decode run already
 #: amortises the per-step cost, and verification runs one sequence at a time.
 SPECULATE_MAX_RUNNING = 1
+#: The draft model runs on the calling thread alone. With a pool of its own, its idle workers
+#: and the target's would spin on the cores the other needs (2 cores: the target's 8-token
+#: verification cost 1.6 plain steps instead of 1.05); with spinning off in both, plain decode
+#: lost 13% and the int4 draft 50%. One thread leaves the target's pool untouched.
+DRAFT_THREADS = 1
+#: Timing runs before serving when speculation is on: what a plain step, a full-width
+#: verification and a draft step cost here (also warms the sessions up).
+CALIBRATION_PAST_TOKENS = 32
+CALIBRATION_RUNS = 3
 #: Share of the KV budget the prefix cache may hold in copies.
 PREFIX_CACHE_SHARE = 0.25
 #: Share of available memory the KV budget takes by default.
@@ -153,7 +163,7 @@ class GenerationEngine:
             if draft_spec.vocab_size != spec.vocab_size:
                 raise ModelRejected(f"draft model {draft_version.name} has another vocabulary", field="draft")
             draft_store = KvStore(KvGeometry.from_spec(draft_spec), max_slots, self.context_length)
-            draft_session = open_decoder_session(draft_version.model_path, threads=threads)
+            draft_session = open_decoder_session(draft_version.model_path, threads=DRAFT_THREADS)
             self.draft = _Draft(make_runner(draft_session, draft_spec, draft_store, max_rows_x_width=width), draft_store)
             stores.append(draft_store)
         budget = settings.kv_budget_bytes or int(psutil.virtual_memory().available * DEFAULT_KV_SHARE_OF_FREE)
@@ -168,6 +178,7 @@ class GenerationEngine:
         )
         self.speculative = settings.speculative if (settings.speculative != "draft" or self.draft) else "prompt-lookup"
         self.prompt_lookup = PromptLookupDrafter()
+        self.cost = VerificationCost()
         self._logprob_kernel = GreedyLogprobsKernel(TOP_LOGPROBS_MAX)
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -257,6 +268,11 @@ class GenerationEngine:
 
     # -- engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.speculative != "off" and self.context_length > CALIBRATION_PAST_TOKENS + MAX_DRAFT_TOKENS + 1:
+            try:
+                self._calibrate_speculation()
+            except Exception:  # noqa: BLE001 - serving without timings beats not serving
+                log.warning("%s: could not time speculation; using the default cost figures", self.name, exc_info=True)
         while True:
             with self._cv:
                 while not self._inbox and not self._aborts and not self.scheduler.has_work and not self._stopping:
@@ -278,6 +294,35 @@ class GenerationEngine:
             except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
                 log.exception("generation step failed")
                 self._fail_all(ApplianceError(f"generation failed: {exc}"))
+
+    def _calibrate_speculation(self) -> None:
+        """Seed the cost model from this box's own timings (slot 0, overwritten by the next
+        prefill) so the first sequences do not pay for optimistic priors."""
+
+        def timed(runner: object, width: int) -> float:
+            ids = np.ones((1, width), np.int64)
+            times = []
+            for _ in range(CALIBRATION_RUNS):
+                started = time.perf_counter()
+                runner.forward(0, ids, np.asarray([CALIBRATION_PAST_TOKENS]), np.asarray([width]), all_logits=True)  # type: ignore[attr-defined]
+                times.append(time.perf_counter() - started)
+            return float(np.median(times))
+
+        runners = [self.runner] + ([self.draft.runner] if self.draft is not None else [])
+        for runner in runners:
+            past = np.ones((1, CALIBRATION_PAST_TOKENS), np.int64)
+            runner.forward(0, past, np.zeros(1, np.int64), np.asarray([CALIBRATION_PAST_TOKENS]), all_logits=False)  # type: ignore[attr-defined]
+        step = timed(self.runner, 1)
+        verification = timed(self.runner, MAX_DRAFT_TOKENS + 1)
+        draft_step = timed(self.draft.runner, 1) if self.draft is not None else None
+        self.cost.seed(step, MAX_DRAFT_TOKENS + 1, verification, draft_step)
+        log.info(
+            "%s: speculation costs here: verifying %d tokens %.2fx a step%s",
+            self.name,
+            MAX_DRAFT_TOKENS + 1,
+            verification / step,
+            f", a draft step {draft_step / step:.2f}x" if draft_step is not None else "",
+        )
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
@@ -313,7 +358,10 @@ class GenerationEngine:
         seqs.sort(key=lambda seq: seq.slot)
         ids = np.asarray([[seq.output[-1]] for seq in seqs], np.int64)
         past = np.asarray([seq.num_cached for seq in seqs], np.int64)
+        started = time.perf_counter()
         logits = self.runner.forward(0, ids, past, np.ones(len(seqs), np.int64), all_logits=False)
+        if len(seqs) == 1:
+            self.cost.observe_step(time.perf_counter() - started)
         for seq in seqs:
             seq.num_cached += 1
         self._sample_and_emit(seqs, logits)
@@ -350,7 +398,6 @@ class GenerationEngine:
         if (
             self.speculative == "off"
             or not p.speculate
-            or not seq.gate.enabled
             or p.logprobs >= 0
             or p.repetition_penalty != 1.0
             or p.presence_penalty != 0.0
@@ -362,13 +409,17 @@ class GenerationEngine:
         if k <= 0:
             return False
         if self.speculative == "draft" and self.draft is not None:
-            draft = self._draft_model_propose(seq, min(k, seq.gate.draft_length))
+            length = seq.gate.choose_length(k, self.cost, model_drafted=True)
+            draft = self._draft_model_propose(seq, length) if length else []
         else:
-            draft = self.prompt_lookup.propose(seq.tokens, k)
+            proposal = self.prompt_lookup.propose(seq.tokens, k)
+            draft = proposal[: seq.gate.choose_length(len(proposal), self.cost, model_drafted=False)]
         if not draft:
             return False
         ids = np.asarray([[seq.output[-1], *draft]], np.int64)
+        started = time.perf_counter()
         logits = self.runner.forward(seq.slot, ids, np.asarray([seq.num_cached]), np.asarray([len(draft) + 1]), all_logits=True)[0]
+        self.cost.observe_verification(len(draft) + 1, time.perf_counter() - started)
         if p.greedy:
             emitted = accept_greedy(logits.argmax(axis=1), draft)
         else:
@@ -377,7 +428,6 @@ class GenerationEngine:
             emitted = accept_sampled(filtered_probs(logits, arrays), draft, None, seq.rng)
         accepted = len(emitted) - 1
         seq.gate.record(len(draft), accepted)
-        seq.gate.adapt(len(draft), accepted)
         self.counters["draft_tokens"] += len(draft)
         self.counters["accepted_tokens"] += accepted
         self._m.spec_draft_tokens.inc(len(draft))
@@ -390,24 +440,34 @@ class GenerationEngine:
         return True
 
     def _draft_model_propose(self, seq: Sequence, k: int) -> list[int]:
+        """Greedy draft of `k` tokens. What the draft model has not seen yet (the prompt at
+        first, then the target's correction or bonus token) goes in with the first draft run,
+        so catching up costs no run of its own."""
         assert self.draft is not None
         runner = self.draft.runner
         tokens = seq.tokens
-        behind = tokens[seq.draft_cached : len(tokens) - 1]
-        if behind:
+        chunk = self.settings.prefill_chunk_tokens
+        while len(tokens) - seq.draft_cached > chunk:
             runner.forward(  # type: ignore[attr-defined]
-                seq.slot, np.asarray([behind], np.int64), np.asarray([seq.draft_cached]), np.asarray([len(behind)]), all_logits=False
+                seq.slot,
+                np.asarray([tokens[seq.draft_cached : seq.draft_cached + chunk]], np.int64),
+                np.asarray([seq.draft_cached]),
+                np.asarray([chunk]),
+                all_logits=False,
             )
-            seq.draft_cached += len(behind)
+            seq.draft_cached += chunk
+        pending = tokens[seq.draft_cached :]
         draft: list[int] = []
-        current = tokens[-1]
         for _ in range(k):
+            started = time.perf_counter()
             logits = runner.forward(  # type: ignore[attr-defined]
-                seq.slot, np.asarray([[current]], np.int64), np.asarray([seq.draft_cached]), np.ones(1, np.int64), all_logits=False
+                seq.slot, np.asarray([pending], np.int64), np.asarray([seq.draft_cached]), np.asarray([len(pending)]), all_logits=False
             )
-            seq.draft_cached += 1
-            current = int(logits[0].argmax())
-            draft.append(current)
+            if len(pending) == 1:
+                self.cost.observe_draft_step(time.perf_counter() - started)
+            seq.draft_cached += len(pending)
+            pending = [int(logits[0].argmax())]
+            draft.append(pending[0])
         return draft
 
     # -- output --------------------------------------------------------------------------

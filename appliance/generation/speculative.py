@@ -12,8 +12,9 @@ accepts the longest prefix equal to the target's argmax, so output is token-for-
 greedy decoding gives; sampling uses rejection sampling (accept a draft token d with
 probability min(1, p(d)/q(d)); on rejection draw from the normalised residual max(p - q, 0)).
 Rejected positions are rewound by resetting the sequence's cached length: the KV rows past it
-are simply overwritten later. `SpeculationGate` turns speculation off for a sequence whose
-acceptance stays low. Never imports onnxruntime directly.
+are simply overwritten later. `SpeculationGate` picks each sequence's draft length from its
+acceptance and what verification costs on this box (`VerificationCost`), down to none when
+drafts do not pay. Never imports onnxruntime directly.
 """
 
 from __future__ import annotations
@@ -28,13 +29,29 @@ MAX_DRAFT_TOKENS = 8
 #: n-gram sizes tried by prompt lookup, longest first.
 NGRAM_MAX = 4
 NGRAM_MIN = 2
-#: After this many proposed tokens, a sequence whose acceptance is below the floor stops.
-GATE_MIN_PROPOSED = 24
-GATE_MIN_ACCEPTANCE = 0.3
-#: Draft-model drafts start at this length and adapt between the bounds: each drafted token
-#: costs a draft-model step, so the length follows how far drafts tend to be accepted.
-DRAFT_LENGTH_START = 4
-DRAFT_LENGTH_MIN = 2
+#: Until the engine has timed verification runs, assume each extra verified token costs this
+#: share of a plain one-token step. Measured on the 2-core AVX2 box (SmolLM2 int4): a 9-token
+#: run took 3.4x a 1-token run, i.e. about 0.3 per extra token, because int8-activation
+#: MatMulNBits is compute-bound once M > 1. On a GPU the share is near 0.
+PRIOR_EXTRA_TOKEN_COST = 0.3
+#: Until a draft-model step has been timed, assume it costs this share of a target step.
+PRIOR_DRAFT_STEP_COST = 0.3
+#: How far each new timing moves the running cost estimates.
+COST_EMA_WEIGHT = 0.1
+#: Acceptance evidence decays by this factor per verification, so a sequence that moves from
+#: copying its input to free text stops drafting long within a few steps.
+ACCEPTANCE_DECAY = 0.8
+#: Pseudo-counts a new sequence starts with (acceptance 2/3): worth a first short draft.
+PRIOR_ACCEPTED = 2.0
+PRIOR_REJECTED = 1.0
+#: Verify a draft only when the expected tokens per unit of cost beat plain decoding by this.
+MIN_EXPECTED_GAIN = 1.05
+#: A sequence whose drafts do not pay still tries a one-token draft after this many steps, so
+#: its acceptance estimate can recover when the text starts copying again; the interval
+#: doubles after every probe that does not bring drafting back (a draft model's probe must
+#: first catch up on every token it skipped), up to the maximum.
+PROBE_INTERVAL = 16
+PROBE_INTERVAL_MAX = 512
 
 
 class PromptLookupDrafter:
@@ -57,31 +74,122 @@ class PromptLookupDrafter:
         return []
 
 
+class VerificationCost:
+    """What speculation costs on this box, in units of one plain one-token decode step.
+
+    Learned online from the engine's own timings, because the answer differs by an order of
+    magnitude between machines: on a GPU (or a memory-bound fp32 model) verifying 8 tokens
+    costs about one step, so long drafts pay; on a CPU without VNNI every extra token costs a
+    third of a step, so only well-accepted drafts do.
+    """
+
+    def __init__(self) -> None:
+        self.step_s: float | None = None
+        self.extra_token = PRIOR_EXTRA_TOKEN_COST
+        self.draft_step = PRIOR_DRAFT_STEP_COST
+
+    @staticmethod
+    def _blend(old: float, new: float) -> float:
+        return (1 - COST_EMA_WEIGHT) * old + COST_EMA_WEIGHT * new
+
+    def observe_step(self, seconds: float) -> None:
+        """A plain decode step of one sequence took `seconds`."""
+        self.step_s = seconds if self.step_s is None else self._blend(self.step_s, seconds)
+
+    def observe_verification(self, width: int, seconds: float) -> None:
+        """A verification run over `width` tokens (last token + draft) took `seconds`."""
+        if self.step_s is None or width < 2:
+            return
+        per_token = (seconds / self.step_s - 1.0) / (width - 1)
+        self.extra_token = self._blend(self.extra_token, min(max(per_token, 0.0), 2.0))
+
+    def observe_draft_step(self, seconds: float) -> None:
+        """One draft-model step took `seconds`."""
+        if self.step_s is not None:
+            self.draft_step = self._blend(self.draft_step, min(seconds / self.step_s, 2.0))
+
+    def seed(self, step_s: float, verification_width: int, verification_s: float, draft_step_s: float | None) -> None:
+        """Replace the priors with timings taken on this box before serving."""
+        self.step_s = step_s
+        self.extra_token = min(max((verification_s / step_s - 1.0) / (verification_width - 1), 0.0), 2.0)
+        if draft_step_s is not None:
+            self.draft_step = min(draft_step_s / step_s, 2.0)
+
+    def relative(self, draft_length: int, *, model_drafted: bool) -> float:
+        """Cost of drafting (if a model drafts) and verifying `draft_length` tokens."""
+        drafting = self.draft_step * draft_length if model_drafted else 0.0
+        return 1.0 + self.extra_token * draft_length + drafting
+
+
+def expected_emitted(acceptance: float, draft_length: int) -> float:
+    """Tokens one verification emits when each draft token is accepted with `acceptance`
+    until the first rejection: the accepted prefix plus the target's own next token."""
+    if acceptance >= 1.0:
+        return 1.0 + draft_length
+    return 1.0 + acceptance * (1.0 - acceptance**draft_length) / (1.0 - acceptance)
+
+
 @dataclass
 class SpeculationGate:
-    """Per-sequence acceptance bookkeeping that switches speculation off when it does not pay."""
+    """Per-sequence acceptance record that picks the draft length worth verifying, or none.
 
+    Acceptance is estimated as accepted / (accepted + rejections), the per-token rate of a
+    draft that runs until its first rejection, with old evidence decaying. The length chosen
+    maximises expected emitted tokens per unit of cost; when no length beats plain decoding
+    the sequence decodes plainly: with prompt lookup it probes now and then (free), with a
+    draft model it stops for good.
+    """
+
+    accepted_weight: float = PRIOR_ACCEPTED
+    rejected_weight: float = PRIOR_REJECTED
     proposed: int = 0
     accepted: int = 0
+    idle_steps: int = 0
+    probe_interval: int = PROBE_INTERVAL
+    #: False once a draft model stopped paying: it could only come back by catching up on
+    #: every skipped token, which costs about what the skipped steps would have saved.
     enabled: bool = True
-    draft_length: int = DRAFT_LENGTH_START
 
     def record(self, proposed: int, accepted: int) -> None:
         self.proposed += proposed
         self.accepted += accepted
-        if self.proposed >= GATE_MIN_PROPOSED and self.accepted < GATE_MIN_ACCEPTANCE * self.proposed:
-            self.enabled = False
+        self.accepted_weight = ACCEPTANCE_DECAY * self.accepted_weight + accepted
+        self.rejected_weight = ACCEPTANCE_DECAY * self.rejected_weight + (1.0 if accepted < proposed else 0.0)
 
-    def adapt(self, proposed: int, accepted: int) -> None:
-        """Longer drafts after a fully accepted one, shorter after an early rejection."""
-        if accepted == proposed:
-            self.draft_length = min(self.draft_length + 2, MAX_DRAFT_TOKENS)
-        else:
-            self.draft_length = max(DRAFT_LENGTH_MIN, accepted + 1)
+    @property
+    def estimate(self) -> float:
+        """Current per-token acceptance estimate."""
+        return self.accepted_weight / (self.accepted_weight + self.rejected_weight)
 
     @property
     def acceptance(self) -> float:
+        """Share of all drafted tokens accepted so far (what the metrics report)."""
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    def choose_length(self, available: int, cost: VerificationCost, *, model_drafted: bool) -> int:
+        """How many of `available` draft tokens to verify now; 0 means decode plainly."""
+        if not self.enabled:
+            return 0
+        best_length, best_gain = 0, MIN_EXPECTED_GAIN
+        for length in range(1, min(available, MAX_DRAFT_TOKENS) + 1):
+            gain = expected_emitted(self.estimate, length) / cost.relative(length, model_drafted=model_drafted)
+            if gain > best_gain:
+                best_length, best_gain = length, gain
+        if best_length:
+            self.idle_steps = 0
+            self.probe_interval = PROBE_INTERVAL
+            return best_length
+        if available <= 0:
+            return 0
+        if model_drafted:
+            self.enabled = False
+            return 0
+        self.idle_steps += 1
+        if self.idle_steps < self.probe_interval:
+            return 0
+        self.idle_steps = 0
+        self.probe_interval = min(2 * self.probe_interval, PROBE_INTERVAL_MAX)
+        return 1
 
 
 def accept_greedy(target_argmax: np.ndarray, draft: Sequence[int]) -> list[int]:
