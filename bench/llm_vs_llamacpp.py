@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -179,16 +180,23 @@ class Process:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.health = health
+        # Logs go to a file: llama.cpp logs every request verbosely, and a pipe nobody reads
+        # fills up and blocks the server mid-stream ("incomplete chunked read").
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [arg.replace("{port}", str(self.port)) for arg in argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [arg.replace("{port}", str(self.port)) for arg in argv], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True
         )
+
+    def log_tail(self, chars: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read()[-chars:]
 
     async def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:] if self.proc.stderr else ''}")
+                    raise RuntimeError(f"server exited: {self.log_tail()}")
                 try:
                     if (await client.get(self.url + self.health)).status_code == 200:
                         return
@@ -220,6 +228,9 @@ def llama_server(threads: int) -> Process:
     argv = [
         str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_path()), "--port", "{port}", "--host", "127.0.0.1",
         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096", "--n_batch", "512", "--model_alias", MODEL,
+        # By default a new request interrupts the one streaming (its stream breaks off with
+        # "incomplete chunked read"); queued, every client gets its whole answer.
+        "--interrupt_requests", "False",
     ]
     return Process(argv, dict(os.environ), "/v1/models")
 

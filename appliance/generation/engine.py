@@ -33,7 +33,7 @@ from appliance.config import GenerationSettings
 from appliance.errors import ApplianceError, CapacityExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
-from appliance.generation.model_runner import KvGeometry, KvStore, make_runner, open_decoder_session
+from appliance.generation.model_runner import DecoderRunner, KvGeometry, KvStore, make_runner, open_decoder_session
 from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
@@ -106,7 +106,7 @@ class EngineClient(Protocol):
 
 @dataclass
 class _Draft:
-    runner: object
+    runner: DecoderRunner
     store: KvStore
 
 
@@ -299,19 +299,19 @@ class GenerationEngine:
         """Seed the cost model from this box's own timings (slot 0, overwritten by the next
         prefill) so the first sequences do not pay for optimistic priors."""
 
-        def timed(runner: object, width: int) -> float:
+        def timed(runner: DecoderRunner, width: int) -> float:
             ids = np.ones((1, width), np.int64)
             times = []
             for _ in range(CALIBRATION_RUNS):
                 started = time.perf_counter()
-                runner.forward(0, ids, np.asarray([CALIBRATION_PAST_TOKENS]), np.asarray([width]), all_logits=True)  # type: ignore[attr-defined]
+                runner.forward(0, ids, np.asarray([CALIBRATION_PAST_TOKENS]), np.asarray([width]), all_logits=True)
                 times.append(time.perf_counter() - started)
             return float(np.median(times))
 
         runners = [self.runner] + ([self.draft.runner] if self.draft is not None else [])
         for runner in runners:
             past = np.ones((1, CALIBRATION_PAST_TOKENS), np.int64)
-            runner.forward(0, past, np.zeros(1, np.int64), np.asarray([CALIBRATION_PAST_TOKENS]), all_logits=False)  # type: ignore[attr-defined]
+            runner.forward(0, past, np.zeros(1, np.int64), np.asarray([CALIBRATION_PAST_TOKENS]), all_logits=False)
         step = timed(self.runner, 1)
         verification = timed(self.runner, MAX_DRAFT_TOKENS + 1)
         draft_step = timed(self.draft.runner, 1) if self.draft is not None else None
@@ -448,7 +448,7 @@ class GenerationEngine:
         tokens = seq.tokens
         chunk = self.settings.prefill_chunk_tokens
         while len(tokens) - seq.draft_cached > chunk:
-            runner.forward(  # type: ignore[attr-defined]
+            runner.forward(
                 seq.slot,
                 np.asarray([tokens[seq.draft_cached : seq.draft_cached + chunk]], np.int64),
                 np.asarray([seq.draft_cached]),
@@ -460,7 +460,7 @@ class GenerationEngine:
         draft: list[int] = []
         for _ in range(k):
             started = time.perf_counter()
-            logits = runner.forward(  # type: ignore[attr-defined]
+            logits = runner.forward(
                 seq.slot, np.asarray([pending], np.int64), np.asarray([seq.draft_cached]), np.asarray([len(pending)]), all_logits=False
             )
             if len(pending) == 1:

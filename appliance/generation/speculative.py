@@ -4,12 +4,15 @@ Drafters propose up to K next tokens for a sequence:
 * `PromptLookupDrafter` (n-gram): finds the sequence's latest n-gram earlier in its own prompt
   or output and proposes what followed it there. Free, and strong when the answer copies from
   the input (rewrite, extract, code edits).
-* `DraftModelDrafter`: a smaller or more quantised model with the same tokenizer (the int4
-  variant drafting for fp32) decodes K tokens greedily in its own KV buffers.
+* a draft model (the engine's `_draft_model_propose`): a smaller or more quantised model with
+  the same tokenizer (the int4 variant drafting for fp32) decodes K tokens greedily in its own
+  KV buffers.
 
 Verification (`accept_greedy`, `accept_sampled`) keeps the target's output distribution: greedy
 accepts the longest prefix equal to the target's argmax, so output is token-for-token what plain
-greedy decoding gives; sampling uses rejection sampling (accept a draft token d with
+greedy decoding gives (exactly so where the graph computes a row the same whatever the run's
+width: fp32 does; CPU MatMulNBits takes another kernel for M > 1 and can flip near-ties);
+sampling uses rejection sampling (accept a draft token d with
 probability min(1, p(d)/q(d)); on rejection draw from the normalised residual max(p - q, 0)).
 Rejected positions are rewound by resetting the sequence's cached length: the KV rows past it
 are simply overwritten later. `SpeculationGate` picks each sequence's draft length from its
@@ -46,10 +49,9 @@ PRIOR_ACCEPTED = 2.0
 PRIOR_REJECTED = 1.0
 #: Verify a draft only when the expected tokens per unit of cost beat plain decoding by this.
 MIN_EXPECTED_GAIN = 1.05
-#: A sequence whose drafts do not pay still tries a one-token draft after this many steps, so
-#: its acceptance estimate can recover when the text starts copying again; the interval
-#: doubles after every probe that does not bring drafting back (a draft model's probe must
-#: first catch up on every token it skipped), up to the maximum.
+#: With prompt lookup, a sequence whose drafts do not pay still tries a one-token draft after
+#: this many steps, so its acceptance estimate can recover when the text starts copying again;
+#: the interval doubles after every probe that does not bring drafting back.
 PROBE_INTERVAL = 16
 PROBE_INTERVAL_MAX = 512
 
