@@ -241,3 +241,25 @@ def test_onnx_runtime_and_genai_keep_no_telemetry_store_under_the_offline_flags(
     env = {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code, str(version.model_path), str(version.path)], check=True, env=env)
     assert [str(path.relative_to(home)) for path in home.rglob("*")] == []
+
+
+def test_logits_start_runs_the_lm_head_on_the_last_position_only(llama_versions: dict[str, ModelVersion]) -> None:
+    from appliance.generation.model_runner import KvGeometry, KvStore, SharedBufferRunner, open_decoder_session
+
+    for name, tolerance in (("fp32", 1e-5), ("int4", 2e-2)):
+        version = llama_versions[name]
+        spec = version.manifest.generation
+        assert spec is not None and spec.logits_start_input == "logits_start"
+        listed = {tensor.name: tensor for tensor in version.manifest.inputs}
+        assert listed["logits_start"].datatype == "INT64" and listed["logits_start"].shape == [1]
+        prompt = np.asarray([[5, 6, 7, 8, 9, 10, 11]], np.int64)
+        runners = [
+            SharedBufferRunner(open_decoder_session(version.model_path, threads=1), spec, KvStore(KvGeometry.from_spec(spec), 1, 64), max_rows_x_width=16)
+            for _ in range(2)
+        ]
+        every = runners[0].forward(0, prompt, np.zeros(1, np.int64), np.asarray([7]), all_logits=True).copy()
+        assert every.shape == (1, 7, spec.vocab_size)
+        last = runners[1].forward(0, prompt, np.zeros(1, np.int64), np.asarray([7]), all_logits=False)
+        assert last.shape == (1, spec.vocab_size)
+        np.testing.assert_allclose(last[0], every[0, -1], atol=tolerance)
+        assert int(last[0].argmax()) == int(every[0, -1].argmax())

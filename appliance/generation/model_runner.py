@@ -162,6 +162,7 @@ class SharedBufferRunner:
         self._logits = np.zeros(max(max_rows_x_width, kv.max_slots) * spec.vocab_size, np.float32)
         self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
         self._positions = np.arange(kv.max_len, dtype=np.int64)
+        self._logits_start = spec.logits_start_input
 
     def _binding(self, first: int, rows: int) -> ort.IOBinding:
         """An IOBinding with the KV views of slots [first, first+rows) bound both ways, kept."""
@@ -200,11 +201,19 @@ class SharedBufferRunner:
         binding = self._binding(first_slot, rows)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
-        logits = self._logits[: rows * width * self.vocab_size].reshape(rows, width, self.vocab_size)
+        # One row that needs only its last position: skip the LM head for the others (a
+        # fifth of a prefill). Several rows may end at different positions: keep them all.
+        start = int(new_lens[0]) - 1 if self._logits_start and rows == 1 and not all_logits else 0
+        if self._logits_start:
+            binding.bind_cpu_input(self._logits_start, np.asarray([start], np.int64))
+        positions = width - start
+        logits = self._logits[: rows * positions * self.vocab_size].reshape(rows, positions, self.vocab_size)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
         if all_logits:
             return logits
+        if start:
+            return logits[:, 0]
         return logits[np.arange(rows), new_lens - 1]
 
 

@@ -123,6 +123,11 @@ class GenerationSpec(BaseModel):
     eos_token_ids: list[int] = Field(default_factory=list)
     bos_token_id: int | None = None
     defaults: dict[str, Any] = Field(default_factory=dict, description="Sampling defaults.")
+    logits_start_input: str | None = Field(
+        default=None,
+        description="INT64 [1] input: logits are computed from this position on (the last "
+        "prompt position when only the next token is needed). None: every position.",
+    )
 
 
 class ProviderHints(BaseModel):

@@ -59,6 +59,8 @@ class OnnxDecoder:
         feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.arange(past_length, total, dtype=np.int64)[None, :]
+        if self.spec.logits_start_input:
+            feeds[self.spec.logits_start_input] = np.zeros(1, dtype=np.int64)  # every position
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
         present: dict[str, np.ndarray] = {}
         for layer in range(self.spec.num_layers):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.errors import ExportError
+from appliance.export.llm.logits_start import add_logits_start
 from appliance.offline import enforce_offline
 
 GraphKind = Literal["genai", "optimum"]
@@ -94,6 +95,7 @@ def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "
     shutil.rmtree(scratch, ignore_errors=True)
     if not (out_dir / MODEL_FILE).is_file():
         raise ExportError(f"model builder wrote no {MODEL_FILE} for {hf_dir.name}", field="source")
+    add_logits_start(out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE
 
 

@@ -71,6 +71,8 @@ def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int)
         feeds = {"input_ids": np.asarray([current], np.int64), "attention_mask": np.ones((1, done + len(current)), np.int64), **past}
         if "position_ids" in input_names:
             feeds["position_ids"] = np.arange(done, done + len(current), dtype=np.int64)[None, :]
+        if spec.logits_start_input:
+            feeds[spec.logits_start_input] = np.zeros(1, np.int64)  # logits for every position
         outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
         token = int(outputs["logits"][0, -1].argmax())
         tokens.append(token)
