@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -137,7 +138,8 @@ _GENAI_MODELS: dict[Path, Any] = {}
 def genai_folder(model_dir: Path, scratch: Path) -> Path:
     """The version folder as onnxruntime-genai can run it: the export adds a `logits_start`
     input (a Slice before the LM head) that genai does not feed. The copy drops the Slice;
-    weights and the other files are symlinked, not copied."""
+    weights and the other files are hard links where the filesystem allows (ONNX Runtime
+    refuses external data reached through a symlink out of the model's folder)."""
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
@@ -153,7 +155,10 @@ def genai_folder(model_dir: Path, scratch: Path) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
         if path.name != "model.onnx" and not (scratch / path.name).exists():
-            (scratch / path.name).symlink_to(path.resolve())
+            try:
+                os.link(path, scratch / path.name)
+            except OSError:
+                shutil.copyfile(path, scratch / path.name)
     onnx.save(model, str(scratch / "model.onnx"))
     return scratch
 
