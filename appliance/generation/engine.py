@@ -33,7 +33,7 @@ from appliance.config import GenerationSettings
 from appliance.errors import ApplianceError, CapacityExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
-from appliance.generation.admission import DEADLINE_SHARE, ThroughputTracker
+from appliance.generation.admission import ThroughputTracker
 from appliance.generation.model_runner import DecoderRunner, KvGeometry, KvStore, make_runner, open_decoder_session
 from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
@@ -243,13 +243,12 @@ class GenerationEngine:
             if queued >= self.settings.max_waiting_sequences:
                 raise CapacityExceeded("the generation queue is full", retry_after_s=1.0)
             in_engine = queued + len(self.scheduler.running) + len(self.scheduler.prefilling) + 1
-            saturated = in_engine > self.settings.max_running_sequences
-            stay = self.throughput.refuses(in_engine, timeout_s) if timeout_s and saturated else None
-            if stay is not None and timeout_s:
+            stay = self.throughput.expected_stay_s(in_engine) if in_engine > self.settings.max_running_sequences else None
+            if timeout_s and stay is not None and stay > timeout_s:
                 raise CapacityExceeded(
-                    f"the generation queue holds about {min(stay, 1e6):.1f} s of work, too much for this "
-                    f"request's {timeout_s:.1f} s deadline",
-                    retry_after_s=max(1.0, min(stay - DEADLINE_SHARE * timeout_s, timeout_s)),
+                    f"the generation queue holds about {stay:.1f} s of work, more than this request's "
+                    f"{timeout_s:.1f} s deadline",
+                    retry_after_s=max(1.0, stay - timeout_s),
                 )
             self._inbox.append(seq)
             self._cv.notify()
@@ -337,7 +336,6 @@ class GenerationEngine:
         )
 
     def _step(self) -> None:
-        self.throughput.step()
         plan = self.scheduler.schedule()
         for seq in plan.retired:
             self._finished(seq, emit_text="")
@@ -527,7 +525,7 @@ class GenerationEngine:
     def _finished(self, seq: Sequence, *, emit_text: str, tokens: list[int] | None = None, logprobs: list[TokenLogprob] | None = None) -> None:
         reason = seq.finish_reason or "abort"
         if reason in ("stop", "length"):
-            self.throughput.completed()
+            self.throughput.record()
         self._m.e2e_request_latency.observe(time.monotonic() - seq.submitted_at)
         self.metrics.request_success.labels(model=self.name, finished_reason=reason).inc()
         completion = len(seq.output)
