@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from appliance.errors import CapacityExceeded, InvalidInput
-from appliance.generation.admission import SERVICE_MIN_SAMPLES
+from appliance.errors import InvalidInput
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import BLOCK_TOKENS
 from appliance.generation.speculative import VerificationCost
@@ -302,30 +301,6 @@ def test_sequence_past_its_deadline_is_stopped_and_freed(tiny_decoders: TinyDeco
             return reason
 
         assert asyncio.run(scenario()) == "timeout"
-        assert engine.kv.reserved_tokens == 0
-    finally:
-        engine.stop()
-
-
-def test_admission_refuses_at_once_what_could_only_time_out_in_the_queue(tiny_decoders: TinyDecoders) -> None:
-    engine = make_engine(tiny_decoders.llama_fp32, max_running_sequences=1)
-    try:
-        for _ in range(SERVICE_MIN_SAMPLES):
-            asyncio.run(generate(engine, PROMPTS[0], greedy(4)))
-
-        async def scenario() -> None:
-            holder = engine.generate(PROMPTS[1], greedy(150))  # takes the only slot
-            with pytest.raises(CapacityExceeded) as refused:
-                engine.generate(PROMPTS[2], greedy(4), timeout_s=1e-3)
-            assert "deadline" in str(refused.value) and refused.value.retry_after_s >= 1.0
-            # A deadline the queue can meet is admitted, and so is a request without one.
-            patient = engine.generate(PROMPTS[2], greedy(4), timeout_s=600)
-            relaxed = engine.generate(PROMPTS[0], greedy(4))
-            for stream in (holder, patient, relaxed):
-                async for _event in stream:
-                    pass
-
-        asyncio.run(scenario())
         assert engine.kv.reserved_tokens == 0
     finally:
         engine.stop()

@@ -33,7 +33,6 @@ from appliance.config import GenerationSettings
 from appliance.errors import ApplianceError, CapacityExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
-from appliance.generation.admission import ThroughputTracker
 from appliance.generation.model_runner import DecoderRunner, KvGeometry, KvStore, make_runner, open_decoder_session
 from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
@@ -180,7 +179,6 @@ class GenerationEngine:
         self.speculative = settings.speculative if (settings.speculative != "draft" or self.draft) else "prompt-lookup"
         self.prompt_lookup = PromptLookupDrafter()
         self.cost = VerificationCost()
-        self.throughput = ThroughputTracker()
         self._logprob_kernel = GreedyLogprobsKernel(TOP_LOGPROBS_MAX)
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -239,17 +237,8 @@ class GenerationEngine:
             stops=StopStringFilter(params.stop),
         )
         with self._cv:
-            queued = len(self._inbox) + len(self.scheduler.waiting)
-            if queued >= self.settings.max_waiting_sequences:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.settings.max_waiting_sequences:
                 raise CapacityExceeded("the generation queue is full", retry_after_s=1.0)
-            in_engine = queued + len(self.scheduler.running) + len(self.scheduler.prefilling) + 1
-            stay = self.throughput.expected_stay_s(in_engine) if in_engine > self.settings.max_running_sequences else None
-            if timeout_s and stay is not None and stay > timeout_s:
-                raise CapacityExceeded(
-                    f"the generation queue holds about {stay:.1f} s of work, more than this request's "
-                    f"{timeout_s:.1f} s deadline",
-                    retry_after_s=max(1.0, stay - timeout_s),
-                )
             self._inbox.append(seq)
             self._cv.notify()
         return seq.seq_id
@@ -524,8 +513,6 @@ class GenerationEngine:
 
     def _finished(self, seq: Sequence, *, emit_text: str, tokens: list[int] | None = None, logprobs: list[TokenLogprob] | None = None) -> None:
         reason = seq.finish_reason or "abort"
-        if reason in ("stop", "length"):
-            self.throughput.record()
         self._m.e2e_request_latency.observe(time.monotonic() - seq.submitted_at)
         self.metrics.request_success.labels(model=self.name, finished_reason=reason).inc()
         completion = len(seq.output)
