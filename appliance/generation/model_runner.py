@@ -58,33 +58,28 @@ class KvGeometry:
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, np.dtype(dtype))
 
 
-def cpu_session_options(threads: int | None, *, spinning: bool = True) -> ort.SessionOptions:
+def cpu_session_options(threads: int | None) -> ort.SessionOptions:
     """Options the measurements favour on CPU: intra-op threads = cores, spinning on, sequential.
 
     Spinning off cost 35% of decode speed on the 2-core box; one thread instead of two cost 24%.
-    But two sessions that take turns (a target and its draft model) must not spin: each one's
-    idle workers then spin on the cores the other needs (measured on 2 cores: the fp32 target's
-    8-token verification cost 1.6 plain steps instead of 1.05, and speculation ran 0.83x).
+    (A draft model next to its target therefore gets one thread, not a spinning pool of its
+    own: see DRAFT_THREADS in engine.py.)
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.log_severity_level = 3
     return options
 
 
-def open_decoder_session(
-    model_path: Path, *, threads: int | None, providers: list[str] | None = None, spinning: bool = True
-) -> ort.InferenceSession:
+def open_decoder_session(model_path: Path, *, threads: int | None, providers: list[str] | None = None) -> ort.InferenceSession:
     """One InferenceSession for a decoder graph; ModelRejected when ONNX Runtime refuses it."""
     try:
         return ort.InferenceSession(
-            str(model_path),
-            sess_options=cpu_session_options(threads, spinning=spinning),
-            providers=providers or ["CPUExecutionProvider"],
+            str(model_path), sess_options=cpu_session_options(threads), providers=providers or ["CPUExecutionProvider"]
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise ModelRejected(f"{model_path.name}: ONNX Runtime cannot load the decoder: {exc}", field="model_file") from None
