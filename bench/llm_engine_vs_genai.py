@@ -142,16 +142,11 @@ def genai_folder(model_dir: Path, scratch: Path) -> Path:
     refuses external data reached through a symlink out of the model's folder)."""
     import onnx
 
+    from appliance.export.llm.logits_start import strip_logits_start
+
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    graph = model.graph
-    cut = next((node for node in graph.node if node.op_type == "Slice" and "logits_start" in node.input), None)
-    if cut is None:
+    if not strip_logits_start(model):
         return model_dir
-    for node in graph.node:
-        node.input[:] = [cut.input[0] if name == cut.output[0] else name for name in node.input]
-    graph.node.remove(cut)
-    for value in [value for value in graph.input if value.name == "logits_start"]:
-        graph.input.remove(value)
     scratch.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
         if path.name != "model.onnx" and not (scratch / path.name).exists():

@@ -102,8 +102,7 @@ class VerificationCost:
         """A verification run over `width` tokens (last token + draft) took `seconds`."""
         if self.step_s is None or width < 2:
             return
-        per_token = (seconds / self.step_s - 1.0) / (width - 1)
-        self.extra_token = self._blend(self.extra_token, min(max(per_token, 0.0), 2.0))
+        self.extra_token = self._blend(self.extra_token, _extra_token_share(seconds, self.step_s, width))
 
     def observe_draft_step(self, seconds: float) -> None:
         """One draft-model step took `seconds`."""
@@ -113,7 +112,7 @@ class VerificationCost:
     def seed(self, step_s: float, verification_width: int, verification_s: float, draft_step_s: float | None) -> None:
         """Replace the priors with timings taken on this box before serving."""
         self.step_s = step_s
-        self.extra_token = min(max((verification_s / step_s - 1.0) / (verification_width - 1), 0.0), 2.0)
+        self.extra_token = _extra_token_share(verification_s, step_s, verification_width)
         if draft_step_s is not None:
             self.draft_step = min(draft_step_s / step_s, 2.0)
 
@@ -121,6 +120,12 @@ class VerificationCost:
         """Cost of drafting (if a model drafts) and verifying `draft_length` tokens."""
         drafting = self.draft_step * draft_length if model_drafted else 0.0
         return 1.0 + self.extra_token * draft_length + drafting
+
+
+def _extra_token_share(seconds: float, step_s: float, width: int) -> float:
+    """What each token beyond the first of a `width`-token run costs, as a share of a plain
+    step; clamped, so one run disturbed by the machine cannot swing the estimate wildly."""
+    return min(max((seconds / step_s - 1.0) / (width - 1), 0.0), 2.0)
 
 
 def expected_emitted(acceptance: float, draft_length: int) -> float:

@@ -60,3 +60,18 @@ def add_logits_start(model_path: Path) -> bool:
             output.type.tensor_type.shape.dim[1].dim_param = _LOGITS_LENGTH_DIM
     onnx.save(model, str(model_path))
     return True
+
+
+def strip_logits_start(model: onnx.ModelProto) -> bool:
+    """Undo `add_logits_start` in `model` (for runtimes that do not feed the input, such as
+    onnxruntime-genai); False when the graph has no such Slice."""
+    graph = model.graph
+    cut = next((node for node in graph.node if node.op_type == "Slice" and LOGITS_START_INPUT in node.input), None)
+    if cut is None:
+        return False
+    for node in graph.node:
+        node.input[:] = [cut.input[0] if name == cut.output[0] else name for name in node.input]
+    graph.node.remove(cut)
+    for value in [value for value in graph.input if value.name == LOGITS_START_INPUT]:
+        graph.input.remove(value)
+    return True
