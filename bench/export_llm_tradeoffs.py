@@ -47,6 +47,7 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int4, lm_head 8, emb fp32": WeightOnlyRecipe(bits=4, lm_head_bits=8),
     "int4, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4),
     "int4 default (attn + down 8-bit, emb shared)": VARIANT_RECIPES["int4"],
+    "int4-exact (the GGUF's own Q4_1 grid, lm_head 8, emb shared)": VARIANT_RECIPES["int4-exact"],
     "int4, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4),
     "int4 asym, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4, symmetric=False),
     "int4 asym, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4, symmetric=False),

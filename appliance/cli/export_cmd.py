@@ -44,7 +44,10 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-QUANT_HELP = "fp32 | fp16 | int8 | int8-static | int4 | auto (auto picks per task and provider)."
+QUANT_HELP = (
+    "fp32 | fp16 | int8 | int8-static | int4 | int4-exact | auto (auto picks per task and provider; "
+    "int4-exact keeps a Q4_1 GGUF's own 4-bit weights without rounding them again)."
+)
 
 
 def _first_line(exc: BaseException) -> str:

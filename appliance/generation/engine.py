@@ -55,11 +55,6 @@ log = logging.getLogger(__name__)
 #: Speculate only while at most this many sequences run: a batched decode run already
 #: amortises the per-step cost, and verification runs one sequence at a time.
 SPECULATE_MAX_RUNNING = 1
-#: The draft model runs on the calling thread alone. With a pool of its own, its idle workers
-#: and the target's would spin on the cores the other needs (2 cores: the target's 8-token
-#: verification cost 1.6 plain steps instead of 1.05); with spinning off in both, plain decode
-#: lost 13% and the int4 draft 50%. One thread leaves the target's pool untouched.
-DRAFT_THREADS = 1
 #: Timing runs before serving when speculation is on: what a plain step, a full-width
 #: verification and a draft step cost here (also warms the sessions up).
 CALIBRATION_PAST_TOKENS = 32
@@ -153,7 +148,13 @@ class GenerationEngine:
         geometry = KvGeometry.from_spec(spec)
         max_slots = settings.max_running_sequences
         width = max(max_slots, settings.prefill_chunk_tokens, MAX_DRAFT_TOKENS + 1)
-        session = open_decoder_session(version_path / manifest.model_file, threads=threads)
+        # With a draft model the two sessions take turns on the same cores; each parks its pool
+        # when its run returns. Measured on the 2-core box (fp32 target, int4 draft): a
+        # one-thread draft beside a spinning target could not pay for itself (speculation
+        # switched off, 49-55 tok/s); both on two threads that park: 61-64 tok/s against
+        # 46-51 plain (docs/BENCHMARKS.md).
+        takes_turns = draft_version is not None
+        session = open_decoder_session(version_path / manifest.model_file, threads=threads, takes_turns=takes_turns)
         self.kv_store = KvStore(geometry, max_slots, self.context_length)
         self.runner = make_runner(session, spec, self.kv_store, max_rows_x_width=width)
         stores = [self.kv_store]
@@ -163,7 +164,7 @@ class GenerationEngine:
             if draft_spec.vocab_size != spec.vocab_size:
                 raise ModelRejected(f"draft model {draft_version.name} has another vocabulary", field="draft")
             draft_store = KvStore(KvGeometry.from_spec(draft_spec), max_slots, self.context_length)
-            draft_session = open_decoder_session(draft_version.model_path, threads=DRAFT_THREADS)
+            draft_session = open_decoder_session(draft_version.model_path, threads=threads, takes_turns=True)
             self.draft = _Draft(make_runner(draft_session, draft_spec, draft_store, max_rows_x_width=width), draft_store)
             stores.append(draft_store)
         budget = settings.kv_budget_bytes or int(psutil.virtual_memory().available * DEFAULT_KV_SHARE_OF_FREE)

@@ -58,12 +58,13 @@ class KvGeometry:
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, np.dtype(dtype))
 
 
-def cpu_session_options(threads: int | None) -> ort.SessionOptions:
+def cpu_session_options(threads: int | None, *, stop_spinning_after_run: bool = False) -> ort.SessionOptions:
     """Options the measurements favour on CPU: intra-op threads = cores, spinning on, sequential.
 
     Spinning off cost 35% of decode speed on the 2-core box; one thread instead of two cost 24%.
-    (A draft model next to its target therefore gets one thread, not a spinning pool of its
-    own: see DRAFT_THREADS in engine.py.)
+    `stop_spinning_after_run`: the pool still spins between the operators of a run, but parks
+    as soon as the run returns. Two sessions that take turns on the same cores (a draft model
+    and its target) need it, or each one's idle workers spin on the cores the other is using.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -71,15 +72,22 @@ def cpu_session_options(threads: int | None) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     return options
 
 
-def open_decoder_session(model_path: Path, *, threads: int | None, providers: list[str] | None = None) -> ort.InferenceSession:
-    """One InferenceSession for a decoder graph; ModelRejected when ONNX Runtime refuses it."""
+def open_decoder_session(
+    model_path: Path, *, threads: int | None, providers: list[str] | None = None, takes_turns: bool = False
+) -> ort.InferenceSession:
+    """One InferenceSession for a decoder graph; ModelRejected when ONNX Runtime refuses it.
+    `takes_turns`: it alternates with another session on the same cores (see cpu_session_options)."""
     try:
         return ort.InferenceSession(
-            str(model_path), sess_options=cpu_session_options(threads), providers=providers or ["CPUExecutionProvider"]
+            str(model_path),
+            sess_options=cpu_session_options(threads, stop_spinning_after_run=takes_turns),
+            providers=providers or ["CPUExecutionProvider"],
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise ModelRejected(f"{model_path.name}: ONNX Runtime cannot load the decoder: {exc}", field="model_file") from None

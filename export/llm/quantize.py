@@ -28,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from appliance.errors import ExportError
+from appliance.export.llm.grid_exact import GridBlocks, encode_grid_exact, grid_exact_candidates
 
 EXTERNAL_DATA_SUFFIX = ".data"
 #: Tensors smaller than this stay inside model.onnx; larger ones go to the external file.
@@ -57,6 +58,11 @@ class WeightOnlyRecipe:
     #: 4 = int8 activations inside MatMulNBits (the fast CPU kernel; accuracy_level 0 ran
     #: 8-bit weights at 8.7 tok/s against 58 tok/s).
     accuracy_level: int = 4
+    #: Store every layer MatMul on the 4-bit grid its fp32 weights already sit on (a Q4_1 GGUF
+    #: source) instead of rounding them again: see grid_exact.py. A weight off any such grid
+    #: is an ExportError, not a silent fallback. The LM head and embedding follow the fields
+    #: above.
+    grid_exact: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -69,6 +75,8 @@ class WeightOnlyRecipe:
             raise ExportError(f"quant: promoted bits must be 4 or 8, not {self.promoted_bits}", field="quant")
         if self.promoted_layers not in ("mixed", "all"):
             raise ExportError(f"quant: promoted layers must be 'mixed' or 'all', not {self.promoted_layers!r}", field="quant")
+        if self.grid_exact and self.bits != 4:
+            raise ExportError("quant: the exact grid encoding stores 4-bit codes only", field="quant")
         if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ExportError(
                 f"block_size: {self.block_size} must be a power of two between 16 and 256", field="block_size"
@@ -259,6 +267,25 @@ def _quantizer(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     return quantizer.model.model
 
 
+def _grid_exact_layers(model: onnx.ModelProto, recipe: WeightOnlyRecipe, lm_head: onnx.NodeProto | None) -> dict[str, GridBlocks]:
+    """Every MatMul except the LM head, recovered on its 4-bit grid; ExportError naming how
+    many are off-grid (the source was not a Q4_1-style 4-bit model)."""
+    initializers = {init.name for init in model.graph.initializer}
+    names = [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and node is not lm_head and node.input[1] in initializers
+    ]
+    grids = grid_exact_candidates(model, names, recipe.block_size)
+    if not names or len(grids) != len(names):
+        raise ExportError(
+            f"quant: int4-exact needs weights that already sit on a 4-bit grid (a Q4_1 GGUF source); "
+            f"{len(names) - len(grids)} of {len(names)} MatMuls do not, so use int4",
+            field="quant",
+        )
+    return grids
+
+
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> dict[str, Any]:
     """Write `source` quantised by `recipe` to `target`; returns what was done (report)."""
     model = load_with_weights(source)
@@ -271,7 +298,8 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     num_layers = len({int(m.group(1)) for node in model.graph.node if (m := _LAYER_IN_NAME.search(node.name))})
     promoted = recipe.promoted_nodes(model, num_layers)
     tied = bool(untied) and lm_head is not None and embedding is not None and _is_tied(model, lm_head, embedding)
-    exclude = ([lm_head.name] if lm_head is not None else []) + promoted
+    grids = _grid_exact_layers(model, recipe, lm_head) if recipe.grid_exact else {}
+    exclude = ([lm_head.name] if lm_head is not None else []) + promoted + list(grids)
     model = _quantizer(
         model,
         bits=recipe.bits,
@@ -315,6 +343,8 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
             is_symmetric=recipe.symmetric,
             quant_axes=(("Gather", 1),),
         )
+    if grids:
+        encode_grid_exact(model, grids, recipe.block_size)
     counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
@@ -325,6 +355,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         "untied": untied,
         "ops": counts,
         "lm_head": lm_head.name if lm_head else None,
-        "promoted_matmuls": len(promoted),
+        "promoted_matmuls": 0 if grids else len(promoted),
+        "grid_exact_matmuls": len(grids),
         "embedding_shared_with_lm_head": bool(recipe.share_embedding and tied and recipe.lm_head_bits == 8),
     }

@@ -80,4 +80,4 @@ def get_variant(name: str) -> Variant:
 
 
 #: Every name --quant accepts (the CLI validates against this before any work).
-QUANT_CHOICES: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static", "int4", "auto")
+QUANT_CHOICES: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static", "int4", "int4-exact", "auto")

@@ -157,6 +157,15 @@ def _permute_for_gguf(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _gguf_type(name: str, data: np.ndarray):  # noqa: ANN202 - gguf.GGMLQuantizationType | None
+    """Q8_0 for the token embedding, Q4_1 for the layers' 2-D weights, F32 for norms."""
+    import gguf
+
+    if data.ndim != 2:
+        return None
+    return gguf.GGMLQuantizationType.Q8_0 if name == "token_embd.weight" else gguf.GGMLQuantizationType.Q4_1
+
+
 def write_tiny_gguf(
     hf_folder: Path,
     gguf_path: Path,
@@ -165,11 +174,13 @@ def write_tiny_gguf(
     eos_token_id: int = 2,
     add_bos_token: bool = False,
     chat_template: str | None = CHAT_TEMPLATE,
+    quantized: bool = False,
 ) -> Path:
-    """Write the tiny Llama in `hf_folder` as an F32 GGUF, tokenizer and chat template included.
+    """Write the tiny Llama in `hf_folder` as a GGUF, tokenizer and chat template included.
 
     The header states the special tokens the way llama.cpp's converter does, so the GGUF
-    source's tokenizer fix can be checked against it.
+    source's tokenizer fix can be checked against it. `quantized`: the layer weights in Q4_1
+    and the token embedding in Q8_0, as in the SmolLM2 GGUF the appliance ships; F32 otherwise.
     """
     import gguf
     from safetensors.numpy import load_file
@@ -190,7 +201,7 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quantized else gguf.LlamaFileType.ALL_F32)
 
     vocab: dict[str, int] = tokenizer["model"]["vocab"]
     for added in tokenizer["added_tokens"]:
@@ -242,7 +253,11 @@ def write_tiny_gguf(
             data = _permute_for_gguf(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
             data = _permute_for_gguf(data, n_kv_head)
-        writer.add_tensor(name_map[hf_name], data)
+        kind = _gguf_type(name_map[hf_name], data) if quantized else None
+        if kind is None:
+            writer.add_tensor(name_map[hf_name], data)
+        else:
+            writer.add_tensor(name_map[hf_name], gguf.quants.quantize(data, kind), raw_dtype=kind)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
