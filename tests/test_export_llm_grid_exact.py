@@ -15,6 +15,7 @@ import pytest
 from helpers.decoders import make_tiny_llama, write_tiny_gguf
 from onnx import TensorProto, helper, numpy_helper
 
+from appliance.cli.models_cmd import version_summary
 from appliance.config import load_settings
 from appliance.errors import ExportError
 from appliance.export.llm.grid_exact import encode_grid_exact, grid_exact_candidates, recover_grid
@@ -112,6 +113,8 @@ def test_a_q4_1_gguf_exports_losslessly_as_int4_exact(sources: Path, tmp_path: P
     assert exact.report.verdict == "accepted"
     assert exact.report.budget["loss"] < plain.report.budget["loss"]
     assert exact.report.budget["loss"] <= 0.02
+    # `appliance models list` tells the two 4-bit versions apart.
+    assert [version_summary(v, None)["variant"] for v in (exact, plain)] == ["int4-exact", "int4"]
 
 
 def test_int4_exact_refuses_weights_that_are_not_on_a_4_bit_grid(sources: Path, tmp_path: Path) -> None:

@@ -181,6 +181,16 @@ def test_draft_model_speculation_gives_the_target_greedy_output(tiny_decoders: T
     engine = make_engine(tiny_decoders.llama_fp32, speculative="draft", draft=tiny_decoders.llama_int4)
     engine.cost = CheapDrafts()  # a tiny draft costs what its tiny target does: it would never draft
     try:
+        # The two sessions take turns on the same cores: both park their pools after each run.
+        assert engine.draft is not None
+        for runner in (engine.runner, engine.draft.runner):
+            options = runner.session.get_session_options()  # type: ignore[attr-defined]
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        plain = make_engine(tiny_decoders.llama_fp32)
+        plain_options = plain.runner.session.get_session_options()  # type: ignore[attr-defined]
+        plain.stop()
+        with pytest.raises(RuntimeError, match="force_spinning_stop"):  # not set: a lone model keeps spinning
+            plain_options.get_session_config_entry("session.force_spinning_stop")
         for prompt in PROMPTS[:2]:
             assert asyncio.run(generate(engine, prompt, greedy(25))).tokens == reference_greedy(tiny_decoders.llama_fp32, prompt, 25)
         assert engine.counters["draft_tokens"] > 0
