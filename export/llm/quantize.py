@@ -280,7 +280,7 @@ def _grid_exact_layers(model: onnx.ModelProto, recipe: WeightOnlyRecipe, lm_head
     if not names or len(grids) != len(names):
         raise ExportError(
             f"quant: int4-exact needs weights that already sit on a 4-bit grid (a Q4_1 GGUF source); "
-            f"{len(names) - len(grids)} of {len(names)} MatMuls do not, so use int4",
+            f"{len(names) - len(grids)} of {len(names)} MatMuls do not in blocks of {recipe.block_size}, so use int4",
             field="quant",
         )
     return grids
