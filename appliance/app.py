@@ -9,6 +9,8 @@ export stage, torch or transformers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +44,7 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
+from appliance.watch import RepositoryWatch
 
 log = logging.getLogger("appliance.server")
 
@@ -114,18 +117,28 @@ def create_app(settings: Settings) -> FastAPI:
     privacy = PrivacyPolicy(settings, database)
     ctx.api_networks, ctx.admin_networks = privacy.api_networks, privacy.admin_networks  # live lists: the UI edits them
     request_log = RequestLog(database)
-    held_back = DeploymentStore(database).held_back()
+    deployments = DeploymentStore(database)
+    held_back = deployments.held_back()
     if settings.auth and keys.count_active() == 0:
         log.warning("no API keys yet: every /v1 and /v2 request will get 401; create one with `appliance keys create NAME`")
+
+    watch = RepositoryWatch(
+        ModelRepository(settings.models_dir), registry, generation, deployments.held_back, settings.repository_poll_s
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         registry.start(exclude=held_back)
         # Generation engines open before the port does (a few seconds), so chat never 503s.
         await generation.start(exclude=held_back)
+        watching = asyncio.get_running_loop().create_task(watch.run(), name="repository-watch") if settings.repository_poll_s else None
         try:
             yield
         finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             ctx.draining = True
             await registry.close(grace_s=settings.drain_grace_s)
             await generation.stop()

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Deadline for one request (504 beyond).")
     drain_grace_s: float = Field(20.0, ge=0, le=600, description="Time in-flight work gets after SIGTERM.")
+    repository_poll_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="How often the server looks for newly published or re-defaulted model versions and loads them (0: never).",
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the state dir.")
     log_format: Literal["text", "json"] = Field("text", description="One line per event, text or JSON.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -33,6 +33,8 @@ class EngineState:
     engine: GenerationEngine | None = None
     reason: str | None = None
     created: int = 0
+    #: The repository version this state is about (None: no deployable version).
+    version: int | None = None
 
 
 class GenerationRegistry:
@@ -92,13 +94,13 @@ class GenerationRegistry:
             )
         except ApplianceError as exc:
             log.warning("generation model %s failed to load: %s", name, exc.message)
-            state = EngineState(name, "failed", reason=exc.message)
+            state = EngineState(name, "failed", reason=exc.message, version=version.version)
             self._states[name] = state
             self.listed.pop(name, None)
             return state
         engine.start()
         old = self._states.get(name)
-        self._states[name] = EngineState(name, "ready", engine, created=_created(version))
+        self._states[name] = EngineState(name, "ready", engine, created=_created(version), version=version.version)
         self.listed[name] = _created(version)
         if old is not None and old.engine is not None:
             await asyncio.to_thread(old.engine.stop)
@@ -121,6 +123,15 @@ class GenerationRegistry:
         self.listed.pop(name, None)
         if state is not None and state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
+
+    def version_of(self, name: str) -> int | None:
+        """The version `name`'s engine serves or failed to load; None when it has none."""
+        state = self._states.get(name)
+        return state.version if state is not None else None
+
+    def loaded_names(self) -> list[str]:
+        """Models with an engine (serving, or being replaced)."""
+        return [name for name, state in self._states.items() if state.engine is not None]
 
     def status(self, name: str) -> tuple[str, str | None]:
         """(loading | ready | failed | unloaded, reason) for the admin UI."""
