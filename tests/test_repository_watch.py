@@ -5,6 +5,7 @@ real HTTP, real ONNX Runtime sessions."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from appliance.repository import ModelRepository
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.migrate import upgrade
+from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 from tests.helpers.server import RunningServer, running_server
 from tests.helpers.tiny_models import publish_adder, publish_identity
 
@@ -94,3 +96,19 @@ def test_an_undeployed_model_stays_undeployed_and_polling_can_be_off(tmp_path: P
         publish_identity(repository)
         time.sleep(1.0)
         assert serving(server, "identity") == ("ready", 1), "with polling off only an explicit load reloads"
+
+
+def test_a_generation_model_follows_its_default_version(tiny_decoders: TinyDecoders, tmp_path: Path) -> None:
+    shutil.copytree(tiny_decoders.state_dir / "models", tmp_path / "models", ignore=shutil.ignore_patterns(".staging", ".lock"))
+    repository = ModelRepository(tmp_path / "models")
+    fp32, int4 = tiny_decoders.llama_fp32.version, tiny_decoders.llama_int4.version
+    repository.set_default("tiny-llama", fp32)
+    with running_server(tmp_path, repository_poll_s=POLL_S) as server:
+        generation = server.app.state.generation
+        assert generation.version_of("tiny-llama") == fp32
+        repository.set_default("tiny-llama", int4)
+        wait_for(lambda: generation.version_of("tiny-llama") == int4 and generation.status("tiny-llama")[0] == "ready", "int4 to serve")
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        answer = httpx.post(server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
