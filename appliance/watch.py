@@ -5,7 +5,8 @@ a shell, a script, or an export the admin UI started), and a published version m
 once it is published. Every `repository_poll_s` seconds the watch compares each model's serving
 version on disk (the default, else the newest deployable one) with the version loaded, and
 reloads where they differ; the old version keeps serving until the new one is ready. Models an
-admin undeployed are left alone; a model whose files were removed stops serving. A version that
+admin undeployed, or that a client unloaded (POST /v2/repository/models/NAME/unload), are left
+alone until loaded explicitly; a model whose files were removed stops serving. A version that
 failed to load is not retried until the repository names another one.
 """
 
@@ -68,7 +69,7 @@ class RepositoryWatch:
                     acted.append(name)
                 continue
             state = self.registry.state(name)
-            if state is not None and (state.version == version or state.status == "loading"):
+            if state is not None and (state.version == version or state.status in ("loading", "unloaded")):
                 continue
             log.info("repository watch: %s version %d published, loading it", name, version)
             await self.registry.load(name)

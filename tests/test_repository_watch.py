@@ -89,13 +89,17 @@ def test_an_undeployed_model_stays_undeployed_and_polling_can_be_off(tmp_path: P
     database.close()
     with running_server(tmp_path, repository_poll_s=POLL_S) as server:
         assert serving(server, "adder")[0] == "unloaded"
+        unloaded = httpx.post(server.url("/v2/repository/models/identity/unload"), headers=server.auth(), timeout=10)
+        assert unloaded.status_code == 200, unloaded.text
         publish_adder(repository)
+        publish_identity(repository)
         time.sleep(10 * POLL_S)
         assert serving(server, "adder")[0] == "unloaded", "an admin's undeploy outlives new versions"
+        assert serving(server, "identity")[0] == "unloaded", "so does an unload through the repository API"
     with running_server(tmp_path, repository_poll_s=0, create_keys={"second": ["infer", "admin"]}) as server:
         publish_identity(repository)
         time.sleep(1.0)
-        assert serving(server, "identity") == ("ready", 1), "with polling off only an explicit load reloads"
+        assert serving(server, "identity") == ("ready", 2), "with polling off only an explicit load reloads"
 
 
 def test_a_generation_model_follows_its_default_version(tiny_decoders: TinyDecoders, tmp_path: Path) -> None:
