@@ -6,7 +6,11 @@ What it proves, each as one line with a verdict:
 2. CUDA: a session runs on CUDAExecutionProvider; batch 32 vs batch 1 throughput (target >= 3x);
 3. TensorRT: the engine is built once into an engine cache + timing cache, and a second load
    reuses it (much faster, no new engine files);
-4. the appliance's own `create_session` picks the best provider and reports the fallbacks.
+4. the appliance's own `create_session` picks the best provider and reports the fallbacks;
+5. MatMulNBits with float zero points (the one-node form of the export's int4-exact) against
+   integer zero points, on the best provider: on the CPU the float form is ~25x slower, which is
+   why int4-exact splits the block minimum off; if CUDA runs both alike, a CUDA int4-exact can
+   be one node per weight.
 
 Needs onnxruntime-gpu (or an image's onnxruntime with CUDA/TensorRT), numpy and onnx; runs on
 CPU too (then it just reports the GPU providers as unavailable). The synthetic model is an
@@ -163,7 +167,55 @@ def main() -> int:
         )
         _, report = create_session(model_path, manifest, ProviderConfig(trt_cache_dir=work / "appliance-trt"))
         line("OK", "appliance selection", report.summary())
+    zero_point_forms(built)
     return 1 if failures else 0
+
+
+def zero_point_forms(built: list[str]) -> None:
+    """Time MatMulNBits (K 576, N 1536, block 32, M 1 and 8) with uint8 and with float zero points."""
+    provider = next((p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in built), "CPUExecutionProvider")
+    k_dim, n_dim, block = 576, 1536, 32
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 256, (n_dim, k_dim // block, block // 2), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, n_dim * k_dim // block).astype(np.float32)
+    forms = {
+        "uint8": np.full(n_dim * ((k_dim // block + 1) // 2), 0x88, np.uint8),
+        "float": rng.uniform(0, 15, n_dim * k_dim // block).astype(np.float32),
+    }
+    timings: dict[str, list[float]] = {}
+    for form, zero_points in forms.items():
+        node = helper.make_node(
+            "MatMulNBits", ["a", "b", "s", "z"], ["y"], domain="com.microsoft",
+            K=k_dim, N=n_dim, bits=4, block_size=block, accuracy_level=4,
+        )
+        graph = helper.make_graph(
+            [node], "zp", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k_dim])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n_dim])],
+            [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s"), numpy_helper.from_array(zero_points, "z")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+        except Exception as exc:  # noqa: BLE001 - a provider without the form is the finding
+            line("WARN", f"MatMulNBits {form} zero points", f"{provider} refused it: {str(exc).splitlines()[0]}")
+            continue
+        for rows in (1, 8):
+            a = rng.standard_normal((rows, k_dim)).astype(np.float32)
+            for _ in range(10):
+                session.run(None, {"a": a})
+            times = []
+            for _ in range(50):
+                start = time.perf_counter()
+                session.run(None, {"a": a})
+                times.append(time.perf_counter() - start)
+            timings.setdefault(form, []).append(statistics.median(times) * 1e6)
+    if len(timings) == 2:
+        ratio = max(f / u for f, u in zip(timings["float"], timings["uint8"], strict=True))
+        line(
+            "OK", "MatMulNBits zero points",
+            f"{provider}: uint8 {timings['uint8'][0]:.0f}/{timings['uint8'][1]:.0f} us, float "
+            f"{timings['float'][0]:.0f}/{timings['float'][1]:.0f} us at M 1/8 (float form {ratio:.1f}x the time)",
+        )
 
 
 if __name__ == "__main__":
