@@ -229,3 +229,18 @@ def test_openapi_declares_the_generation_routes(server: RunningServer) -> None:
     schema = httpx.get(server.url("/openapi.json"), timeout=30).json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "line\u2029paragraph", "next\x85line", "ctrl\x1cchar", "plain é ü 中"])
+def test_a_streamed_frame_stays_one_line_for_clients_that_split_on_unicode_breaks(text: str) -> None:
+    # A load run caught it: a sampled token decoding to U+2028 cut a frame in two for httpx's
+    # iter_lines, which splits like str.splitlines. The frame must parse back to the payload.
+    from httpx._decoders import LineDecoder
+
+    from appliance.api.openai_chat import sse_frame
+
+    payload = {"choices": [{"index": 0, "delta": {"content": text}}]}
+    frame = sse_frame(payload)
+    assert frame.endswith(b"\n\n") and frame.count(b"\n") == 2
+    lines = [line for line in LineDecoder().decode(frame.decode("utf-8")) if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == payload

@@ -230,15 +230,25 @@ def _chat_logprobs(engine: GenerationEngine, entries: list[TokenLogprob]) -> Cho
     return ChoiceLogprobs(content=content)
 
 
-def _sse(payload: dict[str, object]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+#: Characters that JSON leaves raw but that common clients treat as line breaks: httpx's
+#: `iter_lines` (and anything built on `str.splitlines`) splits an event at them, so a token that
+#: decodes to one of them would cut its frame in two. Escaped, the JSON means the same.
+_LINE_BREAKING = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def sse_frame(payload: dict[str, object]) -> bytes:
+    """One `data:` frame: compact UTF-8 JSON on one line, whatever line splitting the client uses."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    for raw, escaped in _LINE_BREAKING.items():
+        text = text.replace(raw, escaped)
+    return b"data: " + text.encode("utf-8") + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 
 def _stream_error(path: str, exc: ApplianceError) -> bytes:
-    return _sse(error_body(path, exc.status_code, exc.message, exc.field))
+    return sse_frame(error_body(path, exc.status_code, exc.message, exc.field))
 
 
 #: Proxies must pass server-sent events through as they are made, not buffer them.
@@ -312,7 +322,7 @@ async def _chat_events(
         payload = dump(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage))
         if not include_usage:
             payload.pop("usage", None)
-        return _sse(payload)
+        return sse_frame(payload)
 
     choices = [_Choice(index) for index in range(len(streams))]
     try:
@@ -464,10 +474,10 @@ async def _completion_events(
                     )
                 )
                 payload.pop("usage", None)
-                yield _sse(payload)
+                yield sse_frame(payload)
         if include_usage:
             payload = dump(Completion(id=completion_id, created=created, model=model, choices=[], usage=_usage(choices, prompt_tokens)))
-            yield _sse(payload)
+            yield sse_frame(payload)
     except ApplianceError as exc:
         yield _stream_error(path, exc)
     finally:
