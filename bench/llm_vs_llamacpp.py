@@ -302,6 +302,20 @@ async def measure_server(server: Process, model: str, workloads: dict[str, list[
     return out
 
 
+def measure_appliance(
+    args: argparse.Namespace, variant: str | None, workloads: dict[str, list[str]], *, speculative: str = "off", max_tokens: int = NEW_TOKENS
+) -> dict[str, dict[str, Any]]:
+    """Serve the state dir (`variant` made the default first, when given) and measure
+    `workloads` through HTTP."""
+    if variant is not None:
+        variant_state(args.state_dir, variant, default=True)
+    server = appliance_server(args.state_dir, args.threads, speculative=speculative)
+    try:
+        return asyncio.run(measure_server(server, MODEL, workloads, args.repeats, llama=False, max_tokens=max_tokens))
+    finally:
+        server.stop()
+
+
 def variant_state(state_dir: Path, quant: str, default: bool) -> Path:
     """A state dir holding only the versions a run needs, with `quant` marked as the default."""
     sys.path.insert(0, str(ROOT))
@@ -350,42 +364,19 @@ def main() -> None:
         finally:
             server.stop()
 
-    variant_state(args.state_dir, "int4", default=True)
-    server = appliance_server(args.state_dir, args.threads, speculative="off")
-    try:
-        report["appliance_int4"] = asyncio.run(measure_server(server, MODEL, workloads, args.repeats, llama=False))
-    finally:
-        server.stop()
+    single = {"single": [USER_PROMPT]}
+    report["appliance_int4"] = measure_appliance(args, "int4", workloads)
     if args.prompt_lookup:
         rewrite = {"rewrite": [REWRITE_PROMPT]}
         for mode in ("off", "prompt-lookup"):
-            server = appliance_server(args.state_dir, args.threads, speculative=mode)
-            try:
-                report[f"rewrite_{mode}"] = asyncio.run(measure_server(server, MODEL, rewrite, args.repeats, llama=False, max_tokens=256))
-            finally:
-                server.stop()
+            report[f"rewrite_{mode}"] = measure_appliance(args, None, rewrite, speculative=mode, max_tokens=256)
     if args.int8:
-        variant_state(args.state_dir, "int8", default=True)
-        server = appliance_server(args.state_dir, args.threads, speculative="off")
-        try:
-            report["appliance_int8"] = asyncio.run(measure_server(server, MODEL, {"single": [USER_PROMPT]}, args.repeats, llama=False))
-        finally:
-            server.stop()
+        report["appliance_int8"] = measure_appliance(args, "int8", single)
     if args.int4_exact:
-        variant_state(args.state_dir, "int4-exact", default=True)
-        server = appliance_server(args.state_dir, args.threads, speculative="off")
-        try:
-            report["appliance_int4_exact"] = asyncio.run(measure_server(server, MODEL, workloads, args.repeats, llama=False))
-        finally:
-            server.stop()
+        report["appliance_int4_exact"] = measure_appliance(args, "int4-exact", workloads)
     if args.speculative:
-        variant_state(args.state_dir, "fp32", default=True)
         for mode in ("off", "draft"):
-            server = appliance_server(args.state_dir, args.threads, speculative=mode)
-            try:
-                report[f"fp32_{mode}"] = asyncio.run(measure_server(server, MODEL, {"single": [USER_PROMPT]}, args.repeats, llama=False))
-            finally:
-                server.stop()
+            report[f"fp32_{mode}"] = measure_appliance(args, "fp32", single, speculative=mode)
     variant_state(args.state_dir, "int4", default=True)
     print_report(report)
     if args.json:

@@ -67,20 +67,26 @@ class StagingLease:
 
     def __enter__(self) -> StagingLease:
         self.area.mkdir(parents=True, exist_ok=True)
-        while True:
-            handle = open(self.lock_path, "a+")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            # A concurrent clean may have unlinked the file between open and flock; holding a
-            # lock on an unlinked file protects nothing, so take a fresh one.
-            try:
-                if os.stat(self.lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            handle.close()
-        self._handle = handle
-        self.work_dir.mkdir(mode=0o700)
-        self.version_dir.mkdir(mode=0o700)
+        try:
+            while True:
+                handle = open(self.lock_path, "a+")
+                self._handle = handle
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                # A concurrent clean may have unlinked the file between open and flock; holding
+                # a lock on an unlinked file protects nothing, so take a fresh one.
+                try:
+                    if os.stat(self.lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                handle.close()
+            self.work_dir.mkdir(mode=0o700)
+            self.version_dir.mkdir(mode=0o700)
+        except BaseException:
+            # `with` calls __exit__ only once __enter__ has returned: a Ctrl-C (or a full disk)
+            # while the lease is being set up must remove what was already made.
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(

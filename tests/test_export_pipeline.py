@@ -227,3 +227,34 @@ def test_tensor_model_with_external_data_in_a_subfolder_is_published_self_contai
     assert sorted(p.name for p in version.path.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
     session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})[0], [[4.0, 4.0]])
+
+
+@pytest.mark.parametrize("failing", ["lock", "work", "version"])
+def test_an_interrupt_while_the_staging_lease_is_set_up_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # A fresh-clone CI run caught it: Ctrl-C right as an export started left its lock, work and
+    # version folders behind, because `with` runs __exit__ only after __enter__ returned.
+    from appliance.export import staging
+
+    repository = ModelRepository(tmp_path / "models")
+    lease = staging.StagingLease(repository)
+    real_mkdir, real_flock = Path.mkdir, fcntl.flock
+
+    def mkdir(path: Path, *args: object, **kwargs: object) -> None:
+        if path.name.endswith(f"-{failing}"):
+            raise KeyboardInterrupt
+        real_mkdir(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def flock(handle: object, operation: int) -> None:
+        if failing == "lock":
+            raise KeyboardInterrupt
+        real_flock(handle, operation)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(staging.fcntl, "flock", flock)
+    with pytest.raises(KeyboardInterrupt):
+        with lease:
+            pytest.fail("the lease must not be entered")
+    monkeypatch.undo()
+    assert list((tmp_path / "models" / STAGING_DIR).iterdir()) == []
