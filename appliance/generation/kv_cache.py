@@ -8,7 +8,8 @@ slots [0, n) (`compact`) because the decode batch binds that range as one numpy 
 row happens only when a sequence leaves or starts decoding, never per step.
 
 Never imports onnxruntime; never allocates per step (only the rare swap of two sequences when
-every slot is taken copies one of them).
+every slot is taken copies one of them). A vacated slot's memory is returned to the system at
+once (`KvStore.forget`), so resident KV memory follows the reservations, not slots x context.
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ class KvCacheManager:
             del self._owners[owner.slot]
             self.reserved_tokens -= owner.reserved_tokens
             owner.reserved_tokens = 0
+            self._vacate(owner.slot)
         owner.slot = -1
+
+    def _vacate(self, slot: int) -> None:
+        """A slot nobody owns any more: its memory goes back to the system at once."""
+        for store in self.stores:
+            store.forget(slot)
 
     def compact(self, running: Iterable[SlotOwner]) -> None:
         """Move running sequences into slots [0, n), displacing prefilling ones upward."""
@@ -107,8 +114,10 @@ class KvCacheManager:
         self._owners[there], self._owners[here] = owner, occupant
 
     def _move(self, owner: SlotOwner, target: int) -> None:
+        source = owner.slot
         for store in self.stores:
-            store.move_slot(owner.slot, target, owner.num_cached)
-        del self._owners[owner.slot]
+            store.move_slot(source, target, owner.num_cached)
+        del self._owners[source]
         owner.slot = target
         self._owners[target] = owner
+        self._vacate(source)

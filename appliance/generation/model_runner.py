@@ -22,6 +22,7 @@ Never imports torch or transformers; never allocates KV memory per step.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +94,47 @@ def open_decoder_session(
         raise ModelRejected(f"{model_path.name}: ONNX Runtime cannot load the decoder: {exc}", field="model_file") from None
 
 
+def _page_backed_zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, mmap.mmap]:
+    """A zero array in its own anonymous mapping, on small pages only.
+
+    A slot is [kv_heads, context, head_dim]: each head's rows start a fresh 2 MiB stretch at
+    SmolLM2's 8192-token context. numpy asks the kernel for transparent huge pages on large
+    arrays, so the first position written into a head made all 2 MiB resident: every slot ever
+    used cost its full context (measured: 16 slots -> 6 GB resident for 64-token chats, past any
+    KV budget). On small pages memory follows the positions actually written.
+    """
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _NO_HUGE_PAGES is not None:
+        mapping.madvise(_NO_HUGE_PAGES)
+    return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape), mapping
+
+
+#: Linux only; elsewhere the mapping simply gets what the platform gives.
+_NO_HUGE_PAGES: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
+_FREE_PAGES: int | None = getattr(mmap, "MADV_DONTNEED", None)
+
+
 class KvStore:
-    """The preallocated K and V buffers of every layer, one row (slot) per sequence."""
+    """The preallocated K and V buffers of every layer, one row (slot) per sequence.
+
+    Address space for every slot's whole context is reserved up front (so nothing is allocated
+    per step and a batch is one view), but memory becomes resident only where positions are
+    written, and a slot's pages go back to the system when its sequence leaves (`forget`): what
+    the cache holds follows the tokens admitted under the KV budget, not slots x context.
+    """
 
     def __init__(self, geometry: KvGeometry, max_slots: int, max_len: int) -> None:
         shape = (max_slots, geometry.num_kv_heads, max_len, geometry.head_dim)
         self.geometry = geometry
         self.max_slots = max_slots
         self.max_len = max_len
-        self.keys = [np.zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
-        self.values = [np.zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
+        keys = [_page_backed_zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
+        values = [_page_backed_zeros(shape, geometry.dtype) for _ in range(geometry.num_layers)]
+        self.keys = [array for array, _ in keys]
+        self.values = [array for array, _ in values]
+        self._mappings = [mapping for _, mapping in (*keys, *values)]
+        self._slot_bytes = geometry.num_kv_heads * max_len * geometry.head_dim * geometry.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +144,18 @@ class KvStore:
         """Copy one sequence's first `length` positions to another slot (compaction on retire)."""
         for buffer in (*self.keys, *self.values):
             buffer[target, :, :length] = buffer[source, :, :length]
+
+    def forget(self, slot: int) -> None:
+        """Give a vacated slot's memory back; it reads as zeros until written again."""
+        if _FREE_PAGES is None:
+            return
+        # Whole pages inside the slot only: a page shared with a neighbouring slot stays.
+        start = -(-slot * self._slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (slot + 1) * self._slot_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if end <= start:
+            return
+        for mapping in self._mappings:
+            mapping.madvise(_FREE_PAGES, start, end - start)
 
     def read(self, slot: int, length: int) -> list[np.ndarray]:
         """A copy of one slot's first `length` positions, K then V per layer (prefix cache)."""
