@@ -73,6 +73,15 @@ class GenerationSettings(BaseModel):
     )
     max_running_sequences: int = Field(16, ge=1, le=1024, description="Sequences decoded together.")
     max_waiting_sequences: int = Field(256, ge=1, le=100_000, description="Queued sequences before 429.")
+    max_queue_wait_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description=(
+            "Longest a request waits for a free sequence slot before it is refused with 429 "
+            "(nothing sent yet, so the client can retry); default: a quarter of request_timeout_s."
+        ),
+    )
     prefill_chunk_tokens: int = Field(
         256, ge=16, le=65536, description="Prompt tokens prefilled per step (chunked prefill)."
     )

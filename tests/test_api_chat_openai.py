@@ -244,3 +244,46 @@ def test_a_streamed_frame_stays_one_line_for_clients_that_split_on_unicode_break
     assert frame.endswith(b"\n\n") and frame.count(b"\n") == 2
     lines = [line for line in LineDecoder().decode(frame.decode("utf-8")) if line]
     assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == payload
+
+
+def test_a_request_that_waits_too_long_for_a_slot_gets_429_before_any_stream_starts(
+    tiny_decoders: TinyDecoders, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    state = tmp_path_factory.mktemp("queue-wait-state")
+    shutil.copytree(tiny_decoders.state_dir / "models", state / "models", ignore=shutil.ignore_patterns(".staging", ".lock"))
+    generation = {"kv_budget_bytes": 64 << 20, "speculative": "off", "max_running_sequences": 1, "max_queue_wait_s": 0.2}
+    with running_server(state, generation=generation) as server:
+        engine = server.app.state.generation.engine(MODEL)
+        forward = engine.runner.forward
+
+        def slow_forward(*args: object, **kwargs: object) -> object:
+            time.sleep(0.02)  # keeps the only slot busy for a few seconds
+            return forward(*args, **kwargs)
+
+        engine.runner.forward = slow_forward  # type: ignore[method-assign]
+        long_body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 150, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url("/v1/chat/completions"), json=long_body, headers=server.auth(), timeout=60) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()
+            next(lines)  # the role chunk: the long stream has its slot
+            for stream in (True, False):
+                body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": stream}
+                refused = httpx.post(server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=60)
+                assert refused.status_code == 429, refused.text
+                assert float(refused.headers["Retry-After"]) > 0
+                assert refused.headers["content-type"].startswith("application/json")
+                error = refused.json()["error"]
+                assert "waited" in error["message"] and "slot" in error["message"]
+            completion = httpx.post(
+                server.url("/v1/completions"), json={"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": True},
+                headers=server.auth(), timeout=60,
+            )
+            assert completion.status_code == 429
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+        # The slot is free again: the same requests are served.
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key=server.key, max_retries=0)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True))  # type: ignore[arg-type]
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        metrics = httpx.get(server.url("/metrics"), headers=server.auth(), timeout=30).text
+        assert 'appliance_request_success_total{finished_reason="rejected",model="tiny-llama"} 3.0' in metrics
+        assert "appliance_request_queue_time_seconds_count" in metrics

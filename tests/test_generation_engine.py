@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from appliance.errors import InvalidInput
+from appliance.errors import CapacityExceeded, InvalidInput
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import BLOCK_TOKENS
 from appliance.generation.speculative import VerificationCost
 from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixture
+    Generated,
     TinyDecoders,
     generate,
     greedy,
@@ -312,5 +313,71 @@ def test_sequence_past_its_deadline_is_stopped_and_freed(tiny_decoders: TinyDeco
 
         assert asyncio.run(scenario()) == "timeout"
         assert engine.kv.reserved_tokens == 0
+    finally:
+        engine.stop()
+
+
+def _slowed(engine: object, seconds: float) -> None:
+    """Make every forward pass take a while: the tiny model would otherwise free its slot at once."""
+    forward = engine.runner.forward  # type: ignore[attr-defined]
+
+    def slow_forward(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = slow_forward  # type: ignore[attr-defined]
+
+
+def test_a_sequence_waiting_past_its_queue_limit_is_refused_before_it_runs(tiny_decoders: TinyDecoders) -> None:
+    engine = make_engine(tiny_decoders.llama_fp32, max_running_sequences=1, max_queue_wait_s=0.1)
+    _slowed(engine, 0.01)
+    try:
+        async def scenario() -> tuple[CapacityExceeded, list[int], str | None]:
+            first = engine.generate(PROMPTS[0], greedy(150))  # holds the only slot for over a second
+            await first.started()
+            second = engine.generate(PROMPTS[1], greedy(5))
+            with pytest.raises(CapacityExceeded) as caught:
+                await second.started()
+            tokens: list[int] = []
+            reason = None
+            async for event in first:
+                tokens.extend(event.token_ids)
+                reason = event.finish_reason
+            return caught.value, tokens, reason
+
+        refusal, tokens, reason = asyncio.run(scenario())
+        assert refusal.status_code == 429 and refusal.retry_after_s > 0
+        assert "waited" in refusal.message and "slot" in refusal.message
+        assert (len(tokens), reason) == (150, "length")  # the refusal did not disturb the running one
+        assert engine.kv.reserved_tokens == 0 and not engine.scheduler.waiting
+        assert engine.counters["steps"] > 0
+    finally:
+        engine.stop()
+
+
+def test_without_a_set_queue_limit_a_quarter_of_the_deadline_applies(tiny_decoders: TinyDecoders) -> None:
+    engine = make_engine(tiny_decoders.llama_fp32, max_running_sequences=1)
+    _slowed(engine, 0.01)
+    try:
+        async def scenario() -> tuple[BaseException | None, Generated]:
+            first = engine.generate(PROMPTS[0], greedy(150))
+            await first.started()
+            # A 4 s deadline: refused after about 1 s of waiting (the first needs ~1.5 s), not
+            # admitted late and cut at 4 s.
+            second = engine.generate(PROMPTS[1], greedy(5), timeout_s=4.0)
+            error: BaseException | None = None
+            try:
+                await second.started()
+            except CapacityExceeded as exc:
+                error = exc
+            async for _ in first:
+                pass
+            # A queued sequence that gets its slot in time runs normally.
+            third = await generate(engine, PROMPTS[2], greedy(5), timeout_s=4.0)
+            return error, third
+
+        error, third = asyncio.run(scenario())
+        assert isinstance(error, CapacityExceeded)
+        assert third.tokens == reference_greedy(tiny_decoders.llama_fp32, PROMPTS[2], 5)
     finally:
         engine.stop()

@@ -147,6 +147,23 @@ def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list
     return streams
 
 
+async def _until_started(request: Request, streams: list[SequenceStream]) -> None:
+    """Hold a streaming answer's 200 until every choice has a slot: a request refused while it
+    waited (capacity) then still gets its 429 with Retry-After, which clients retry, instead of
+    a 200 whose stream ends in an error."""
+
+    async def all_started() -> None:
+        for stream in streams:
+            await stream.started()
+
+    try:
+        await until_disconnect(request, all_started())
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+
+
 async def _merged(streams: list[SequenceStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
     """Events of all choices as they come, tagged with the choice index."""
     if len(streams) == 1:
@@ -286,6 +303,7 @@ async def chat_completions(
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
+        await _until_started(request, streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(
             _chat_events(request.url.path, engine, body.model, completion_id, created, streams, len(prompt_ids), include_usage)
@@ -422,6 +440,7 @@ async def completions(
     created = int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
+        await _until_started(request, streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(
             _completion_events(request.url.path, engine, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0)

@@ -63,6 +63,13 @@ CALIBRATION_RUNS = 3
 PREFIX_CACHE_SHARE = 0.25
 #: Share of available memory the KV budget takes by default.
 DEFAULT_KV_SHARE_OF_FREE = 0.25
+#: Share of the request deadline a sequence may spend waiting for a slot, unless
+#: `generation.max_queue_wait_s` says otherwise. Refused then, the client hears 429 before any
+#: of its answer was sent; admitted later, it would likely run into the deadline with part of
+#: its answer already streamed (measured: docs/RELIABILITY.md).
+DEFAULT_QUEUE_WAIT_SHARE = 0.25
+#: Retry-After of a sequence refused after waiting: about when a busy engine frees a slot.
+QUEUE_REFUSAL_RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -211,8 +218,19 @@ class GenerationEngine:
             self._thread = None
 
     # -- submission (any thread) ---------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[TokenEvent], None], *, timeout_s: float | None = None) -> str:
-        """Queue one sequence; raises InvalidInput / CapacityExceeded / ShuttingDown at once."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[TokenEvent], None],
+        *,
+        timeout_s: float | None = None,
+        on_admitted: Callable[[], None] | None = None,
+    ) -> str:
+        """Queue one sequence; raises InvalidInput / CapacityExceeded / ShuttingDown at once.
+
+        `on_admitted` is called (on the engine thread) when the sequence gets its slot; a
+        sequence refused before that gets one final event carrying CapacityExceeded."""
         if self._stopping:
             raise ShuttingDown("the generation engine is stopping")
         if not prompt_ids:
@@ -227,13 +245,20 @@ class GenerationEngine:
             )
         params.validate(max_tokens_limit=self.settings.max_tokens_limit, vocab_size=vocab)
         self.scheduler.check(len(prompt_ids), params.max_tokens)
+        now = time.monotonic()
+        queue_wait = self.settings.max_queue_wait_s
+        if queue_wait is None and timeout_s:
+            queue_wait = timeout_s * DEFAULT_QUEUE_WAIT_SHARE
         seq = Sequence(
             seq_id=f"{self.name}-{next(self._ids)}",
             prompt=list(prompt_ids),
             params=params,
             sink=sink,
+            on_admitted=on_admitted,
             detokenizer=self.tokenizer.stream(),
-            deadline=(time.monotonic() + timeout_s) if timeout_s else None,
+            deadline=(now + timeout_s) if timeout_s else None,
+            queue_deadline=(now + queue_wait) if queue_wait else None,
+            submitted_at=now,
             rng=np.random.default_rng(params.seed),
             stops=StopStringFilter(params.stop),
         )
@@ -327,8 +352,16 @@ class GenerationEngine:
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
+        now = time.monotonic()
         for seq in plan.retired:
-            self._finished(seq, emit_text="")
+            if seq.finish_reason == "rejected":
+                self._refuse(seq, now)
+            else:
+                self._finished(seq, emit_text="")
+        for seq in plan.admitted:
+            self._m.request_queue_time.observe(now - seq.submitted_at)
+            if seq.on_admitted is not None:
+                seq.on_admitted()
         if plan.prefill is not None:
             self._run_prefill(plan.prefill)
         decode = [seq for seq in plan.decode if seq.status is Status.RUNNING]
@@ -529,6 +562,17 @@ class GenerationEngine:
             )
         )
 
+    def _refuse(self, seq: Sequence, now: float) -> None:
+        """A sequence that waited too long for a slot: 429, nothing of it was generated."""
+        waited = now - seq.submitted_at
+        self._m.request_queue_time.observe(waited)
+        self.metrics.request_success.labels(model=self.name, finished_reason="rejected").inc()
+        error = CapacityExceeded(
+            f"model {self.name!r} is at capacity: the request waited {waited:.1f} s for a free sequence slot",
+            retry_after_s=QUEUE_REFUSAL_RETRY_AFTER_S,
+        )
+        seq.sink(TokenEvent([], "", finish_reason="rejected", prompt_tokens=len(seq.prompt), error=error))
+
     def _fail_all(self, error: ApplianceError) -> None:
         for group in (self.scheduler.running, self.scheduler.prefilling):
             for seq in list(group):
@@ -555,7 +599,7 @@ class _LabelledMetrics:
     def __init__(self, metrics: GenerationMetrics, model: str) -> None:
         for name in (
             "time_to_first_token", "time_per_output_token", "e2e_request_latency", "prompt_tokens", "generation_tokens",
-            "requests_running", "requests_waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits",
+            "requests_running", "requests_waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "request_queue_time",
             "spec_draft_tokens", "spec_accepted_tokens", "spec_emitted_tokens",
         ):
             setattr(self, name, getattr(metrics, name).labels(model=model))
@@ -573,9 +617,35 @@ class SequenceStream:
         self._engine = engine
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._done = False
+        #: Set once the engine gave the sequence a slot or sent its first event.
+        self._started = asyncio.Event()
+        #: The error that ended the sequence before it got a slot (refused, engine stopping).
+        self._refused: ApplianceError | None = None
         self.seq_id = engine.submit(
-            prompt_ids, params, lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event), timeout_s=timeout_s
+            prompt_ids,
+            params,
+            lambda event: loop.call_soon_threadsafe(self._deliver, event),
+            timeout_s=timeout_s,
+            on_admitted=lambda: loop.call_soon_threadsafe(self._started.set),
         )
+
+    def _deliver(self, event: TokenEvent) -> None:
+        if not self._started.is_set() and event.error is not None:
+            self._refused = event.error
+        self._queue.put_nowait(event)
+        self._started.set()
+
+    async def started(self) -> None:
+        """Wait until the sequence has a slot. A sequence refused or failed before that raises
+        its error here, so a streaming response can still answer with the right status."""
+        try:
+            await self._started.wait()
+        except BaseException:
+            self.close()
+            raise
+        if self._refused is not None:
+            self._done = True
+            raise self._refused
 
     def __aiter__(self) -> SequenceStream:
         return self

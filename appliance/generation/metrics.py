@@ -45,6 +45,10 @@ class GenerationMetrics:
         self.spec_emitted_tokens = Counter(
             "appliance_spec_decode_num_emitted_tokens", "Tokens produced by verification runs (accepted + bonus).", ["model"], registry=r
         )
+        self.request_queue_time = Histogram(
+            "appliance_request_queue_time_seconds", "Time a sequence waited for a slot (admitted or refused).", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
         self.request_success = Counter(
             "appliance_request_success", "Finished sequences by finish reason.", ["model", "finished_reason"], registry=r
         )

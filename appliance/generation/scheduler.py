@@ -7,7 +7,9 @@ Contract (one call of each per engine step, on the engine thread only):
 * `abort(seq_id)` marks a sequence; the next `schedule()` frees its slot and KV reservation, so
   a client that goes away costs at most the step already running.
 * `schedule()` returns a `StepPlan`:
-  1. retires aborted and timed-out sequences (slots and reservations freed at once);
+  1. retires aborted and timed-out sequences (slots and reservations freed at once), and
+     refuses waiting sequences that have waited longer than their queue deadline (reason
+     "rejected": the engine answers them 429, before any of their response was sent);
   2. admits waiting sequences in arrival order while a slot is free and the KV budget covers
      their worst case (prompt + max_tokens); the first one that does not fit blocks the queue,
      so a large request is not starved by small ones. An admitted prompt first takes the
@@ -58,7 +60,11 @@ class Sequence:
     params: SamplingParams
     sink: Callable[[Any], None]
     detokenizer: IncrementalDetokenizer
+    #: Called on the engine thread when the sequence gets its slot (before its prefill).
+    on_admitted: Callable[[], None] | None = None
     deadline: float | None = None
+    #: Past this, a sequence still waiting for a slot is refused rather than admitted late.
+    queue_deadline: float | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     output: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -102,6 +108,8 @@ class StepPlan:
     prefill: PrefillChunk | None
     decode: list[Sequence]
     retired: list[Sequence]
+    #: Sequences given a slot by this plan (their prefill starts now or in a later step).
+    admitted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -159,22 +167,27 @@ class Scheduler:
                 if seq.aborted or (seq.deadline is not None and now > seq.deadline):
                     self.finish(seq, "abort" if seq.aborted else "timeout")
                     retired.append(seq)
-        self._admit()
+                elif seq.status is Status.WAITING and seq.queue_deadline is not None and now > seq.queue_deadline:
+                    self.finish(seq, "rejected")
+                    retired.append(seq)
+        admitted = self._admit()
         self.kv.compact(self.running)
         prefill = None
         if self.prefilling:
             seq = self.prefilling[0]
             end = min(len(seq.prompt), seq.num_cached + self.prefill_chunk_tokens)
             prefill = PrefillChunk(seq, seq.num_cached, end)
-        return StepPlan(prefill=prefill, decode=list(self.running), retired=retired)
+        return StepPlan(prefill=prefill, decode=list(self.running), retired=retired, admitted=admitted)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
         while self.waiting:
             seq = self.waiting[0]
             need = len(seq.prompt) + seq.params.max_tokens
             if not self.kv.can_admit(need):
-                return
+                break
             self.waiting.popleft()
+            admitted.append(seq)
             self.kv.admit(seq, need)
             seq.status = Status.PREFILLING
             if self.prefix_cache is not None:
@@ -187,6 +200,7 @@ class Scheduler:
                 if self._on_prefix_lookup is not None:
                     self._on_prefix_lookup(len(seq.prompt), length)
             self.prefilling.append(seq)
+        return admitted
 
     # -- results -------------------------------------------------------------------------
     def prefill_done(self, seq: Sequence) -> None:

@@ -100,9 +100,9 @@ class Generated:
     events: list[TokenEvent]
 
 
-async def generate(engine: GenerationEngine, prompt: Sequence[int], params: SamplingParams) -> Generated:
+async def generate(engine: GenerationEngine, prompt: Sequence[int], params: SamplingParams, *, timeout_s: float | None = None) -> Generated:
     events: list[TokenEvent] = []
-    async for event in engine.generate(list(prompt), params):
+    async for event in engine.generate(list(prompt), params, timeout_s=timeout_s):
         events.append(event)
     return Generated(
         [token for event in events for token in event.token_ids],
