@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from appliance.errors import CapacityExceeded, InvalidInput
+from appliance.errors import CapacityExceeded, DeadlineExceeded, InvalidInput
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import BLOCK_TOKENS
 from appliance.generation.speculative import VerificationCost
@@ -379,5 +379,24 @@ def test_without_a_set_queue_limit_a_quarter_of_the_deadline_applies(tiny_decode
         error, third = asyncio.run(scenario())
         assert isinstance(error, CapacityExceeded)
         assert third.tokens == reference_greedy(tiny_decoders.llama_fp32, PROMPTS[2], 5)
+    finally:
+        engine.stop()
+
+
+def test_a_deadline_that_passes_while_queued_is_a_deadline_error_before_any_output(tiny_decoders: TinyDecoders) -> None:
+    engine = make_engine(tiny_decoders.llama_fp32, max_running_sequences=1, max_queue_wait_s=600)
+    _slowed(engine, 0.01)
+    try:
+        async def scenario() -> None:
+            first = engine.generate(PROMPTS[0], greedy(100))
+            await first.started()
+            second = engine.generate(PROMPTS[1], greedy(5), timeout_s=0.2)
+            with pytest.raises(DeadlineExceeded):
+                await second.started()
+            async for _ in first:
+                pass
+
+        asyncio.run(scenario())
+        assert engine.kv.reserved_tokens == 0
     finally:
         engine.stop()

@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 from appliance.config import GenerationSettings
-from appliance.errors import ApplianceError, CapacityExceeded, InvalidInput, ModelRejected, ShuttingDown
+from appliance.errors import ApplianceError, CapacityExceeded, DeadlineExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.model_runner import DecoderRunner, KvGeometry, KvStore, make_runner, open_decoder_session
@@ -619,7 +619,8 @@ class SequenceStream:
         self._done = False
         #: Set once the engine gave the sequence a slot or sent its first event.
         self._started = asyncio.Event()
-        #: The error that ended the sequence before it got a slot (refused, engine stopping).
+        #: The error that ended the sequence before it got a slot (refused, deadline, engine
+        #: stopping).
         self._refused: ApplianceError | None = None
         self.seq_id = engine.submit(
             prompt_ids,
@@ -630,8 +631,10 @@ class SequenceStream:
         )
 
     def _deliver(self, event: TokenEvent) -> None:
-        if not self._started.is_set() and event.error is not None:
-            self._refused = event.error
+        if not self._started.is_set() and event.finish_reason is not None:
+            self._refused = event.error or DeadlineExceeded(
+                "the request's deadline passed while it waited for a free sequence slot"
+            )
         self._queue.put_nowait(event)
         self._started.set()
 
