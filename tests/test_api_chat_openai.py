@@ -284,6 +284,18 @@ def test_a_request_that_waits_too_long_for_a_slot_gets_429_before_any_stream_sta
         client = openai.OpenAI(base_url=server.url("/v1"), api_key=server.key, max_retries=0)
         chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True))  # type: ignore[arg-type]
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        # More choices than slots: the later ones wait for their siblings, not refused (each
+        # takes ~0.4 s here, twice the queue-wait limit).
+        for stream in (False, True):
+            body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 20, "n": 3, "ignore_eos": True, "stream": stream}
+            answer = httpx.post(server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=60)
+            assert answer.status_code == 200, answer.text
+            if stream:
+                frames = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+                finished = {c["index"] for f in frames for c in f["choices"] if c.get("finish_reason") == "length"}
+            else:
+                finished = {c["index"] for c in answer.json()["choices"] if c["finish_reason"] == "length"}
+            assert finished == {0, 1, 2}
         metrics = httpx.get(server.url("/metrics"), headers=server.auth(), timeout=30).text
         assert 'appliance_request_success_total{finished_reason="rejected",model="tiny-llama"} 3.0' in metrics
         assert "appliance_request_queue_time_seconds_count" in metrics

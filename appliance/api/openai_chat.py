@@ -135,11 +135,15 @@ def _params(
 
 
 def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list[SamplingParams], timeout_s: float) -> list[SequenceStream]:
-    """Submit every choice; if one is refused, abort those already queued and re-raise."""
+    """Submit every choice; if one is refused, abort those already queued and re-raise.
+
+    Only the first choice is subject to the queue-wait limit: the others queue right behind it
+    and wait for their siblings' slots, which a request with more choices than the engine has
+    slots must do however idle the engine is."""
     streams: list[SequenceStream] = []
     try:
-        for prompt, choice_params in zip(prompts, params, strict=True):
-            streams.append(engine.generate(prompt, choice_params, timeout_s=timeout_s))
+        for index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):
+            streams.append(engine.generate(prompt, choice_params, timeout_s=timeout_s, queue_limit=index == 0))
     except ApplianceError:
         for stream in streams:
             stream.close()
@@ -148,16 +152,11 @@ def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list
 
 
 async def _until_started(request: Request, streams: list[SequenceStream]) -> None:
-    """Hold a streaming answer's 200 until every choice has a slot: a request refused while it
-    waited (capacity) then still gets its 429 with Retry-After, which clients retry, instead of
-    a 200 whose stream ends in an error."""
-
-    async def all_started() -> None:
-        for stream in streams:
-            await stream.started()
-
+    """Hold a streaming answer's 200 until its first choice has a slot: a request refused while
+    it waited (capacity) then still gets its 429 with Retry-After, which clients retry, instead
+    of a 200 whose stream ends in an error. (The other choices queue behind the first.)"""
     try:
-        await until_disconnect(request, all_started())
+        await until_disconnect(request, streams[0].started())
     except BaseException:
         for stream in streams:
             stream.close()

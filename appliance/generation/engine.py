@@ -101,7 +101,9 @@ class EngineClient(Protocol):
     chat_template: ChatTemplate | None
     context_length: int
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None) -> SequenceStream: ...
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None, queue_limit: bool = True
+    ) -> SequenceStream: ...
 
     def stats(self) -> dict[str, float]: ...
 
@@ -226,11 +228,15 @@ class GenerationEngine:
         *,
         timeout_s: float | None = None,
         on_admitted: Callable[[], None] | None = None,
+        queue_limit: bool = True,
     ) -> str:
         """Queue one sequence; raises InvalidInput / CapacityExceeded / ShuttingDown at once.
 
         `on_admitted` is called (on the engine thread) when the sequence gets its slot; a
-        sequence refused before that gets one final event carrying CapacityExceeded."""
+        sequence refused before that gets one final event carrying CapacityExceeded.
+        `queue_limit=False`: wait for a slot as long as the deadline allows (the later choices
+        of a request, queued behind its first one, wait for their siblings, not for a busy
+        engine)."""
         if self._stopping:
             raise ShuttingDown("the generation engine is stopping")
         if not prompt_ids:
@@ -246,8 +252,8 @@ class GenerationEngine:
         params.validate(max_tokens_limit=self.settings.max_tokens_limit, vocab_size=vocab)
         self.scheduler.check(len(prompt_ids), params.max_tokens)
         now = time.monotonic()
-        queue_wait = self.settings.max_queue_wait_s
-        if queue_wait is None and timeout_s:
+        queue_wait = self.settings.max_queue_wait_s if queue_limit else None
+        if queue_wait is None and timeout_s and queue_limit:
             queue_wait = timeout_s * DEFAULT_QUEUE_WAIT_SHARE
         seq = Sequence(
             seq_id=f"{self.name}-{next(self._ids)}",
@@ -274,11 +280,13 @@ class GenerationEngine:
             self._aborts.append(seq_id)
             self._cv.notify()
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None) -> SequenceStream:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None, queue_limit: bool = True
+    ) -> SequenceStream:
         """Submit now (errors raise here, before any response is sent) and return the events.
 
         Must be called from the event loop that will consume the stream."""
-        return SequenceStream(self, prompt_ids, params, timeout_s)
+        return SequenceStream(self, prompt_ids, params, timeout_s, queue_limit=queue_limit)
 
     def stats(self) -> dict[str, float]:
         queries = self.counters["prefix_queries"]
@@ -612,7 +620,9 @@ class SequenceStream:
     which frees its slot and KV at the engine's next step.
     """
 
-    def __init__(self, engine: GenerationEngine, prompt_ids: list[int], params: SamplingParams, timeout_s: float | None) -> None:
+    def __init__(
+        self, engine: GenerationEngine, prompt_ids: list[int], params: SamplingParams, timeout_s: float | None, *, queue_limit: bool = True
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._engine = engine
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -628,6 +638,7 @@ class SequenceStream:
             lambda event: loop.call_soon_threadsafe(self._deliver, event),
             timeout_s=timeout_s,
             on_admitted=lambda: loop.call_soon_threadsafe(self._started.set),
+            queue_limit=queue_limit,
         )
 
     def _deliver(self, event: TokenEvent) -> None:
