@@ -13,6 +13,8 @@ import errno
 import logging
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -23,10 +25,12 @@ import uvicorn
 
 from appliance.admin.tls import ensure_tls
 from appliance.cli.app import ConfigOption, StateDirOption, app, console, fail, settings_from
+from appliance.cli.export_cmd import INTERRUPTED_EXIT_CODE
 from appliance.cli.logging_setup import configure_logging
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.ops.sdnotify import SystemdNotifier, start_systemd_tasks
+from appliance.repository import ModelRepository
 
 log = logging.getLogger("appliance.server")
 
@@ -204,13 +208,33 @@ def up(
     """Quickstart: make sure the embedded default models are exported, then serve."""
     settings = _settings(host, port, state_dir, config, no_auth, tls_cert, tls_key)
     try:
-        from appliance.export.defaults import ensure_default_models
+        from appliance.export.defaults import DEFAULT_MODELS, existing_default
     except ImportError as exc:
         fail(f"the export stage is not installed ({exc.name}); install the 'export' extra or use `appliance serve`", code=EXIT_CANNOT_START)
-    try:
-        published = ensure_default_models(settings, console)
-    except ApplianceError as exc:
-        fail(f"exporting the default models failed: {exc}", code=EXIT_CANNOT_START)
-    for version in published or []:
+    repository = ModelRepository(settings.models_dir)
+    if any(existing_default(repository, model) is None for model in DEFAULT_MODELS):
+        _export_defaults_in_child(settings, config)
+    for model in DEFAULT_MODELS:
+        version = existing_default(repository, model)
+        if version is None:
+            fail(f"exporting the default models failed: {model.name} has no deployable version", code=EXIT_CANNOT_START)
         console.print(f"model {version.name} version {version.version} ready to serve", highlight=False)
     raise typer.Exit(run_server(settings))
+
+
+def _export_defaults_in_child(settings: Settings, config: Path | None) -> None:
+    """`appliance export --defaults` in a child process: the export loads torch and
+    transformers (~0.7 GB resident, plus their thread pools), which the server must not carry
+    for its whole life. The child shares the terminal, so its progress bars show as they are."""
+    command = [sys.executable, "-m", "appliance", "export", "--defaults", "--state-dir", str(settings.state_dir)]
+    if config is not None:
+        command += ["--config", str(config)]
+    child = subprocess.Popen(command)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        # The child got the same Ctrl-C: let it remove what it staged and say so itself.
+        child.wait()
+        fail("interrupted: the default models were not all exported", code=INTERRUPTED_EXIT_CODE)
+    if code != 0:
+        fail("exporting the default models failed (the export said why above)", code=EXIT_CANNOT_START)
