@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.benchmark.serverproc import PrivateServer  # noqa: E402
+from appliance.benchmark.sse import SseDecoder, StreamError, StreamTally  # noqa: E402
 from appliance.repository.store import ModelRepository  # noqa: E402
 
 #: A polite client waits what Retry-After says, at most this long (SDKs cap their back-off too).
@@ -77,31 +78,19 @@ def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
                 outcome = f"http {response.status_code}"
                 response.read()
             else:
-                finished = error = None
-                done = False
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: "):]
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    frame = json.loads(data)
-                    if "error" in frame:
-                        error = frame["error"].get("code") or frame["error"].get("type")
-                        continue
-                    for choice in frame.get("choices", []):
-                        if choice.get("delta", {}).get("content"):
-                            tokens += 1
-                        finished = choice.get("finish_reason") or finished
-                    if frame.get("usage"):
-                        tokens = frame["usage"]["completion_tokens"]
-                if error == "deadline_exceeded":
-                    outcome = "deadline"
-                elif error is not None:
-                    outcome = f"error {error}"
-                elif finished in ("stop", "length") and done:
-                    outcome = "completed"
+                decoder, stream = SseDecoder(), StreamTally()
+                try:
+                    for piece in response.iter_text():
+                        for payload in decoder.feed(piece):
+                            stream.add(payload, 0.0)
+                    for payload in decoder.close():
+                        stream.add(payload, 0.0)
+                except StreamError as exc:
+                    outcome = "deadline" if exc.code == "deadline_exceeded" else f"error {exc.code or exc}"
+                else:
+                    if stream.done and stream.finish_reason in ("stop", "length"):
+                        outcome = "completed"
+                tokens = stream.output_tokens
     except httpx.HTTPError as exc:
         outcome = f"transport {type(exc).__name__}"
     elapsed = time.perf_counter() - started
@@ -194,7 +183,8 @@ def main() -> None:
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
             for label in order:
                 with PrivateServer(version, Path(work), extra_env=sides[label]) as server:
-                    one_request(httpx.Client(timeout=CLIENT_TIMEOUT_S), server.url, args.model, "Say hello.", 8, Tally())
+                    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as warm_up:
+                        one_request(warm_up, server.url, args.model, "Say hello.", 8, Tally())
                     load = os.getloadavg()[0]
                     tally = run_pass(server.url, args.model, args.clients, args.seconds, args.max_tokens)
                     cut_at = f", cut ones sent at {statistics.median(tally.cut_sent_at_s):.1f} s (median)" if tally.cut_sent_at_s else ""

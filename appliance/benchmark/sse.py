@@ -53,6 +53,11 @@ class SseDecoder:
 class StreamError(Exception):
     """The stream carried an error object or a payload that is not JSON."""
 
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        #: The error object's `code` (e.g. "deadline_exceeded"), when the stream carried one.
+        self.code = code
+
 
 @dataclass
 class StreamTally:
@@ -79,7 +84,8 @@ class StreamTally:
         if "error" in chunk:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else str(error)
-            raise StreamError(f"server error in stream: {message}")
+            code = error.get("code") if isinstance(error, dict) else None
+            raise StreamError(f"server error in stream: {message}", code=code if isinstance(code, str) else None)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             if isinstance(usage.get("completion_tokens"), int):

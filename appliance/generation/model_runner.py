@@ -94,6 +94,11 @@ def open_decoder_session(
         raise ModelRejected(f"{model_path.name}: ONNX Runtime cannot load the decoder: {exc}", field="model_file") from None
 
 
+#: Linux only; elsewhere the mapping simply gets what the platform gives.
+_NO_HUGE_PAGES: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
+_FREE_PAGES: int | None = getattr(mmap, "MADV_DONTNEED", None)
+
+
 def _page_backed_zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, mmap.mmap]:
     """A zero array in its own anonymous mapping, on small pages only.
 
@@ -108,11 +113,6 @@ def _page_backed_zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndar
     if _NO_HUGE_PAGES is not None:
         mapping.madvise(_NO_HUGE_PAGES)
     return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape), mapping
-
-
-#: Linux only; elsewhere the mapping simply gets what the platform gives.
-_NO_HUGE_PAGES: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
-_FREE_PAGES: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
 
 class KvStore:
