@@ -80,10 +80,15 @@ def test_the_playground_streams_a_chat_answer_in_the_browser(server: RunningServ
             page.select_option("#pg-model", MODEL)
             page.select_option("#pg-kind", "chat")
             page.fill("#pg-max-tokens", "6")
+            # A random model may sample only tokens that print nothing (specials, whitespace):
+            # about 1 request in 100 did. Seed 0 is known to print text for this prompt.
+            page.fill("#pg-temperature", "1")
+            page.fill("#pg-seed", "0")
             page.fill("#pg-input", "hello there")
             page.click("#pg-send")
             page.wait_for_selector("#pg-status:has-text('chunks')")
             assert page.inner_text("#pg-output").strip()
-            assert int(page.inner_text("#pg-status").split()[0]) >= 1
+            status = page.inner_text("#pg-status")
+            assert int(status.split()[0]) >= 1 and status.endswith("finish: length")
         finally:
             browser.close()

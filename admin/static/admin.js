@@ -167,17 +167,22 @@
       }
       const stream = $("pg-stream").checked;
       const request = { model: model, messages: [{ role: "user", content: text }], stream: stream, max_tokens: parseInt($("pg-max-tokens").value, 10) || 64 };
+      // Left empty, temperature and seed are not sent: the model's own generation config decides.
+      const temperature = $("pg-temperature").value.trim();
+      if (temperature !== "") request.temperature = parseFloat(temperature);
+      const seed = $("pg-seed").value.trim();
+      if (seed !== "") request.seed = parseInt(seed, 10);
       const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(request) });
       if (!response.ok) { say(response.status + ": " + await errorOf(response)); return; }
       if (!stream) {
         const body = await response.json();
         output.textContent = body.choices[0].message.content;
-        say((body.usage ? body.usage.completion_tokens + " tokens in " : "") + Math.round(performance.now() - started) + " ms");
+        say((body.usage ? body.usage.completion_tokens + " tokens in " : "") + Math.round(performance.now() - started) + " ms, finish: " + body.choices[0].finish_reason);
         return;
       }
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
-      let pending = "", chunks = 0, first = null;
+      let pending = "", chunks = 0, first = null, finish = null, failure = null;
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
@@ -189,7 +194,11 @@
           const payload = line.slice(5).trim();
           if (!payload || payload === "[DONE]") continue;
           const chunk = JSON.parse(payload);
-          const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta ? chunk.choices[0].delta.content : null;
+          // A failure after the 200 (deadline, engine stopped) arrives as an error frame.
+          if (chunk.error) { failure = chunk.error.message || JSON.stringify(chunk.error); continue; }
+          const choice = chunk.choices && chunk.choices[0];
+          if (choice && choice.finish_reason) finish = choice.finish_reason;
+          const piece = choice && choice.delta ? choice.delta.content : null;
           if (piece) {
             if (first === null) first = performance.now() - started;
             chunks += 1;
@@ -197,7 +206,9 @@
           }
         }
       }
-      say(chunks + " chunks, first after " + Math.round(first || 0) + " ms, " + Math.round(performance.now() - started) + " ms total");
+      const total = Math.round(performance.now() - started);
+      if (failure !== null) { say(chunks + " chunks, then error: " + failure); return; }
+      say(chunks + " chunks, first after " + Math.round(first || 0) + " ms, " + total + " ms total, finish: " + finish);
     });
   }
 })();
