@@ -22,6 +22,7 @@ fp32 transformer-sized stack (hidden 384, MLP 1536, sequence 128) built with onn
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 HIDDEN = 384
 MLP = 1536
+#: The TensorRT 10 runtime that onnxruntime-gpu's TensorRT provider loads.
+TENSORRT_LIBRARY = "libnvinfer.so.10"
 
 
 def build_model(path: Path, layers: int) -> None:
@@ -62,6 +65,16 @@ def build_model(path: Path, layers: int) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
+
+
+def tensorrt_library() -> str | None:
+    """The TensorRT runtime library if the loader finds it: the provider's own library is in
+    onnxruntime-gpu, TensorRT itself is a separate install."""
+    try:
+        ctypes.CDLL(TENSORRT_LIBRARY)
+    except OSError:
+        return None
+    return TENSORRT_LIBRARY
 
 
 def line(verdict: str, name: str, detail: str) -> None:
@@ -110,7 +123,10 @@ def main() -> int:
         line("WARN", "cuda session", "CUDAExecutionProvider not in this onnxruntime build")
 
     # TensorRT -------------------------------------------------------------------------------
-    if "TensorrtExecutionProvider" in built:
+    nvinfer = tensorrt_library()
+    if "TensorrtExecutionProvider" in built and nvinfer is None:
+        line("WARN", "tensorrt session", f"the build has the provider but {TENSORRT_LIBRARY} is not on this machine (TensorRT not installed)")
+    elif "TensorrtExecutionProvider" in built:
         cache = work / "trt-cache"
         cache.mkdir()
         options = {
@@ -194,11 +210,13 @@ def zero_point_forms(built: list[str]) -> None:
             [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s"), numpy_helper.from_array(zero_points, "z")],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8  # onnx's newest IR can be past what an older onnxruntime-gpu reads
         try:
             session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
         except Exception as exc:  # noqa: BLE001 - a provider without the form is the finding
             line("WARN", f"MatMulNBits {form} zero points", f"{provider} refused it: {str(exc).splitlines()[0]}")
             continue
+        provider = session.get_providers()[0]  # a listed provider may still fall back to the CPU
         for rows in (1, 8):
             a = rng.standard_normal((rows, k_dim)).astype(np.float32)
             for _ in range(10):
