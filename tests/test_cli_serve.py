@@ -68,7 +68,9 @@ def test_signal_with_nothing_in_flight_exits_zero(state_dir: Path, sig: signal.S
 
 
 def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: Path) -> None:
-    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=160)
+    # ~1-2 s of work: long enough that the drain is observed while it runs (at 160 layers it
+    # took ~0.15 s, a race with the old fixed 0.2 s wait that once reset the late request).
+    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=1600)
     key = create_key(state_dir, "t", ["infer"])
     port = free_port()
     headers = {"Authorization": f"Bearer {key}"}
@@ -85,11 +87,12 @@ def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: 
             assert time.monotonic() < deadline and worker.is_alive()
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        if proc.poll() is None and worker.is_alive():
-            late = httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers=headers, timeout=30)
-            assert late.status_code == 503 and "shutting down" in late.json()["error"]
-            assert httpx.get(f"{base}/v2/health/ready").status_code == 503
+        while httpx.get(f"{base}/v2/health/ready").status_code != 503:  # the signal is handled
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert worker.is_alive(), "the in-flight request ended before the drain could be seen"
+        late = httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers=headers, timeout=30)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
         worker.join(timeout=120)
         assert results["first"] == 200
         assert proc.wait(timeout=60) == 0
