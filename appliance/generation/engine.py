@@ -29,11 +29,12 @@ from typing import Protocol
 import numpy as np
 import psutil
 
-from appliance.config import GenerationSettings
+from appliance.config import GenerationSettings, ProviderChoice
 from appliance.errors import ApplianceError, CapacityExceeded, DeadlineExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
-from appliance.generation.model_runner import DecoderRunner, KvGeometry, KvStore, make_runner, open_decoder_session
+from appliance.generation.model_runner import DecoderRunner, KvBuffers, KvGeometry, make_runner
+from appliance.generation.placement import Placement, device_context, make_kv_store, open_placed_decoder
 from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
@@ -111,7 +112,7 @@ class EngineClient(Protocol):
 @dataclass
 class _Draft:
     runner: DecoderRunner
-    store: KvStore
+    store: KvBuffers
 
 
 class GenerationEngine:
@@ -128,7 +129,12 @@ class GenerationEngine:
         draft_version: ModelVersion | None = None,
         max_len: int | None = None,
         metrics: GenerationMetrics | None = None,
+        providers: ProviderChoice = "auto",
+        cuda_device_id: int = 0,
+        placement: Placement | None = None,
     ) -> None:
+        """`providers` / `cuda_device_id`: the server's provider settings (placement.py decides
+        CPU or GPU from them and the graph); `placement` forces the decision (tests)."""
         spec = manifest.generation
         if spec is None or manifest.task != "text-generation":
             raise ModelRejected(f"{name} is not a text-generation model", field="model")
@@ -163,8 +169,12 @@ class GenerationEngine:
         # switched off, 49-55 tok/s); both on two threads that park: 61-64 tok/s against
         # 46-51 plain (docs/BENCHMARKS.md).
         takes_turns = draft_version is not None
-        session = open_decoder_session(version_path / manifest.model_file, threads=threads, takes_turns=takes_turns)
-        self.kv_store = KvStore(geometry, max_slots, self.context_length)
+        session, self.placement = open_placed_decoder(
+            version_path / manifest.model_file, spec, choice=providers, device_id=cuda_device_id,
+            threads=threads, takes_turns=takes_turns, forced=placement,
+        )
+        self.context_length = device_context(geometry, max_slots, self.context_length, self.placement)
+        self.kv_store = make_kv_store(geometry, max_slots, self.context_length, self.placement)
         self.runner = make_runner(session, spec, self.kv_store, max_rows_x_width=width)
         stores = [self.kv_store]
         self.draft: _Draft | None = None
@@ -172,11 +182,19 @@ class GenerationEngine:
             draft_spec = draft_version.manifest.generation
             if draft_spec.vocab_size != spec.vocab_size:
                 raise ModelRejected(f"draft model {draft_version.name} has another vocabulary", field="draft")
-            draft_store = KvStore(KvGeometry.from_spec(draft_spec), max_slots, self.context_length)
-            draft_session = open_decoder_session(draft_version.model_path, threads=threads, takes_turns=True)
+            draft_session, draft_placement = open_placed_decoder(
+                draft_version.model_path, draft_spec, choice=providers, device_id=cuda_device_id,
+                threads=threads, takes_turns=True, forced=placement,
+            )
+            draft_store = make_kv_store(KvGeometry.from_spec(draft_spec), max_slots, self.context_length, draft_placement)
             self.draft = _Draft(make_runner(draft_session, draft_spec, draft_store, max_rows_x_width=width), draft_store)
             stores.append(draft_store)
-        budget = settings.kv_budget_bytes or int(psutil.virtual_memory().available * DEFAULT_KV_SHARE_OF_FREE)
+        # Host KV pages follow use, so the default budget is a share of free memory; GPU memory
+        # is reserved up front for every slot's context, so all of it is the budget.
+        on_host = self.placement.device == "cpu" and not self.placement.device_store
+        budget = settings.kv_budget_bytes or (
+            int(psutil.virtual_memory().available * DEFAULT_KV_SHARE_OF_FREE) if on_host else sum(store.nbytes for store in stores)
+        )
         self.kv = KvCacheManager(stores, budget_bytes=budget, bytes_per_token=geometry.bytes_per_token * len(stores))
         prefix = PrefixCache(int(budget * PREFIX_CACHE_SHARE)) if settings.prefix_cache else None
         self.scheduler = Scheduler(

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from appliance.errors import InvalidInput
-from appliance.generation.model_runner import KvStore
+from appliance.generation.model_runner import KvBuffers
 
 
 class SlotOwner(Protocol):
@@ -28,9 +28,9 @@ class SlotOwner(Protocol):
 
 
 class KvCacheManager:
-    """Slots and reservations over one KvStore (and the draft model's, moved alongside)."""
+    """Slots and reservations over one KV store (and the draft model's, moved alongside)."""
 
-    def __init__(self, stores: list[KvStore], *, budget_bytes: int, bytes_per_token: int) -> None:
+    def __init__(self, stores: list[KvBuffers], *, budget_bytes: int, bytes_per_token: int) -> None:
         self.stores = stores
         self.max_slots = stores[0].max_slots
         self.max_len = stores[0].max_len

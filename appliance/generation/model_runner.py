@@ -80,7 +80,7 @@ def cpu_session_options(threads: int | None, *, stop_spinning_after_run: bool = 
 
 
 def open_decoder_session(
-    model_path: Path, *, threads: int | None, providers: list[str] | None = None, takes_turns: bool = False
+    model_path: Path, *, threads: int | None, providers: list[str | tuple[str, dict[str, object]]] | None = None, takes_turns: bool = False
 ) -> ort.InferenceSession:
     """One InferenceSession for a decoder graph; ModelRejected when ONNX Runtime refuses it.
     `takes_turns`: it alternates with another session on the same cores (see cpu_session_options)."""
@@ -115,6 +115,39 @@ def _page_backed_zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndar
     return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape), mapping
 
 
+#: (past input, present output) graph names of one layer's K or V.
+NamePair = tuple[str, str]
+
+
+class KvBuffers(Protocol):
+    """Where the KV cache lives: host memory (`KvStore`) or a GPU (`device_kv.DeviceKvStore`).
+
+    Every layer's K and V are one buffer [max_slots, kv_heads, max_len, head_dim]; a batch is
+    a contiguous range of slots. Callers see only these operations, so the cache manager, the
+    prefix cache and the runner do not care where the memory is.
+    """
+
+    geometry: KvGeometry
+    max_slots: int
+    max_len: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def bind(self, binding: ort.IOBinding, keys: list[NamePair], values: list[NamePair], first: int, rows: int) -> list[object]:
+        """Bind slots [first, first+rows) of every layer as both past input and present output;
+        returns what must stay alive as long as the binding."""
+        ...
+
+    def move_slot(self, source: int, target: int, length: int) -> None: ...
+
+    def forget(self, slot: int) -> None: ...
+
+    def read(self, slot: int, length: int) -> list[np.ndarray]: ...
+
+    def write(self, slot: int, saved: list[np.ndarray], length: int) -> None: ...
+
+
 class KvStore:
     """The preallocated K and V buffers of every layer, one row (slot) per sequence.
 
@@ -139,6 +172,16 @@ class KvStore:
     @property
     def nbytes(self) -> int:
         return sum(buffer.nbytes for buffer in self.keys) + sum(buffer.nbytes for buffer in self.values)
+
+    def bind(self, binding: ort.IOBinding, keys: list[NamePair], values: list[NamePair], first: int, rows: int) -> list[object]:
+        kept: list[object] = []
+        for names, buffers in ((keys, self.keys), (values, self.values)):
+            for (name_in, name_out), buffer in zip(names, buffers, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[first : first + rows])
+                binding.bind_ortvalue_input(name_in, value)
+                binding.bind_ortvalue_output(name_out, value)
+                kept.append(value)
+        return kept
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy one sequence's first `length` positions to another slot (compaction on retire)."""
@@ -170,7 +213,7 @@ class KvStore:
 class DecoderRunner(Protocol):
     """One forward pass over a contiguous range of KV slots."""
 
-    kv: KvStore
+    kv: KvBuffers
     vocab_size: int
 
     def forward(
@@ -196,18 +239,19 @@ def _check_inputs(session: ort.InferenceSession, names: list[str]) -> None:
 class SharedBufferRunner:
     """The "genai" graph kind: past and present bound to the same preallocated buffers."""
 
-    def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, kv: KvStore, *, max_rows_x_width: int) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, kv: KvBuffers, *, max_rows_x_width: int) -> None:
         self.session = session
         self.kv = kv
         self.vocab_size = spec.vocab_size
         layers = range(spec.num_layers)
-        self._past_k = [spec.past_key_name.format(layer=i) for i in layers]
-        self._past_v = [spec.past_value_name.format(layer=i) for i in layers]
-        self._present_k = [spec.present_key_name.format(layer=i) for i in layers]
-        self._present_v = [spec.present_value_name.format(layer=i) for i in layers]
-        _check_inputs(session, ["input_ids", "attention_mask", "logits", *self._past_k, *self._present_v])
-        self._logits = np.zeros(max(max_rows_x_width, kv.max_slots) * spec.vocab_size, np.float32)
-        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
+        self._keys = [(spec.past_key_name.format(layer=i), spec.present_key_name.format(layer=i)) for i in layers]
+        self._values = [(spec.past_value_name.format(layer=i), spec.present_value_name.format(layer=i)) for i in layers]
+        _check_inputs(session, ["input_ids", "attention_mask", "logits", *(name for pair in self._keys + self._values for name in pair)])
+        # A half-precision graph (the CUDA layout) gives fp16 logits; sampling reads float32.
+        logits_type = next(node.type for node in session.get_outputs() if node.name == "logits")
+        self._logits_dtype = np.dtype(np.float16 if logits_type == "tensor(float16)" else np.float32)
+        self._logits = np.zeros(max(max_rows_x_width, kv.max_slots) * spec.vocab_size, self._logits_dtype)
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[object]]] = {}
         self._positions = np.arange(kv.max_len, dtype=np.int64)
         self._logits_start = spec.logits_start_input
 
@@ -218,19 +262,10 @@ class SharedBufferRunner:
         if cached is not None:
             return cached[0]
         binding = self.session.io_binding()
-        values: list[ort.OrtValue] = []
-        for names_in, names_out, buffers in (
-            (self._past_k, self._present_k, self.kv.keys),
-            (self._past_v, self._present_v, self.kv.values),
-        ):
-            for name_in, name_out, buffer in zip(names_in, names_out, buffers, strict=True):
-                value = ort.OrtValue.ortvalue_from_numpy(buffer[first : first + rows])
-                binding.bind_ortvalue_input(name_in, value)
-                binding.bind_ortvalue_output(name_out, value)
-                values.append(value)
+        kept = self.kv.bind(binding, self._keys, self._values, first, rows)
         if len(self._bindings) > 256:
             self._bindings.clear()
-        self._bindings[key] = (binding, values)
+        self._bindings[key] = (binding, kept)
         return binding
 
     def forward(
@@ -255,13 +290,15 @@ class SharedBufferRunner:
             binding.bind_cpu_input(self._logits_start, np.asarray([start], np.int64))
         positions = width - start
         logits = self._logits[: rows * positions * self.vocab_size].reshape(rows, positions, self.vocab_size)
-        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, self._logits_dtype, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
         if all_logits:
-            return logits
-        if start:
-            return logits[:, 0]
-        return logits[np.arange(rows), new_lens - 1]
+            chosen = logits
+        elif start:
+            chosen = logits[:, 0]
+        else:
+            chosen = logits[np.arange(rows), new_lens - 1]
+        return chosen if self._logits_dtype == np.float32 else chosen.astype(np.float32)
 
 
 class ConcatRunner:
@@ -313,9 +350,11 @@ class ConcatRunner:
 
 
 def make_runner(
-    session: ort.InferenceSession, spec: GenerationSpec, kv: KvStore, *, max_rows_x_width: int
+    session: ort.InferenceSession, spec: GenerationSpec, kv: KvBuffers, *, max_rows_x_width: int
 ) -> SharedBufferRunner | ConcatRunner:
-    """The runner for the manifest's graph kind."""
+    """The runner for the manifest's graph kind (an "optimum" graph needs its KV in host memory)."""
     if spec.graph == "genai":
         return SharedBufferRunner(session, spec, kv, max_rows_x_width=max_rows_x_width)
+    if not isinstance(kv, KvStore):
+        raise ModelRejected("an optimum-kind decoder graph keeps its KV cache in host memory", field="generation.graph")
     return ConcatRunner(session, spec, kv)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.generation.model_runner import KvStore
+from appliance.generation.model_runner import KvBuffers
 
 BLOCK_TOKENS = 32
 
@@ -66,10 +66,10 @@ class PrefixCache:
             return length, entry
         return 0, None
 
-    def restore(self, store: KvStore, slot: int, entry: _Entry, length: int) -> None:
+    def restore(self, store: KvBuffers, slot: int, entry: _Entry, length: int) -> None:
         store.write(slot, entry.kv, length)
 
-    def insert(self, store: KvStore, slot: int, tokens: Sequence[int]) -> None:
+    def insert(self, store: KvBuffers, slot: int, tokens: Sequence[int]) -> None:
         """Remember the whole-block prefix of a just-prefilled prompt (if not already known)."""
         keys = block_keys(tokens[: max(len(tokens) - 1, 0)])
         if not keys:

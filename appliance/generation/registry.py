@@ -91,6 +91,8 @@ class GenerationRegistry:
                 threads=self.settings.cpu_threads,
                 draft_version=draft,
                 metrics=self.metrics,
+                providers=self.settings.providers,
+                cuda_device_id=self.settings.cuda_device_id,
             )
         except ApplianceError as exc:
             log.warning("generation model %s failed to load: %s", name, exc.message)

@@ -2,7 +2,8 @@
 
 `tiny_decoders` (session fixture, import it into a test module) exports a random Llama-like
 model as fp32 and int4 (graph kind "genai") and a random GPT-2 as fp32 (graph kind "optimum")
-into one state directory, once per test run. `reference_greedy` is the straightforward loop the
+into one state directory, and the Llama as fp16 (the CUDA layout) into another, once per test
+run. `reference_greedy` is the straightforward loop the
 engine must agree with: batch 1, the KV cache fed back as plain arrays, argmax each step.
 """
 
@@ -20,7 +21,11 @@ import pytest
 from appliance.config import GenerationSettings
 from appliance.generation.engine import GenerationEngine, TokenEvent
 from appliance.generation.params import SamplingParams
+from appliance.generation.placement import Placement
 from appliance.repository.store import ModelRepository, ModelVersion
+
+
+KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
 
 
 @dataclass
@@ -29,6 +34,7 @@ class TinyDecoders:
     llama_fp32: ModelVersion
     llama_int4: ModelVersion
     gpt2_fp32: ModelVersion
+    llama_fp16: ModelVersion
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +50,17 @@ def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> TinyDecoders:
     fp32 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="fp32"), settings).version
     int4 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="int4"), settings).version
     gpt = run_export(ExportRequest(source=str(gpt2), name="tiny-gpt2", task="text-generation", quant="fp32"), settings).version
+    # The CUDA layout (fp16 activations and KV cache), in a state directory of its own so the
+    # servers that tests start on `state_dir` do not serve it.
+    fp16_settings = load_settings(state_dir=root / "state-fp16")
+    fp16 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="fp16"), fp16_settings).version
     repository = ModelRepository(settings.models_dir)
     return TinyDecoders(
         settings.state_dir,
         repository.get("tiny-llama", fp32.version),
         repository.get("tiny-llama", int4.version),
         repository.get("tiny-gpt2", gpt.version),
+        ModelRepository(fp16_settings.models_dir).get("tiny-llama", fp16.version),
     )
 
 
@@ -62,7 +73,7 @@ def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int)
     past: dict[str, np.ndarray] = {}
     for layer in range(spec.num_layers):
         for template in (spec.past_key_name, spec.past_value_name):
-            past[template.format(layer=layer)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+            past[template.format(layer=layer)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), KV_DTYPES[spec.kv_datatype])
     output_names = [node.name for node in session.get_outputs()]
     current = list(prompt)
     done = 0
@@ -84,10 +95,12 @@ def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int)
     return tokens
 
 
-def make_engine(version: ModelVersion, *, draft: ModelVersion | None = None, **settings: object) -> GenerationEngine:
+def make_engine(
+    version: ModelVersion, *, draft: ModelVersion | None = None, placement: Placement | None = None, **settings: object
+) -> GenerationEngine:
     settings.setdefault("kv_budget_bytes", 64 << 20)
     settings.setdefault("speculative", "off")
-    engine = GenerationEngine.from_version(version, GenerationSettings(**settings), threads=1, draft_version=draft)
+    engine = GenerationEngine.from_version(version, GenerationSettings(**settings), threads=1, draft_version=draft, placement=placement)
     engine.start()
     return engine
 

@@ -1,0 +1,109 @@
+"""Where a decoder runs: on the GPU when the box has CUDA and the graph is laid out for it,
+otherwise on the CPU; and the KV store that goes with that choice.
+
+A graph is laid out for CUDA when it is a model-builder ("genai") graph with a half-precision KV
+cache (`appliance export --quant fp16`). The CPU layouts (fp32 activations and KV cache, the
+int4 / int8 CPU graphs) would run on CUDA only with ONNX Runtime moving GroupQueryAttention
+back to the CPU, copying every layer's whole KV buffer across each step, so they stay on the CPU
+even on a GPU box, and the engine says why (the dashboard's provider column shows "cpu").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnxruntime as ort
+
+from appliance.config import ProviderChoice
+from appliance.errors import ModelRejected
+from appliance.generation.device_kv import CudaMemory, DeviceKvStore, HostMemory, fit_context
+from appliance.generation.model_runner import KvBuffers, KvGeometry, KvStore, open_decoder_session
+from appliance.repository.manifest import GenerationSpec
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+#: Share of the GPU's free memory (after the weights are loaded) the KV reservation may take.
+DEVICE_KV_SHARE = 0.6
+#: A context shorter than this after fitting the reservation is not worth serving.
+MIN_DEVICE_CONTEXT = 256
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`device`: where the decoder's session runs. `device_store`: keep the KV cache in ONNX
+    Runtime device buffers even on the CPU (tests run the GPU store's logic that way, with
+    `HostMemory` standing in for the CUDA runtime). `note`: why the GPU is not used, when the
+    box has one."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_id: int = 0
+    device_store: bool = False
+    note: str | None = None
+
+
+def open_placed_decoder(
+    model_path: Path,
+    spec: GenerationSpec,
+    *,
+    choice: ProviderChoice,
+    device_id: int,
+    threads: int | None,
+    takes_turns: bool,
+    forced: Placement | None = None,
+) -> tuple[ort.InferenceSession, Placement]:
+    """The decoder's session and where it ended up (`forced` skips the decision)."""
+    if forced is not None:
+        providers: list[str | tuple[str, dict[str, object]]] = (
+            [(CUDA, {"device_id": forced.device_id}), "CPUExecutionProvider"] if forced.device == "cuda" else ["CPUExecutionProvider"]
+        )
+        return open_decoder_session(model_path, threads=threads, providers=providers, takes_turns=takes_turns), forced
+    if choice == "cpu" or CUDA not in ort.get_available_providers():
+        return open_decoder_session(model_path, threads=threads, takes_turns=takes_turns), Placement()
+    if spec.graph != "genai" or spec.kv_datatype != "FP16":
+        note = "the graph is laid out for the CPU (fp32 KV cache); export it with --quant fp16 to decode on CUDA"
+        log.info("%s: %s", _label(model_path), note)
+        return open_decoder_session(model_path, threads=threads, takes_turns=takes_turns), Placement(note=note)
+    session = open_decoder_session(
+        model_path, threads=threads, providers=[(CUDA, {"device_id": device_id}), "CPUExecutionProvider"], takes_turns=takes_turns
+    )
+    if session.get_providers()[0] != CUDA:
+        note = "the CUDA provider did not load (driver, CUDA or cuDNN libraries missing)"
+        log.warning("%s: %s", _label(model_path), note)
+        return session, Placement(note=note)
+    return session, Placement("cuda", device_id, device_store=True)
+
+
+def _label(model_path: Path) -> str:
+    """"name vN" from a repository path (<models>/<name>/<N>/model.onnx)."""
+    return f"{model_path.parent.parent.name} v{model_path.parent.name}"
+
+
+def device_context(geometry: KvGeometry, max_slots: int, context: int, placement: Placement) -> int:
+    """The context the KV reservation allows: all of it on the host (pages follow use), what
+    fits `DEVICE_KV_SHARE` of free memory on a GPU (reserved up front)."""
+    if placement.device != "cuda":
+        return context
+    fitted = fit_context(geometry, max_slots, context, CudaMemory(placement.device_id).free_bytes(), DEVICE_KV_SHARE)
+    if fitted < min(context, MIN_DEVICE_CONTEXT):
+        raise ModelRejected(
+            f"the GPU has room for only {fitted} tokens of context per sequence at {max_slots} sequences; "
+            "lower generation.max_running_sequences",
+            field="generation.max_running_sequences",
+        )
+    if fitted < context:
+        log.info("KV cache on the GPU: context %d -> %d tokens to fit %d sequences", context, fitted, max_slots)
+    return fitted
+
+
+def make_kv_store(geometry: KvGeometry, max_slots: int, max_len: int, placement: Placement) -> KvBuffers:
+    """The KV store for a placement: device buffers on CUDA (or the tests' CPU stand-in), else
+    host memory."""
+    if placement.device == "cuda":
+        return DeviceKvStore(geometry, max_slots, max_len, device="cuda", device_id=placement.device_id, memory=CudaMemory(placement.device_id))
+    if placement.device_store:
+        return DeviceKvStore(geometry, max_slots, max_len, device="cpu", device_id=0, memory=HostMemory())
+    return KvStore(geometry, max_slots, max_len)
