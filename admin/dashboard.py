@@ -108,15 +108,17 @@ def box_info() -> dict[str, Any]:
     }
 
 
-def engine_provider(generation: GenerationRegistry, name: str) -> str | None:
-    """The execution provider of a generation engine's session ("cpu", "cuda", ...), if it says."""
+def engine_provider(generation: GenerationRegistry, name: str) -> tuple[str | None, str | None]:
+    """The execution provider of a generation engine's session ("cpu", "cuda", ...), if it
+    says, and why it is not on the GPU when the box has one."""
     try:
         engine = generation.engine(name)
     except ApplianceError:
-        return None
+        return None, None
     session = getattr(getattr(engine, "runner", None), "session", None)
     providers = session.get_providers() if session is not None else []
-    return providers[0].removesuffix("ExecutionProvider").lower() if providers else None
+    placement = getattr(engine, "placement", None)
+    return (providers[0].removesuffix("ExecutionProvider").lower() if providers else None), getattr(placement, "note", None)
 
 
 def loaded_models(registry: ModelRegistry, generation: GenerationRegistry | None = None) -> list[dict[str, Any]]:
@@ -138,11 +140,11 @@ def loaded_models(registry: ModelRegistry, generation: GenerationRegistry | None
     if generation is not None:
         for name in sorted(generation.generation_models()):
             status, reason = generation.status(name)
+            provider, note = engine_provider(generation, name) if status == "ready" else (None, None)
             rows.append(
                 {
-                    "name": name, "version": None, "status": status, "reason": reason,
-                    "provider": engine_provider(generation, name) if status == "ready" else None,
-                    "task": "text-generation", "queued": 0,
+                    "name": name, "version": None, "status": status, "reason": reason or note,
+                    "provider": provider, "task": "text-generation", "queued": 0,
                 }
             )
     return rows

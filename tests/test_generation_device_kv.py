@@ -167,3 +167,16 @@ def test_the_context_shrinks_to_what_the_device_memory_holds() -> None:
     assert fit_context(geometry, 16, 8192, None, 0.6) == 8192
     assert fit_context(geometry, 16, 8192, 80 << 30, 0.6) == 8192
     assert fit_context(geometry, 16, 8192, 1 << 30, 0.6) == int((1 << 30) * 0.6) // (16 * per_token)
+
+
+def test_a_device_path_that_fails_its_load_check_serves_on_the_cpu_instead(tiny_decoders: TinyDecoders, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy routine that copies nothing: what a wrong runtime binding would look like.
+    monkeypatch.setattr(HostMemory, "copy_rows", lambda self, *args: None)
+    model = tiny_decoders.llama_fp32
+    engine = make_engine(model, placement=ON_DEVICE_BUFFERS)
+    try:
+        assert isinstance(engine.kv_store, KvStore)
+        assert engine.placement.device == "cpu" and engine.placement.note is not None and "load check" in engine.placement.note
+        assert asyncio.run(generate(engine, PROMPTS[0], greedy(8))).tokens == reference_greedy(model, PROMPTS[0], 8)
+    finally:
+        engine.stop()

@@ -61,7 +61,8 @@ def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
         serving = repository.serving_version(name)
         if is_generation(ctx, name) and ctx.generation is not None:
             status, reason = ctx.generation.status(name)
-            provider = engine_provider(ctx.generation, name) if status == "ready" else None
+            provider, note = engine_provider(ctx.generation, name) if status == "ready" else (None, None)
+            reason = reason or note
             loaded_version = serving.version if status == "ready" and serving is not None else None
         else:
             state = ctx.registry.state(name)

@@ -33,8 +33,8 @@ from appliance.config import GenerationSettings, ProviderChoice
 from appliance.errors import ApplianceError, CapacityExceeded, DeadlineExceeded, InvalidInput, ModelRejected, ShuttingDown
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.kv_cache import KvCacheManager
-from appliance.generation.model_runner import DecoderRunner, KvBuffers, KvGeometry, make_runner
-from appliance.generation.placement import Placement, device_context, make_kv_store, open_placed_decoder
+from appliance.generation.model_runner import DecoderRunner, KvBuffers, KvGeometry
+from appliance.generation.placement import Placement, place_decoder
 from appliance.generation.params import TOP_LOGPROBS_MAX, SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
@@ -169,26 +169,26 @@ class GenerationEngine:
         # switched off, 49-55 tok/s); both on two threads that park: 61-64 tok/s against
         # 46-51 plain (docs/BENCHMARKS.md).
         takes_turns = draft_version is not None
-        session, self.placement = open_placed_decoder(
-            version_path / manifest.model_file, spec, choice=providers, device_id=cuda_device_id,
-            threads=threads, takes_turns=takes_turns, forced=placement,
+        target = place_decoder(
+            version_path / manifest.model_file, spec, max_slots=max_slots, context=self.context_length, width=width,
+            choice=providers, device_id=cuda_device_id, threads=threads, takes_turns=takes_turns, forced=placement,
         )
-        self.context_length = device_context(geometry, max_slots, self.context_length, self.placement)
-        self.kv_store = make_kv_store(geometry, max_slots, self.context_length, self.placement)
-        self.runner = make_runner(session, spec, self.kv_store, max_rows_x_width=width)
+        self.placement, self.context_length = target.placement, target.context
+        self.kv_store, self.runner = target.store, target.runner
         stores = [self.kv_store]
         self.draft: _Draft | None = None
         if draft_version is not None and draft_version.manifest.generation is not None:
             draft_spec = draft_version.manifest.generation
             if draft_spec.vocab_size != spec.vocab_size:
                 raise ModelRejected(f"draft model {draft_version.name} has another vocabulary", field="draft")
-            draft_session, draft_placement = open_placed_decoder(
-                draft_version.model_path, draft_spec, choice=providers, device_id=cuda_device_id,
-                threads=threads, takes_turns=True, forced=placement,
+            drafter = place_decoder(
+                draft_version.model_path, draft_spec, max_slots=max_slots, context=self.context_length, width=width,
+                choice=providers, device_id=cuda_device_id, threads=threads, takes_turns=True, forced=placement,
             )
-            draft_store = make_kv_store(KvGeometry.from_spec(draft_spec), max_slots, self.context_length, draft_placement)
-            self.draft = _Draft(make_runner(draft_session, draft_spec, draft_store, max_rows_x_width=width), draft_store)
-            stores.append(draft_store)
+            if drafter.context < self.context_length:
+                raise ModelRejected("the draft model's KV cache does not fit beside the target's on the GPU", field="draft")
+            self.draft = _Draft(drafter.runner, drafter.store)
+            stores.append(drafter.store)
         # Host KV pages follow use, so the default budget is a share of free memory; GPU memory
         # is reserved up front for every slot's context, so all of it is the budget.
         on_host = self.placement.device == "cpu" and not self.placement.device_store

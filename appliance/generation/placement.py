@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnxruntime as ort
 
 from appliance.config import ProviderChoice
 from appliance.errors import ModelRejected
 from appliance.generation.device_kv import CudaMemory, DeviceKvStore, HostMemory, fit_context
-from appliance.generation.model_runner import KvBuffers, KvGeometry, KvStore, open_decoder_session
+from appliance.generation.model_runner import DecoderRunner, KvBuffers, KvGeometry, KvStore, make_runner, open_decoder_session
 from appliance.repository.manifest import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -107,3 +108,66 @@ def make_kv_store(geometry: KvGeometry, max_slots: int, max_len: int, placement:
     if placement.device_store:
         return DeviceKvStore(geometry, max_slots, max_len, device="cpu", device_id=0, memory=HostMemory())
     return KvStore(geometry, max_slots, max_len)
+
+
+@dataclass
+class PlacedDecoder:
+    """A decoder ready to run: its runner, KV store, where it runs and the context it got."""
+
+    runner: DecoderRunner
+    store: KvBuffers
+    placement: Placement
+    context: int
+
+
+def place_decoder(
+    model_path: Path,
+    spec: GenerationSpec,
+    *,
+    max_slots: int,
+    context: int,
+    width: int,
+    choice: ProviderChoice,
+    device_id: int,
+    threads: int | None,
+    takes_turns: bool,
+    forced: Placement | None = None,
+) -> PlacedDecoder:
+    """Open the decoder where `open_placed_decoder` says; a device KV store must then pass
+    `verify_device_path`, or the decoder is reopened on the CPU with the reason in the note
+    (the model serves either way, slower, rather than failing on its first request)."""
+    session, placement = open_placed_decoder(
+        model_path, spec, choice=choice, device_id=device_id, threads=threads, takes_turns=takes_turns, forced=forced
+    )
+    fitted = device_context(KvGeometry.from_spec(spec), max_slots, context, placement)
+    store = make_kv_store(KvGeometry.from_spec(spec), max_slots, fitted, placement)
+    runner = make_runner(session, spec, store, max_rows_x_width=width)
+    if isinstance(store, DeviceKvStore):
+        try:
+            verify_device_path(runner, store)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the CPU path still serves
+            note = f"the GPU path failed its load check ({str(exc).splitlines()[0]}); decoding on the CPU"
+            log.warning("%s: %s", _label(model_path), note)
+            del runner, store
+            session = open_decoder_session(model_path, threads=threads, takes_turns=takes_turns)
+            host = KvStore(KvGeometry.from_spec(spec), max_slots, context)
+            return PlacedDecoder(make_runner(session, spec, host, max_rows_x_width=width), host, Placement(note=note), context)
+    return PlacedDecoder(runner, store, placement, fitted)
+
+
+def verify_device_path(runner: DecoderRunner, store: DeviceKvStore) -> None:
+    """Prove the device path at load: a known pattern written to slot 0, moved to the last
+    slot and read back must come back unchanged, and one forward pass must give finite logits."""
+    geometry = store.geometry
+    pattern = [
+        np.full((geometry.num_kv_heads, 2, geometry.head_dim), index + 1, geometry.dtype) for index in range(2 * geometry.num_layers)
+    ]
+    last = store.max_slots - 1
+    store.write(0, pattern, 2)
+    if last:
+        store.move_slot(0, last, 2)
+    if not all(np.array_equal(got, want) for got, want in zip(store.read(last, 2), pattern, strict=True)):
+        raise RuntimeError("KV copies through device memory came back changed")
+    logits = runner.forward(0, np.ones((1, 1), np.int64), np.zeros(1, np.int64), np.ones(1, np.int64), all_logits=False)
+    if not np.isfinite(logits).all():
+        raise RuntimeError("the first forward pass gave non-finite logits")
