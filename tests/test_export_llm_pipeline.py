@@ -136,8 +136,9 @@ def test_decode_with_kv_cache_equals_full_recompute(llama_versions: dict[str, Mo
     assert [int(np.argmax(row)) for row in full[len(prompt) - 1 :]] == tokens
 
 
-def test_fp16_variant_is_the_builders_half_precision_graph(models_dir: Path, settings: Settings) -> None:
-    version = run_export(ExportRequest(source=str(models_dir / "llama"), name="tiny-llama-gpu", quant="fp16"), settings).version
+def test_auto_for_a_gpu_is_the_builders_half_precision_graph(models_dir: Path, settings: Settings) -> None:
+    # `--quant auto` on a GPU box: the CUDA layout the engine decodes on the GPU (placement.py).
+    version = run_export(ExportRequest(source=str(models_dir / "llama"), name="tiny-llama-gpu", provider="cuda"), settings).version
     spec = version.manifest.generation
     assert spec is not None and spec.kv_datatype == "FP16"
     assert version.manifest.quantization == "fp16"

@@ -126,9 +126,11 @@ class TextGenerationExporter(TaskExporter):
 
     # -- variants -------------------------------------------------------------------------
     def auto_variant(self, provider: str) -> str:
-        """int4 everywhere: MatMulNBits has CPU and CUDA kernels, and decode is bound by
-        per-step overhead and weight bandwidth, which int4 shrinks most."""
-        return "int4"
+        """int4 for the CPU: decode is bound by per-step overhead and weight bandwidth, which
+        int4 shrinks most. fp16 for a GPU: the model builder's CUDA layout (fp16 activations and
+        KV cache) is what the engine decodes on CUDA; the int4 graphs are laid out for the CPU
+        (fp32 activations, GroupQueryAttention in fp32) and would stay there."""
+        return "fp16" if provider in ("cuda", "tensorrt") else "int4"
 
     def resolve_variant(self, requested: str) -> str:
         name = super().resolve_variant(requested)
