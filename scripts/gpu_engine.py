@@ -103,7 +103,7 @@ def _consistency(engine: GenerationEngine, state_dir: Path, model: str) -> None:
     batched = asyncio.run(together())
     verdicts = [_same(a, b) for a, b in zip(batched, alone, strict=True)]
     print(f"OK   engine batched vs alone (4 sequences, 16-40 tokens): {', '.join(verdicts)}", flush=True)
-    system = "You are the assistant of a small town library. " * 12
+    system = "You are the assistant of a small town library. " * 4
     first = _prompt_ids(engine, system + "When does the library open on Saturdays?")
     second = _prompt_ids(engine, system + "How many books may a member borrow?")
     asyncio.run(_stream(engine, first, 16))
