@@ -180,3 +180,14 @@ def test_a_device_path_that_fails_its_load_check_serves_on_the_cpu_instead(tiny_
         assert asyncio.run(generate(engine, PROMPTS[0], greedy(8))).tokens == reference_greedy(model, PROMPTS[0], 8)
     finally:
         engine.stop()
+
+
+def test_a_binding_that_misses_the_slot_offset_fails_the_load_check(tiny_decoders: TinyDecoders, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_bind = DeviceKvStore.bind
+    monkeypatch.setattr(DeviceKvStore, "bind", lambda self, binding, keys, values, first, rows: real_bind(self, binding, keys, values, 0, rows))
+    engine = make_engine(tiny_decoders.llama_fp32, placement=ON_DEVICE_BUFFERS)
+    try:
+        assert isinstance(engine.kv_store, KvStore)
+        assert engine.placement.note is not None and "disagrees" in engine.placement.note
+    finally:
+        engine.stop()

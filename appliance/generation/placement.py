@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 #: Share of the GPU's free memory (after the weights are loaded) the KV reservation may take.
 DEVICE_KV_SHARE = 0.6
+#: Prefill vs step-by-step decode of the same tokens at load: largest logit difference allowed,
+#: as a share of the largest logit (fp16 kernels differ between the two paths by far less).
+LOAD_CHECK_TOLERANCE = 0.05
 #: A context shorter than this after fitting the reservation is not worth serving.
 MIN_DEVICE_CONTEXT = 256
 
@@ -156,8 +159,11 @@ def place_decoder(
 
 
 def verify_device_path(runner: DecoderRunner, store: DeviceKvStore) -> None:
-    """Prove the device path at load: a known pattern written to slot 0, moved to the last
-    slot and read back must come back unchanged, and one forward pass must give finite logits."""
+    """Prove the device path at load, before any request: a known pattern written to slot 0,
+    moved to the last slot and read back comes back unchanged; and four tokens prefilled at
+    once in slot 0 give the same next-token logits as two prefilled and two decoded one by one
+    in the last slot while slot 0 held other tokens (each slot range's KV is written in place
+    and read back where it belongs)."""
     geometry = store.geometry
     pattern = [
         np.full((geometry.num_kv_heads, 2, geometry.head_dim), index + 1, geometry.dtype) for index in range(2 * geometry.num_layers)
@@ -168,6 +174,16 @@ def verify_device_path(runner: DecoderRunner, store: DeviceKvStore) -> None:
         store.move_slot(0, last, 2)
     if not all(np.array_equal(got, want) for got, want in zip(store.read(last, 2), pattern, strict=True)):
         raise RuntimeError("KV copies through device memory came back changed")
-    logits = runner.forward(0, np.ones((1, 1), np.int64), np.zeros(1, np.int64), np.ones(1, np.int64), all_logits=False)
-    if not np.isfinite(logits).all():
-        raise RuntimeError("the first forward pass gave non-finite logits")
+    tokens = np.arange(1, 5, dtype=np.int64)[None, :] % runner.vocab_size
+    other = np.arange(7, 11, dtype=np.int64)[None, :] % runner.vocab_size
+    runner.forward(last, tokens[:, :2], np.zeros(1, np.int64), np.full(1, 2, np.int64), all_logits=False)
+    if last:  # other tokens in slot 0 meanwhile: a binding that missed the slot offset would clobber them
+        runner.forward(0, other, np.zeros(1, np.int64), np.full(1, 4, np.int64), all_logits=False)
+    runner.forward(last, tokens[:, 2:3], np.full(1, 2, np.int64), np.ones(1, np.int64), all_logits=False)
+    stepwise = runner.forward(last, tokens[:, 3:4], np.full(1, 3, np.int64), np.ones(1, np.int64), all_logits=False).copy()
+    at_once = runner.forward(0, tokens, np.zeros(1, np.int64), np.full(1, 4, np.int64), all_logits=False)
+    if not (np.isfinite(at_once).all() and np.isfinite(stepwise).all()):
+        raise RuntimeError("the first forward passes gave non-finite logits")
+    scale = float(np.abs(at_once).max())
+    if at_once.argmax() != stepwise.argmax() or float(np.abs(at_once - stepwise).max()) > LOAD_CHECK_TOLERANCE * scale + 1e-3:
+        raise RuntimeError("a decode step over the cached KV disagrees with prefilling the same tokens")
