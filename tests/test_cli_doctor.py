@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from appliance.repository.store import ModelRepository
+from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 from tests.helpers.tiny_models import publish_adder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +42,18 @@ def test_auth_off_beyond_loopback_is_a_failure(state_dir: Path) -> None:
     result = _doctor(state_dir, APPLIANCE_HOST="0.0.0.0", APPLIANCE_AUTH="false")
     assert result.returncode == 1
     assert re.search(r"^FAIL bind and auth: auth is off while listening on 0\.0\.0\.0", result.stdout, re.M)
+
+
+def test_generation_placement_names_models_that_stay_on_the_cpu_of_a_gpu_box(tiny_decoders: TinyDecoders) -> None:
+    from appliance.cli.doctor_cmd import generation_placement_check
+    from appliance.config import load_settings
+
+    cpu_layout = load_settings(state_dir=tiny_decoders.state_dir)
+    cuda_layout = load_settings(state_dir=tiny_decoders.llama_fp16.path.parent.parent.parent)
+    # Without a usable CUDA provider (this box) there is nothing to say.
+    assert generation_placement_check(cpu_layout, cuda_usable=False) is None
+    # As if CUDA worked (the probe's answer on a GPU box): fp32 / int4 exports stay on the CPU.
+    check = generation_placement_check(cpu_layout, cuda_usable=True)
+    assert check is not None and check.verdict == "WARN" and "tiny-llama" in check.detail and "--quant fp16" in check.detail
+    check = generation_placement_check(cuda_layout, cuda_usable=True)
+    assert check is not None and check.verdict == "OK" and check.detail == "decode on CUDA: tiny-llama"

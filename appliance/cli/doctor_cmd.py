@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import typer
@@ -21,6 +22,9 @@ import typer
 from appliance.cli.app import ConfigOption, StateDirOption, app, console, settings_from
 from appliance.config import Settings
 from appliance.ops.checks import Check, service_checks
+
+if TYPE_CHECKING:
+    from appliance.runtime.probe import ProviderProbe
 
 GIB = 1 << 30
 MIN_FREE_DISK_WARN_BYTES = 5 * GIB
@@ -94,11 +98,9 @@ def gpu_check() -> Check:
     return Check("gpu", "OK", gpus or "nvidia-smi lists no GPU")
 
 
-def provider_checks(settings: Settings) -> list[Check]:
-    from appliance.runtime.probe import probe_providers
-
+def provider_checks(settings: Settings, probes: list[ProviderProbe]) -> list[Check]:
     checks = []
-    for probe in probe_providers():
+    for probe in probes:
         wanted = settings.providers in ("auto", probe.name)
         if probe.usable:
             verdict = "OK"
@@ -111,6 +113,29 @@ def provider_checks(settings: Settings) -> list[Check]:
         prefix = "usable" if probe.usable else "not usable"
         checks.append(Check(f"provider {probe.name}", verdict, f"{prefix}: {probe.detail}"))
     return checks
+
+
+def generation_placement_check(settings: Settings, cuda_usable: bool) -> Check | None:
+    """Where each served text-generation model will decode, on a box where CUDA works: a
+    model exported in a CPU layout stays on the CPU, which an admin with a GPU wants to know."""
+    if not cuda_usable or settings.providers == "cpu":
+        return None
+    from appliance.generation.placement import cpu_layout_reason
+    from appliance.repository.store import ModelRepository
+
+    repository = ModelRepository(settings.models_dir)
+    on_gpu, on_cpu = [], []
+    for name in repository.names():
+        version = repository.serving_version(name)
+        spec = version.manifest.generation if version is not None else None
+        if spec is not None:
+            (on_cpu if cpu_layout_reason(spec) else on_gpu).append(name)
+    if not on_gpu and not on_cpu:
+        return None
+    if not on_cpu:
+        return Check("generation placement", "OK", f"decode on CUDA: {', '.join(on_gpu)}")
+    detail = f"decode on the CPU (exported for the CPU; export again with --quant fp16 for CUDA): {', '.join(on_cpu)}"
+    return Check("generation placement", "WARN", detail + (f"; on CUDA: {', '.join(on_gpu)}" if on_gpu else ""))
 
 
 def database_check(settings: Settings) -> Check:
@@ -198,7 +223,10 @@ def tls_fingerprint_check(settings: Settings) -> Check | None:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    checks = [python_check(), *packages_check(), cpu_check(), memory_check(), gpu_check(), *provider_checks(settings)]
+    from appliance.runtime.probe import probe_providers
+
+    probes = probe_providers()
+    checks = [python_check(), *packages_check(), cpu_check(), memory_check(), gpu_check(), *provider_checks(settings, probes)]
     checks += service_checks(settings.state_dir, settings.tls_cert, settings.tls_key)
     tls_fingerprint = tls_fingerprint_check(settings)
     if tls_fingerprint is not None:
@@ -208,6 +236,9 @@ def run_checks(settings: Settings) -> list[Check]:
     if keys is not None:
         checks.append(keys)
     checks += [bind_check(settings), disk_check(settings), models_check(settings)]
+    placement = generation_placement_check(settings, any(probe.name == "cuda" and probe.usable for probe in probes))
+    if placement is not None:
+        checks.append(placement)
     return checks
 
 

@@ -49,6 +49,13 @@ class Placement:
     note: str | None = None
 
 
+def cpu_layout_reason(spec: GenerationSpec) -> str | None:
+    """Why this graph cannot decode on CUDA, or None when it is in the CUDA layout."""
+    if spec.graph != "genai" or spec.kv_datatype != "FP16":
+        return "the graph is laid out for the CPU (fp32 KV cache); export it with --quant fp16 to decode on CUDA"
+    return None
+
+
 def open_placed_decoder(
     model_path: Path,
     spec: GenerationSpec,
@@ -67,8 +74,8 @@ def open_placed_decoder(
         return open_decoder_session(model_path, threads=threads, providers=providers, takes_turns=takes_turns), forced
     if choice == "cpu" or CUDA not in ort.get_available_providers():
         return open_decoder_session(model_path, threads=threads, takes_turns=takes_turns), Placement()
-    if spec.graph != "genai" or spec.kv_datatype != "FP16":
-        note = "the graph is laid out for the CPU (fp32 KV cache); export it with --quant fp16 to decode on CUDA"
+    note = cpu_layout_reason(spec)
+    if note is not None:
         log.info("%s: %s", _label(model_path), note)
         return open_decoder_session(model_path, threads=threads, takes_turns=takes_turns), Placement(note=note)
     session = open_decoder_session(
