@@ -186,9 +186,11 @@ class GenerationEngine:
                 choice=providers, device_id=cuda_device_id, threads=threads, takes_turns=True, forced=placement,
             )
             if drafter.context < self.context_length:
-                raise ModelRejected("the draft model's KV cache does not fit beside the target's on the GPU", field="draft")
-            self.draft = _Draft(drafter.runner, drafter.store)
-            stores.append(drafter.store)
+                # The target serves without speculation rather than not at all.
+                log.warning("%s: the draft model's KV cache does not fit beside the target's; serving without it", name)
+            else:
+                self.draft = _Draft(drafter.runner, drafter.store)
+                stores.append(drafter.store)
         # Host KV pages follow use, so the default budget is a share of free memory; GPU memory
         # is reserved up front for every slot's context, so all of it is the budget.
         on_host = self.placement.device == "cpu" and not self.placement.device_store
