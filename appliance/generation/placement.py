@@ -110,16 +110,6 @@ def device_context(geometry: KvGeometry, max_slots: int, context: int, placement
     return fitted
 
 
-def make_kv_store(geometry: KvGeometry, max_slots: int, max_len: int, placement: Placement) -> KvBuffers:
-    """The KV store for a placement: device buffers on CUDA (or the tests' CPU stand-in), else
-    host memory."""
-    if placement.device == "cuda":
-        return DeviceKvStore(geometry, max_slots, max_len, device="cuda", device_id=placement.device_id, memory=CudaMemory(placement.device_id))
-    if placement.device_store:
-        return DeviceKvStore(geometry, max_slots, max_len, device="cpu", device_id=0, memory=HostMemory())
-    return KvStore(geometry, max_slots, max_len)
-
-
 @dataclass
 class PlacedDecoder:
     """A decoder ready to run: its runner, KV store, where it runs and the context it got."""
@@ -143,26 +133,31 @@ def place_decoder(
     takes_turns: bool,
     forced: Placement | None = None,
 ) -> PlacedDecoder:
-    """Open the decoder where `open_placed_decoder` says; a device KV store must then pass
-    `verify_device_path`, or the decoder is reopened on the CPU with the reason in the note
-    (the model serves either way, slower, rather than failing on its first request)."""
+    """Open the decoder where `open_placed_decoder` says. On the device path the KV reservation
+    must fit and pass `verify_device_path`, or the decoder is reopened on the CPU with the reason
+    in the note: the model serves either way, slower, rather than failing at load or, worse, on
+    its first requests."""
     session, placement = open_placed_decoder(
         model_path, spec, choice=choice, device_id=device_id, threads=threads, takes_turns=takes_turns, forced=forced
     )
-    fitted = device_context(KvGeometry.from_spec(spec), max_slots, context, placement)
-    store = make_kv_store(KvGeometry.from_spec(spec), max_slots, fitted, placement)
-    runner = make_runner(session, spec, store, max_rows_x_width=width)
-    if isinstance(store, DeviceKvStore):
-        try:
-            verify_device_path(runner, store)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the CPU path still serves
-            note = f"the GPU path failed its load check ({str(exc).splitlines()[0]}); decoding on the CPU"
-            log.warning("%s: %s", _label(model_path), note)
-            del runner, store
-            session = open_decoder_session(model_path, threads=threads, takes_turns=takes_turns)
-            host = KvStore(KvGeometry.from_spec(spec), max_slots, context)
-            return PlacedDecoder(make_runner(session, spec, host, max_rows_x_width=width), host, Placement(note=note), context)
-    return PlacedDecoder(runner, store, placement, fitted)
+    geometry = KvGeometry.from_spec(spec)
+    if not (placement.device == "cuda" or placement.device_store):
+        store = KvStore(geometry, max_slots, context)
+        return PlacedDecoder(make_runner(session, spec, store, max_rows_x_width=width), store, placement, context)
+    try:
+        fitted = device_context(geometry, max_slots, context, placement)
+        memory = CudaMemory(placement.device_id) if placement.device == "cuda" else HostMemory()
+        device_store = DeviceKvStore(geometry, max_slots, fitted, device=placement.device, device_id=placement.device_id, memory=memory)
+        runner = make_runner(session, spec, device_store, max_rows_x_width=width)
+        verify_device_path(runner, device_store)
+        return PlacedDecoder(runner, device_store, placement, fitted)
+    except Exception as exc:  # noqa: BLE001 - whatever broke (no room, a bad copy), the CPU path still serves
+        message = (str(exc).splitlines() or [type(exc).__name__])[0]
+        note = f"the GPU path failed its load check ({message}); decoding on the CPU"
+        log.warning("%s: %s", _label(model_path), note)
+    session = open_decoder_session(model_path, threads=threads, takes_turns=takes_turns)
+    store = KvStore(geometry, max_slots, context)
+    return PlacedDecoder(make_runner(session, spec, store, max_rows_x_width=width), store, Placement(note=note), context)
 
 
 def verify_device_path(runner: DecoderRunner, store: DeviceKvStore) -> None:
