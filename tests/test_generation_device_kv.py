@@ -20,6 +20,7 @@ from appliance.generation.model_runner import KvGeometry, KvStore
 from appliance.generation.placement import Placement, open_placed_decoder
 from appliance.generation.prefix_cache import BLOCK_TOKENS
 from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixture
+    PROMPTS,
     TinyDecoders,
     generate,
     greedy,
@@ -29,12 +30,6 @@ from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixtur
 )
 
 ON_DEVICE_BUFFERS = Placement(device_store=True)
-PROMPTS = [
-    [5, 17, 42, 99, 150, 7],
-    [33, 64, 128, 250, 12, 9, 81, 77, 45, 3, 18],
-    [200, 201, 202],
-    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28],
-]
 
 
 def _stores(dtype: type[np.floating]) -> tuple[KvStore, DeviceKvStore]:

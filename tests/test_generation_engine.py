@@ -13,6 +13,7 @@ from appliance.generation.prefix_cache import BLOCK_TOKENS
 from appliance.generation.speculative import VerificationCost
 from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixture
     Generated,
+    PROMPTS,
     TinyDecoders,
     generate,
     greedy,
@@ -20,13 +21,6 @@ from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixtur
     reference_greedy,
     tiny_decoders,
 )
-
-PROMPTS = [
-    [5, 17, 42, 99, 150, 7],
-    [33, 64, 128, 250, 12, 9, 81, 77, 45, 3, 18],
-    [200, 201, 202],
-    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28],
-]
 
 
 def test_greedy_output_equals_the_reference_loop_token_for_token(tiny_decoders: TinyDecoders) -> None:

@@ -26,6 +26,13 @@ from appliance.repository.store import ModelRepository, ModelVersion
 
 
 KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
+#: Token-id prompts of different lengths for the tiny decoders (vocabulary ~300).
+PROMPTS = [
+    [5, 17, 42, 99, 150, 7],
+    [33, 64, 128, 250, 12, 9, 81, 77, 45, 3, 18],
+    [200, 201, 202],
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28],
+]
 
 
 @dataclass
