@@ -39,6 +39,7 @@ from appliance.offline import enforce_offline  # noqa: E402
 
 enforce_offline()
 
+from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures  # noqa: E402
 from appliance.config import GenerationSettings  # noqa: E402
 from appliance.generation.engine import GenerationEngine  # noqa: E402
 from appliance.generation.params import SamplingParams  # noqa: E402
@@ -98,15 +99,7 @@ def engine_pass(engine: GenerationEngine, batch: list[list[int]]) -> dict[str, f
 
 
 def _figures(results: list[tuple[float, float, int]]) -> dict[str, float]:
-    total = sum(count for _, _, count in results)
-    end = max(last for _, last, _ in results)
-    decode_start = max(first for first, _, _ in results)
-    decode_tokens = total - len(results)
-    return {
-        "ttft_s": statistics.median(first for first, _, _ in results),
-        "aggregate_tok_s": total / end,
-        "decode_tok_s": decode_tokens / (end - decode_start) if end > decode_start else 0.0,
-    }
+    return concurrent_stream_figures([StreamTiming(first, last, count) for first, last, count in results])
 
 
 def genai_pass(model_dir: Path, batch: list[list[int]], threads: int) -> dict[str, float]:

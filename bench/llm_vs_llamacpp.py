@@ -44,6 +44,8 @@ from typing import Any
 import httpx
 import psutil
 
+from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_VENV = ROOT / "bench" / ".venv-llamacpp"
 LLAMA_PYTHON = LLAMA_VENV / "bin" / "python"
@@ -273,14 +275,9 @@ async def http_pass(url: str, model: str, contents: list[str], *, llama: bool, m
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*[stream_chat(client, url, model, c, start, llama=llama, max_tokens=max_tokens) for c in contents])
-    total = sum(r["tokens"] for r in results)
-    end = max(r["last"] for r in results)
-    decode_start = max(r["first"] for r in results)
     single = results[0]
     return {
-        "ttft_s": statistics.median(r["first"] for r in results),
-        "aggregate_tok_s": total / end,
-        "decode_tok_s": (total - len(results)) / (end - decode_start) if end > decode_start else 0.0,
+        **concurrent_stream_figures([StreamTiming(r["first"], r["last"], r["tokens"]) for r in results]),
         "single_decode_tok_s": (single["tokens"] - 1) / (single["last"] - single["first"]) if single["last"] > single["first"] else 0.0,
         "texts": [r["text"] for r in results],
     }

@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures
 from appliance.config import GenerationSettings
 from appliance.generation.engine import GenerationEngine
 from appliance.generation.params import SamplingParams
@@ -148,9 +149,7 @@ def run(state_dir: Path, model: str, streams: list[int]) -> int:
         asyncio.run(_stream(engine, prompts[0], 8))  # warm-up
         for count in streams:
             runs = [asyncio.run(_together(engine, prompts[:count])) for _ in range(3)]
-            ttft = statistics.median(r[0] for r in runs)
-            total = statistics.median(r[1] for r in runs)
-            decode = statistics.median(r[2] for r in runs)
+            ttft, total, decode = (statistics.median(run[key] for run in runs) for key in ("ttft_s", "aggregate_tok_s", "decode_tok_s"))
             print(
                 f"OK   engine {count} stream(s) x {NEW_TOKENS} tokens: TTFT median {ttft * 1e3:.1f} ms, "
                 f"{total:.0f} tokens/s over the run, {decode:.0f} tokens/s after every first token",
@@ -161,17 +160,10 @@ def run(state_dir: Path, model: str, streams: list[int]) -> int:
     return 0
 
 
-async def _together(engine: GenerationEngine, prompts: list[list[int]]) -> tuple[float, float, float]:
-    """(median TTFT, aggregate tokens/s first request to last token, tokens/s in the decode phase)."""
-    started = time.perf_counter()
+async def _together(engine: GenerationEngine, prompts: list[list[int]]) -> dict[str, float]:
+    """TTFT, aggregate and decode-phase tokens/s of the prompts streamed at once."""
     results = await asyncio.gather(*[_stream(engine, prompt, NEW_TOKENS) for prompt in prompts])
-    wall = time.perf_counter() - started
-    produced = sum(len(tokens) for _, _, tokens in results)
-    decode_start = max(first for first, _, _ in results)
-    decode_tokens = sum(len(tokens) - 1 for _, _, tokens in results)
-    decode_s = max(last for _, last, _ in results) - decode_start
-    decode_rate = decode_tokens / decode_s if decode_s > 0 else float("nan")
-    return statistics.median(first for first, _, _ in results), produced / wall, decode_rate
+    return concurrent_stream_figures([StreamTiming(first, last, len(tokens)) for first, last, tokens in results])
 
 
 def main() -> int:

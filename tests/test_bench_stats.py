@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.benchmark.stats import Distribution, RequestRecord, percentile, summarise
+from appliance.benchmark.stats import Distribution, RequestRecord, StreamTiming, concurrent_stream_figures, percentile, summarise
 
 
 def test_percentile_interpolates_linearly_between_closest_ranks() -> None:
@@ -87,3 +87,12 @@ def test_failed_requests_do_not_count_as_throughput() -> None:
 def test_summary_refuses_a_non_positive_wall_time() -> None:
     with pytest.raises(ValueError, match="wall_s"):
         summarise([], wall_s=0.0)
+
+
+def test_concurrent_stream_figures_by_hand() -> None:
+    # Two streams sent at 0: first tokens at 0.2 and 0.4 s, last at 1.2 and 2.4 s; 11 and 21 tokens.
+    figures = concurrent_stream_figures([StreamTiming(0.2, 1.2, 11), StreamTiming(0.4, 2.4, 21)])
+    assert figures["ttft_s"] == pytest.approx(0.3)
+    assert figures["aggregate_tok_s"] == pytest.approx(32 / 2.4)
+    # After both first tokens (0.4 s) to the end (2.4 s): 30 more tokens in 2.0 s.
+    assert figures["decode_tok_s"] == pytest.approx(15.0)

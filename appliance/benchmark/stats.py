@@ -9,6 +9,7 @@ time itself and never does I/O.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,3 +165,28 @@ def summarise(records: Sequence[RequestRecord], wall_s: float) -> PointStats:
         itl=Distribution.of(gaps),
         tpot=Distribution.of([t for r in good if (t := r.tpot_s) is not None]),
     )
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """One of several streams started together: its first and last token, in seconds from the
+    moment they were all sent, and how many tokens it produced."""
+
+    first_s: float
+    last_s: float
+    tokens: int
+
+
+def concurrent_stream_figures(streams: Sequence[StreamTiming]) -> dict[str, float]:
+    """The figures the generation benchmarks compare: median time to first token; aggregate
+    tokens/s from the first request sent to the last token received (prefill included); and
+    tokens/s in the decode phase, after every stream has its first token (each stream's first
+    token belongs to its prefill)."""
+    total = sum(stream.tokens for stream in streams)
+    end = max(stream.last_s for stream in streams)
+    decode_start = max(stream.first_s for stream in streams)
+    return {
+        "ttft_s": statistics.median(stream.first_s for stream in streams),
+        "aggregate_tok_s": total / end if end > 0 else 0.0,
+        "decode_tok_s": (total - len(streams)) / (end - decode_start) if end > decode_start else 0.0,
+    }
