@@ -27,7 +27,6 @@ from appliance.admin.dashboard import SAMPLE_INTERVAL_S, DashboardSampler
 from appliance.admin.exports import ExportRunner
 from appliance.admin.pages import audit, auth, dashboard, keys, models, playground, privacy
 from appliance.admin.security import AdminGuardMiddleware, LoginThrottle
-from appliance.admin.serving import load_model
 from appliance.admin.setup_token import SETUP_TOKEN_TTL_S, SetupToken
 from appliance.admin.views import STATIC_DIR, render
 from appliance.store.audit import DeniedAuditLimiter
@@ -102,9 +101,9 @@ def install_admin(
     ctx.throttle = LoginThrottle()
     ctx.denied_limiter = DeniedAuditLimiter()
     ctx.setup_token = SetupToken()
-    ctx.sampler = DashboardSampler(ctx.registry, ctx.request_log.live, sample_interval_s, generation=ctx.generation)
+    ctx.sampler = DashboardSampler(ctx.models, ctx.request_log.live, sample_interval_s)
     ctx.exports = ExportRunner(
-        ctx.settings.state_dir, ctx.export_jobs, lambda name: load_model(ctx, name), ctx.deployments,
+        ctx.settings.state_dir, ctx.export_jobs, ctx.models.load, ctx.deployments,
         command=export_command, config=ctx.settings.config,
     )
     app.state.admin = ctx

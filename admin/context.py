@@ -1,7 +1,7 @@
 """What the admin UI needs from the running server, handed over by the app factory.
 
 The admin layer sits beside the API layer and may not import it, so the composition root
-passes the shared pieces (settings, database, key store, model registry, privacy policy,
+passes the shared pieces (settings, database, key store, the ModelService, privacy policy,
 request log) in this one object, kept on `app.state.admin`. The admin's own services (users,
 sessions, audit, deployments, export jobs) are built here from the database. Holds no logic.
 """
@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.config import Settings
-from appliance.generation.registry import GenerationRegistry
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
 from appliance.store.admin_sessions import SessionStore
 from appliance.store.admin_users import AdminUserStore
 from appliance.store.audit import AuditLog, DeniedAuditLimiter
@@ -37,13 +36,11 @@ class AdminContext:
     settings: Settings
     database: Database
     keys: KeyStore
-    registry: ModelRegistry
+    models: ModelService
     privacy: PrivacyPolicy
     request_log: RequestLog
     #: True when the server answers over HTTPS (cookies get the Secure flag).
     tls: bool = False
-    #: The generation engines (text-generation models); None in servers without them.
-    generation: GenerationRegistry | None = None
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -2,8 +2,7 @@
 and cost per 1k tokens.
 
 A sampler task takes one point every `interval_s` from the appliance's own state (the live
-request statistics of the API layer, the model registry, the generation engines' gauges,
-psutil) and keeps the last hour in memory; the page draws its charts from `/admin/api/metrics`.
+request statistics of the API layer, the ModelService's models and memory budget, psutil) and keeps the last hour in memory; the page draws its charts from `/admin/api/metrics`.
 Nothing here leaves the box. Never imports the API layer.
 """
 
@@ -21,8 +20,8 @@ import psutil
 
 from appliance.config import CostSettings
 from appliance.errors import ApplianceError
-from appliance.generation.registry import GenerationRegistry
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
+from appliance.serving.states import ServingState
 from appliance.store.request_log import LiveStats
 
 SAMPLE_INTERVAL_S = 5.0
@@ -31,8 +30,6 @@ SAMPLES_KEPT = 720
 #: Window over which tokens/s is averaged for the cost figure.
 COST_WINDOW_S = 300.0
 HOURS_PER_YEAR = 8766.0
-#: The generation engines' gauge of queued sequences.
-GENERATION_QUEUE_METRIC = "appliance_num_requests_waiting"
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 
 
@@ -47,6 +44,8 @@ class Point:
     queue_depth: int
     cpu_percent: float
     memory_percent: float
+    #: Share of the models' memory budget held by loaded models (percent).
+    budget_percent: float
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -108,67 +107,46 @@ def box_info() -> dict[str, Any]:
     }
 
 
-def engine_provider(generation: GenerationRegistry, name: str) -> tuple[str | None, str | None]:
-    """The execution provider of a generation engine's session ("cpu", "cuda", ...), if it
-    says, and why it is not on the GPU when the box has one."""
-    try:
-        engine = generation.engine(name)
-    except ApplianceError:
-        return None, None
-    session = getattr(getattr(engine, "runner", None), "session", None)
-    providers = session.get_providers() if session is not None else []
-    placement = getattr(engine, "placement", None)
-    return (providers[0].removesuffix("ExecutionProvider").lower() if providers else None), getattr(placement, "note", None)
-
-
-def loaded_models(registry: ModelRegistry, generation: GenerationRegistry | None = None) -> list[dict[str, Any]]:
-    """Tensor models of the registry, then the generation engines' models."""
+def loaded_models(models: ModelService) -> list[dict[str, Any]]:
+    """Every model of every task with its state, memory and queue (dashboard and its JSON)."""
     rows = []
-    for state in registry.states():
-        loaded = state.loaded
+    for status in models.statuses():
         rows.append(
             {
-                "name": state.name,
-                "version": state.version,
-                "status": state.status,
-                "reason": state.reason,
-                "provider": loaded.provider.active if loaded else None,
-                "task": loaded.manifest.task if loaded else None,
-                "queued": loaded.batcher.queued if loaded else 0,
+                "name": status.name,
+                "version": status.loaded_version or status.version,
+                "status": status.state.value.lower(),
+                "reason": status.reason,
+                "provider": status.provider,
+                "task": status.task,
+                "queued": status.queued,
+                "inflight": status.inflight,
+                "resident_bytes": status.resident_bytes if status.state in (ServingState.READY, ServingState.LOADING) else 0,
             }
         )
-    if generation is not None:
-        for name in sorted(generation.generation_models()):
-            status, reason = generation.status(name)
-            provider, note = engine_provider(generation, name) if status == "ready" else (None, None)
-            rows.append(
-                {
-                    "name": name, "version": None, "status": status, "reason": reason or note,
-                    "provider": provider, "task": "text-generation", "queued": 0,
-                }
-            )
     return rows
 
 
-def generation_queue_depth(generation: GenerationRegistry | None) -> int:
-    """Sequences waiting for admission in every generation engine (from its own gauge)."""
-    if generation is None:
-        return 0
-    depth = 0.0
-    for metric in generation.metrics.requests_waiting.collect():
-        depth += sum(sample.value for sample in metric.samples if sample.name == GENERATION_QUEUE_METRIC)
-    return int(depth)
+def budget_info(models: ModelService) -> dict[str, Any]:
+    """The memory budget and how much of it the loaded models hold."""
+    used = models.memory_in_use()
+    limits = models.budget
+    return {
+        "host_bytes": limits.host_bytes,
+        "host_used_bytes": used.get("cpu", 0),
+        "host_percent": 100.0 * used.get("cpu", 0) / limits.host_bytes if limits.host_bytes else 0.0,
+        "gpu_bytes": limits.gpu_bytes,
+        "gpu_used_bytes": used.get("cuda", 0),
+        "max_models": limits.max_models,
+        "loaded": sum(1 for status in models.statuses() if status.state is ServingState.READY),
+    }
 
 
 class DashboardSampler:
     """Takes a Point every `interval_s` while the server runs."""
 
-    def __init__(
-        self, registry: ModelRegistry, live: LiveStats, interval_s: float = SAMPLE_INTERVAL_S,
-        *, generation: GenerationRegistry | None = None,
-    ) -> None:
-        self.registry = registry
-        self.generation = generation
+    def __init__(self, models: ModelService, live: LiveStats, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+        self.models = models
         self.live = live
         self.interval_s = interval_s
         self.points: deque[Point] = deque(maxlen=SAMPLES_KEPT)
@@ -182,7 +160,7 @@ class DashboardSampler:
         window = self.live.since(self._last)
         self._last = now
         latencies_ms = [v * 1000.0 for v in window.latencies_s]
-        queued = sum(m["queued"] for m in loaded_models(self.registry)) + generation_queue_depth(self.generation)
+        queued = sum(status.queued for status in self.models.statuses())
         point = Point(
             t=time.time(),
             requests_per_s=window.requests / elapsed,
@@ -193,6 +171,7 @@ class DashboardSampler:
             queue_depth=queued,
             cpu_percent=psutil.cpu_percent(interval=None),
             memory_percent=psutil.virtual_memory().percent,
+            budget_percent=budget_info(self.models)["host_percent"],
         )
         self.points.append(point)
         return point

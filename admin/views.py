@@ -8,7 +8,7 @@ into a page except the one-time API key on the page that created it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ NOTICES = {
     "undeployed": "Model undeployed: it no longer serves and stays unloaded after a restart.",
     "default-set": "Default version set; the model reloads with it.",
     "deleted": "Deleted.",
+    "model-deleted": "Model deleted with all its versions.",
+    "pinned": "Pinned: this model is never evicted or unloaded for idleness.",
+    "unpinned": "Unpinned: this model may be evicted when idle.",
+    "keep-alive-set": "Keep-alive saved.",
     "override": "Rejected version marked deployable by explicit override.",
     "export-started": "Export started; its progress follows below.",
     "key-revoked": "Key revoked.",
@@ -53,7 +57,10 @@ NOTICES = {
 templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(str(TEMPLATES_DIR)), autoescape=True))
 
 
-def _utc(value: datetime | None) -> str:
+def _utc(value: datetime | float | None) -> str:
+    """A datetime, or unix seconds, as UTC text."""
+    if isinstance(value, (int, float)):
+        value = datetime.fromtimestamp(value, UTC)
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
 
 

@@ -1,10 +1,10 @@
-"""FastAPI application factory: settings -> store (migrated) -> model registry -> routes.
+"""FastAPI application factory: settings -> store (migrated) -> ModelService -> routes.
 
 The composition root of the server: it wires the layers and owns their lifetimes. The
-lifespan starts loading every deployable model in the background (readiness says 503 until
-they settle) and, at shutdown, lets queued work finish within `drain_grace_s`. Refuses to
-build an app that would listen beyond loopback without authentication. Never imports the
-export stage, torch or transformers.
+lifespan starts the ModelService (which loads the deployable models that fit its budget in the
+background; readiness says 503 until they settle) and the repository watch, and at shutdown
+lets in-flight work finish within `drain_grace_s`. Refuses to build an app that would listen
+beyond loopback without authentication. Never imports the export stage, torch or transformers.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ from appliance.api.metrics import ServerMetrics
 from appliance.api.middleware import GuardMiddleware, InflightCounter
 from appliance.config import Settings
 from appliance.errors import ConfigError
-from appliance.generation.registry import GenerationRegistry
+from appliance.generation.metrics import GenerationMetrics
 from appliance.repository.store import ModelRepository
 from appliance.runtime.batcher import BatchPolicy
 from appliance.runtime.providers import ProviderConfig
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
+from appliance.serving.loaders import ModelLoader
+from appliance.serving.metrics import ServingMetrics
+from appliance.serving.watch import RepositoryWatch
 from appliance.store.audit import AuditLog
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
@@ -44,7 +47,6 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
-from appliance.watch import RepositoryWatch
 
 log = logging.getLogger("appliance.server")
 
@@ -96,41 +98,37 @@ def batch_policy(settings: Settings) -> BatchPolicy:
 def create_app(settings: Settings) -> FastAPI:
     """Build the server app; migrates the database now so a broken one fails the start."""
     check_bind_policy(settings)
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.make_state_dir()
     database = Database(settings.db_url)
     upgrade(database)
     metrics = ServerMetrics()
     inflight = InflightCounter()
-    registry = ModelRegistry(
-        ModelRepository(settings.models_dir),
+    repository = ModelRepository(settings.models_dir)
+    deployments = DeploymentStore(database)
+    loader = ModelLoader(
+        repository,
+        settings,
         provider_config(settings),
         batch_policy(settings),
+        GenerationMetrics(metrics.registry),
         observer_factory=metrics.observer,
     )
-    registry.grace_s = settings.drain_grace_s
-    metrics.attach(registry, inflight)
-    keys = KeyStore(database)
-    ctx = ServerContext(settings=settings, database=database, keys=keys, registry=registry, metrics=metrics)
-    generation = GenerationRegistry(
-        ModelRepository(settings.models_dir), settings, listed=ctx.extra_models, metrics_registry=metrics.registry
+    models = ModelService(
+        repository, settings, loader, policies=deployments.policies, metrics=ServingMetrics(metrics.registry)
     )
+    metrics.attach(models, inflight)
+    keys = KeyStore(database)
+    ctx = ServerContext(settings=settings, database=database, keys=keys, models=models, metrics=metrics)
     privacy = PrivacyPolicy(settings, database)
     ctx.api_networks, ctx.admin_networks = privacy.api_networks, privacy.admin_networks  # live lists: the UI edits them
     request_log = RequestLog(database)
-    deployments = DeploymentStore(database)
-    held_back = deployments.held_back()
     if settings.auth and keys.count_active() == 0:
         log.warning("no API keys yet: every /v1 and /v2 request will get 401; create one with `appliance keys create NAME`")
-
-    watch = RepositoryWatch(
-        ModelRepository(settings.models_dir), registry, generation, deployments.held_back, settings.repository_poll_s
-    )
+    watch = RepositoryWatch(models, settings.repository_poll_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        registry.start(exclude=held_back)
-        # Generation engines open before the port does (a few seconds), so chat never 503s.
-        await generation.start(exclude=held_back)
+        await models.start()
         watching = asyncio.get_running_loop().create_task(watch.run(), name="repository-watch") if settings.repository_poll_s else None
         try:
             yield
@@ -140,8 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watching
             ctx.draining = True
-            await registry.close(grace_s=settings.drain_grace_s)
-            await generation.stop()
+            await models.close(grace_s=settings.drain_grace_s)
             database.close()
 
     app = FastAPI(
@@ -152,7 +149,6 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry=NO_TELEMETRY,
     )
     app.state.ctx = ctx
-    app.state.generation = generation
     app.state.key_cache = {}
     app.state.inflight = inflight
     install_error_handlers(app)
@@ -160,9 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(openai_chat_routes.router)
     app.include_router(metrics_routes.router)
-    admin = AdminContext(
-        settings, database, keys, registry, privacy, request_log, tls=settings.tls_cert is not None, generation=generation
-    )
+    admin = AdminContext(settings, database, keys, models, privacy, request_log, tls=settings.tls_cert is not None)
     install_admin(app, admin)
     app.add_middleware(RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database))
     app.add_middleware(

@@ -27,6 +27,8 @@ ProviderChoice = Literal["auto", "tensorrt", "cuda", "cpu"]
 LoggingMode = Literal["off", "metadata", "full"]
 
 DEFAULT_PORT = 8000
+#: The state directory is readable by its owner only.
+STATE_DIR_MODE = 0o700
 SYSTEMD_STATE_DIR = Path("/var/lib/appliance")
 
 
@@ -90,6 +92,80 @@ class GenerationSettings(BaseModel):
         "prompt-lookup", description="Speculative decoding method for greedy requests."
     )
     prefix_cache: bool = Field(True, description="Reuse the KV of repeated prompt prefixes.")
+
+
+#: Share of the memory available at start that the model budget takes by default: the rest is
+#: the server itself (Python, ONNX Runtime, a few hundred MiB), request buffers, and the box.
+DEFAULT_MEMORY_BUDGET_SHARE = 0.75
+#: Seconds an idle model stays loaded by default (Ollama's 5 minutes).
+DEFAULT_KEEP_ALIVE_S = 300.0
+
+
+class ModelServingSettings(BaseModel):
+    """Serving rules of one model (`[serving.models.NAME]` in TOML). The admin UI and `appliance
+    models pin|unpin|keep-alive` store their choice in the database, which wins over these."""
+
+    model_config = {"extra": "forbid"}
+
+    pin: bool = Field(False, description="Never evict or unload this model while it is deployed.")
+    keep_alive_s: float | None = Field(
+        None, ge=-1, le=31_536_000, description="Idle seconds before this model is unloaded (-1: never); default serving.keep_alive_s."
+    )
+
+    @field_validator("keep_alive_s")
+    @classmethod
+    def _keep_alive_range(cls, value: float | None) -> float | None:
+        return _check_keep_alive(value)
+
+
+def _check_keep_alive(value: float | None) -> float | None:
+    if value is not None and -1 < value < 0:
+        raise ValueError("must be -1 (never unload) or at least 0 seconds")
+    return value
+
+
+class ServingSettings(BaseModel):
+    """How many models stay loaded, in how much memory, for how long (the serving layer)."""
+
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description=(
+            "Host memory the loaded models may hold together (weights, session arenas, KV reservations); "
+            f"default: {DEFAULT_MEMORY_BUDGET_SHARE:.0%} of the memory available at start."
+        ),
+    )
+    gpu_memory_budget_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="GPU memory the models placed on the GPU may hold together; default: no limit beyond the device's own.",
+    )
+    max_loaded_models: int = Field(0, ge=0, le=1024, description="Models loaded at once (0: no count limit, only the memory budget).")
+    keep_alive_s: float = Field(
+        DEFAULT_KEEP_ALIVE_S,
+        ge=-1,
+        le=31_536_000,
+        description="Idle seconds before a model is unloaded to free its memory (-1: never; 0: right after each request).",
+    )
+    max_load_wait_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description=(
+            "Longest a request waits for room in the budget while busy or pinned models hold it, before a 503 "
+            "with Retry-After; default: a quarter of request_timeout_s."
+        ),
+    )
+    load_at_start: bool = Field(
+        True, description="Load deployable models at start while they fit the budget (the rest load on their first request)."
+    )
+    models: dict[str, ModelServingSettings] = Field(default_factory=dict, description="Per-model pin and keep-alive, by model name.")
+
+    @field_validator("keep_alive_s")
+    @classmethod
+    def _keep_alive_range(cls, value: float) -> float:
+        _check_keep_alive(value)
+        return value
 
 
 class CostSettings(BaseModel):
@@ -156,6 +232,7 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="TLS private key (PEM).")
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
 
     @classmethod
@@ -188,6 +265,16 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
+
+    def make_state_dir(self) -> Path:
+        """Create the state directory, private to this user (0700), if it does not exist yet:
+        it holds the database, key hashes, request logs and models. Every command that writes
+        there calls this first, so whichever runs first creates it private."""
+        if not self.state_dir.is_dir():
+            self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(mode=STATE_DIR_MODE, exist_ok=True)
+            os.chmod(self.state_dir, STATE_DIR_MODE)  # whatever the umask says
+        return self.state_dir
 
     # Derived paths: one place decides the layout of the state directory.
     @property

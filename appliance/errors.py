@@ -70,6 +70,17 @@ class CapacityExceeded(ApplianceError):
         self.retry_after_s = retry_after_s
 
 
+class MemoryBudgetExceeded(ApplianceError):
+    """A model cannot be loaded now: the memory budget is held by models that may not be
+    evicted (busy or pinned). The client should retry after `retry_after_s`."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(ApplianceError):
     """The request did not complete within its deadline; its work was dropped."""
 

@@ -42,7 +42,7 @@ enforce_offline()
 from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures  # noqa: E402
 from appliance.config import GenerationSettings  # noqa: E402
 from appliance.generation.engine import GenerationEngine  # noqa: E402
-from appliance.generation.params import SamplingParams  # noqa: E402
+from appliance.generation.params import GenerationRequest  # noqa: E402
 from appliance.repository.store import read_version  # noqa: E402
 
 NEW_TOKENS = 128
@@ -80,7 +80,7 @@ def prompts(engine: GenerationEngine) -> tuple[list[int], list[list[int]]]:
 async def _stream(engine: GenerationEngine, ids: list[int], start: float) -> tuple[float, float, int]:
     first = last = 0.0
     count = 0
-    async for event in engine.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, speculate=False)):
+    async for event in engine.generate(ids, GenerationRequest(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, speculate=False)):
         now = time.perf_counter()
         if event.token_ids and not first:
             first = now

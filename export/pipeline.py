@@ -179,6 +179,7 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
     enforce_offline()
     request.validate()
     repository = ModelRepository(settings.models_dir)
+    settings.make_state_dir()
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(repository)
     stages: RichProgress | LineProgress | _SilentStages = _SilentStages()

@@ -23,7 +23,7 @@ from pathlib import Path
 from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures
 from appliance.config import GenerationSettings
 from appliance.generation.engine import GenerationEngine
-from appliance.generation.params import SamplingParams
+from appliance.generation.params import GenerationRequest
 from appliance.repository.store import ModelRepository
 
 RECORD_FILE = "gpu-engine-record.json"
@@ -57,8 +57,8 @@ def _prompt_ids(engine: GenerationEngine, text: str) -> list[int]:
     return engine.tokenizer.encode(rendered, special_text=True)
 
 
-def _greedy(tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+def _greedy(tokens: int) -> GenerationRequest:
+    return GenerationRequest(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
 
 async def _stream(engine: GenerationEngine, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:

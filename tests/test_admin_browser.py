@@ -1,6 +1,7 @@
 """The admin UI end to end in Debian's chromium, driven by Playwright (one browser, one page, in
 order): first-admin setup with the token from the log, sign out and in, failed-login lockout,
-create a key and use it (API and Playground), undeploy and deploy a model, switch the privacy
+create a key and use it (API and Playground), undeploy and deploy a model, pin it and set its
+keep-alive, delete a whole model (refused while it serves), switch the privacy
 mode and find it in the audit log, and a dashboard screenshot in test-artifacts/. Throughout,
 the page must load nothing from outside the appliance and break no Content-Security-Policy."""
 
@@ -143,11 +144,43 @@ def test_undeploy_and_deploy_a_model(ui: Session) -> None:
     page = ui.page
     ui.go("/admin/models")
     page.click("#model-adder button[data-action=undeploy]")
-    page.wait_for_selector("#model-adder [data-role=status]:has-text('unloaded')")
-    assert ui.server.ctx.registry.state("adder").status == "unloaded"
+    page.wait_for_selector("#model-adder [data-role=status]:has-text('unavailable')")
+    assert ui.server.state("adder") == "unavailable"
     page.click("#model-adder button[data-action=deploy]")
     page.wait_for_selector("#model-adder [data-role=status]:has-text('ready')")
-    assert ui.server.ctx.registry.state("adder").status == "ready"
+    assert ui.server.state("adder") == "ready"
+
+
+def test_pin_keep_alive_and_whole_model_delete_from_the_models_page(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/models")
+    assert "Memory budget:" in page.inner_text("#budget")
+    assert "iB" in page.inner_text("#model-adder [data-role=memory]")
+    page.click("#model-adder button[data-action=pin]")
+    page.wait_for_selector("text=Pinned: this model is never evicted")
+    assert "yes" in page.inner_text("#model-adder [data-role=pinned]") and ui.server.status("adder").pinned
+    page.fill("#model-adder input[name=keep_alive]", "10m")
+    page.click("#model-adder [data-role=keep-alive] button[type=submit]")
+    page.wait_for_selector("text=Keep-alive saved.")
+    assert "600 s" in page.inner_text("#model-adder [data-role=keep-alive]") and ui.server.status("adder").keep_alive_s == 600
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.fill("#model-tiny-embed input[name=confirm_name]", "tiny-embed")
+    page.click("#model-tiny-embed button[data-action=delete-model]")
+    page.wait_for_selector("text=is serving; undeploy it first")
+    assert ui.server.state("tiny-embed") == "ready", "a serving model is not deleted"
+    ui.go("/admin/models")
+    page.click("#model-tiny-embed button[data-action=undeploy]")
+    page.wait_for_selector("#model-tiny-embed [data-role=status]:has-text('unavailable')")
+    page.fill("#model-tiny-embed input[name=confirm_name]", "tiny-emb")
+    page.click("#model-tiny-embed button[data-action=delete-model]")
+    page.wait_for_selector("text=type the model's name")
+    ui.go("/admin/models")
+    page.fill("#model-tiny-embed input[name=confirm_name]", "tiny-embed")
+    page.click("#model-tiny-embed button[data-action=delete-model]")
+    page.wait_for_selector("text=Model deleted with all its versions.")
+    assert page.query_selector("#model-tiny-embed") is None and ui.server.state("tiny-embed") is None
+    ui.go("/admin/audit")
+    assert "model.delete" in page.inner_text("#audit") and "model.pin" in page.inner_text("#audit")
 
 
 def test_switching_the_privacy_mode_shows_in_the_audit_log(ui: Session) -> None:

@@ -45,7 +45,7 @@ def test_an_export_started_in_the_ui_is_followed_and_then_served(state_dir: Path
         assert status["status"] == "succeeded", status["log"]
         assert status["log"].strip()
         deadline = time.monotonic() + 60
-        while (server.ctx.registry.state("ui-encoder") is None or server.ctx.registry.state("ui-encoder").status != "ready"):
+        while server.state("ui-encoder") != "ready":
             assert time.monotonic() < deadline, "the exported model was not loaded"
             time.sleep(0.1)
         page = client.get(server.url(f"/admin/models?job={job_id}")).text

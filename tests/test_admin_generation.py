@@ -55,7 +55,7 @@ def test_undeploy_and_deploy_a_generation_model(server: RunningServer, state) ->
             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         )
         assert chat.status_code in (400, 404, 503)
-        assert server.app.state.generation.status(MODEL)[0] == "unloaded"
+        assert server.state(MODEL) == "unavailable"
         assert client.post(server.url(f"/admin/models/{MODEL}/deploy"), data={"csrf_token": csrf}).status_code == 303
         assert MODEL in _listed(server)
 

@@ -149,7 +149,7 @@ def test_every_state_changing_route_without_the_csrf_token_answers_403(admin_ser
             assert client.post(admin_server.url(path), data={}).status_code == 403, path
             assert client.post(admin_server.url(path), data={"csrf_token": "forged"}).status_code == 403, path
         # Nothing happened: the model still serves and the key still exists.
-        assert admin_server.ctx.registry.state("adder").status == "ready"
+        assert admin_server.state("adder") == "ready"
         assert [k.state() for k in admin_server.ctx.keys.list()] == ["active"]
     assert _events(admin_server, "denied.csrf")
 
@@ -230,13 +230,13 @@ def test_undeploy_unloads_the_model_and_keeps_it_unloaded_after_a_restart(state_
     with running_server(state_dir) as server, httpx.Client() as client:
         csrf = sign_in(client, server.base_url)
         assert client.post(server.url("/admin/models/adder/undeploy"), data={"csrf_token": csrf}).status_code == 303
-        assert server.ctx.registry.state("adder").status == "unloaded"
+        assert server.state("adder") == "unavailable"
         assert client.get(server.url("/v2/models/adder/ready"), headers=server.auth()).status_code != 200
     with running_server(state_dir, create_keys={}) as server, httpx.Client() as client:
-        assert server.ctx.registry.state("adder").status == "unloaded"
+        assert server.state("adder") == "unavailable"
         csrf = sign_in(client, server.base_url)
         assert client.post(server.url("/admin/models/adder/deploy"), data={"csrf_token": csrf}).status_code == 303
-        assert server.ctx.registry.state("adder").status == "ready"
+        assert server.state("adder") == "ready"
         assert [e.action for e in server.app.state.admin.audit.query(AuditFilter(action="model."))] == ["model.deploy", "model.undeploy"]
 
 
@@ -300,7 +300,7 @@ def test_rejected_version_needs_an_explicit_override_then_can_be_default_and_del
     repository.set_deployable("adder", 2, False)  # as the export stage leaves a rejected variant
     with running_server(state_dir) as server, httpx.Client() as client:
         csrf = sign_in(client, server.base_url)
-        assert server.ctx.registry.state("adder").version == 1
+        assert server.status("adder").loaded_version == 1
         refused = client.post(server.url("/admin/models/adder/versions/2/default"), data={"csrf_token": csrf})
         assert refused.status_code == 400 and "override it first" in refused.text
         unconfirmed = client.post(server.url("/admin/models/adder/versions/2/override"), data={"csrf_token": csrf})
@@ -308,10 +308,10 @@ def test_rejected_version_needs_an_explicit_override_then_can_be_default_and_del
         confirmed = client.post(server.url("/admin/models/adder/versions/2/override"), data={"csrf_token": csrf, "confirm": "yes"})
         assert confirmed.status_code == 303 and repository.get("adder", 2).manifest.deployable
         assert client.post(server.url("/admin/models/adder/versions/2/default"), data={"csrf_token": csrf}).status_code == 303
-        assert server.ctx.registry.state("adder").version == 2
+        assert server.status("adder").loaded_version == 2
         assert client.post(server.url("/admin/models/adder/versions/2/delete"), data={"csrf_token": csrf}).status_code == 303
         assert [v.version for v in repository.versions("adder")] == [1]
-        assert server.ctx.registry.state("adder").version == 1 and server.ctx.registry.state("adder").status == "ready"
+        assert server.status("adder").loaded_version == 1 and server.state("adder") == "ready"
         missing = client.post(server.url("/admin/models/adder/versions/7/delete"), data={"csrf_token": csrf})
         assert missing.status_code == 404 and "version 7" in missing.text
     actions = [e.action for e in server.app.state.admin.audit.query(AuditFilter(action="model."))]

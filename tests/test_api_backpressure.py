@@ -51,7 +51,7 @@ def test_full_queue_answers_429_with_retry_after(state_dir: Path, caplog: pytest
 
 
 def test_request_past_its_deadline_answers_504_and_is_dropped(state_dir: Path) -> None:
-    _publish(state_dir, layers=16)
+    _publish(state_dir, layers=128)  # ~70 ms a run on an AVX-512 box: well past the 5 ms deadline
     with running_server(state_dir, request_timeout_s=0.005) as server:
         response = httpx.post(server.url("/v2/models/heavy/infer"), json=_heavy_body(), headers=server.auth(), timeout=60)
         assert response.status_code == 504
@@ -61,7 +61,9 @@ def test_request_past_its_deadline_answers_504_and_is_dropped(state_dir: Path) -
 
 
 def test_client_that_disconnects_has_its_queued_work_cancelled(state_dir: Path) -> None:
-    _publish(state_dir, layers=64)
+    # The first batch must still run when the second client goes away: on an AVX-512 box 64
+    # layers took ~30 ms, too short a window under load, so it runs 256 (~150 ms).
+    _publish(state_dir, layers=256)
     with running_server(state_dir, batching={"max_batch_size": ROWS}) as server:
         payload = httpx.Request("POST", server.url("/v2/models/heavy/infer"), json=_heavy_body(), headers=server.auth())
         raw = (
@@ -72,12 +74,12 @@ def test_client_that_disconnects_has_its_queued_work_cancelled(state_dir: Path) 
         async def scenario() -> int:
             async with httpx.AsyncClient(base_url=server.base_url, headers=server.auth(), timeout=60) as client:
                 first = asyncio.ensure_future(client.post("/v2/models/heavy/infer", json=_heavy_body()))
-                while server.ctx.registry.get("heavy").batcher.busy == 0:
+                while server.ctx.models.loaded_client("heavy").model.batcher.busy == 0:
                     await asyncio.sleep(0.002)
                 with socket.create_connection(("127.0.0.1", server.settings.port)) as sock:
                     sock.sendall(raw)
                     deadline = time.monotonic() + 10
-                    while server.ctx.registry.get("heavy").batcher.queued == 0 and time.monotonic() < deadline:
+                    while server.ctx.models.loaded_client("heavy").model.batcher.queued == 0 and time.monotonic() < deadline:
                         await asyncio.sleep(0.002)
                 # socket closed here: the queued request's client is gone
                 return (await first).status_code

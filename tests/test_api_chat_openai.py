@@ -166,7 +166,7 @@ def test_unknown_model_answers_404_and_a_tensor_model_400(server: RunningServer)
     assert status == 404 and error["code"] == "model_not_found"
     status, error = _error(server, "/v1/chat/completions", {"model": "adder", "messages": MESSAGES})
     assert status == 400 and error["param"] == "model"
-    assert "not a text-generation model" in str(error["message"])
+    assert "serves text-generation models" in str(error["message"])
 
 
 def test_missing_key_answers_401(server: RunningServer) -> None:
@@ -175,7 +175,7 @@ def test_missing_key_answers_401(server: RunningServer) -> None:
 
 
 def test_client_that_drops_a_stream_frees_its_sequence(server: RunningServer) -> None:
-    engine = server.app.state.generation.engine(MODEL)
+    engine = server.engine(MODEL)
     forward = engine.runner.forward
 
     def slow_forward(*args: object, **kwargs: object) -> object:
@@ -253,7 +253,7 @@ def test_a_request_that_waits_too_long_for_a_slot_gets_429_before_any_stream_sta
     shutil.copytree(tiny_decoders.state_dir / "models", state / "models", ignore=shutil.ignore_patterns(".staging", ".lock"))
     generation = {"kv_budget_bytes": 64 << 20, "speculative": "off", "max_running_sequences": 1, "max_queue_wait_s": 0.2}
     with running_server(state, generation=generation) as server:
-        engine = server.app.state.generation.engine(MODEL)
+        engine = server.engine(MODEL)
         forward = engine.runner.forward
 
         def slow_forward(*args: object, **kwargs: object) -> object:

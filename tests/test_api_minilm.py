@@ -21,7 +21,7 @@ def test_real_minilm_serves_sensible_embeddings_to_the_openai_client(exported_mi
     target = state_dir / "models" / exported_minilm.name / str(exported_minilm.version)
     shutil.copytree(exported_minilm.path, target)
     with running_server(state_dir) as server:
-        assert server.ctx.registry.state(exported_minilm.name).status == "ready"
+        assert server.state(exported_minilm.name) == "ready"
         client = openai.OpenAI(base_url=server.url("/v1"), api_key=server.key, max_retries=0)
         texts = [
             "A man is playing a guitar.",

@@ -108,7 +108,7 @@ def test_truncation_to_max_length_is_reported_not_silent(http: httpx.Client) -> 
         ({"model": "tiny-embed", "input": "x", "encoding_format": "hex"}, "encoding_format", ""),
         ({"model": "tiny-embed", "input": "x", "dimensions": 0}, "dimensions", ""),
         ({"model": "tiny-embed", "input": "x", "surprise": 1}, "surprise", ""),
-        ({"model": "adder", "input": "x"}, "model", "not an embedding model"),
+        ({"model": "adder", "input": "x"}, "model", "serves feature-extraction models"),
     ],
 )
 def test_invalid_embedding_requests_are_400_naming_the_param(http: httpx.Client, body: dict, param: str, fragment: str) -> None:

@@ -65,7 +65,7 @@ def test_server_metadata_lists_the_extensions(client: httpx.Client) -> None:
 
 def test_model_metadata_shows_signature_provider_and_fallback_reasons(client: httpx.Client) -> None:
     body = client.get("/v2/models/adder").json()
-    assert body["state"] == "ready" and body["versions"] == ["1"]
+    assert body["state"] == "READY" and body["versions"] == ["1"]
     assert body["inputs"][0] == {"name": "INPUT0", "datatype": "FP32", "shape": [-1, 4]}
     assert body["provider"]["active"] == "cpu"
     assert set(body["provider"]["fallbacks"]) == {"tensorrt", "cuda"}
@@ -221,7 +221,7 @@ def test_missing_or_bad_key_is_401_and_missing_scope_is_403(server: RunningServe
 
 def test_failed_model_is_reported_while_the_others_keep_serving(client: httpx.Client) -> None:
     meta = client.get("/v2/models/broken").json()
-    assert meta["state"] == "failed" and "not a readable ONNX file" in meta["reason"]
+    assert meta["state"] == "UNAVAILABLE" and "failed to load" in meta["reason"] and "not a readable ONNX file" in meta["reason"]
     response = client.post("/v2/models/broken/infer", json=_adder_body())
     assert response.status_code == 503 and "failed" in response.json()["error"]
     assert client.get("/v2/models/broken/ready").status_code == 503
@@ -231,13 +231,13 @@ def test_failed_model_is_reported_while_the_others_keep_serving(client: httpx.Cl
 
 def test_repository_extension_indexes_unloads_and_loads_with_admin_scope(client: httpx.Client) -> None:
     index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
-    assert index["adder"]["state"] == "ready" and index["broken"]["state"] == "failed"
+    assert index["adder"]["state"] == "READY" and index["broken"]["state"] == "UNAVAILABLE"
     assert [e["name"] for e in client.post("/v2/repository/index", json={"ready": False}).json()] == ["broken"]
-    assert client.post("/v2/repository/models/identity/unload").json()["state"] == "unloaded"
+    assert client.post("/v2/repository/models/identity/unload").json()["state"] == "UNAVAILABLE"
     assert client.get("/v2/models/identity/ready").status_code == 503
     not_ready = client.post("/v2/models/identity/infer", json={"inputs": [{"name": "IN_FP32", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]})
     assert not_ready.status_code == 503
-    assert client.post("/v2/repository/models/identity/load").json()["state"] == "ready"
+    assert client.post("/v2/repository/models/identity/load").json()["state"] == "READY"
     assert client.get("/v2/models/identity/ready").status_code == 200
     failed = client.post("/v2/repository/models/broken/load")
     assert failed.status_code == 400 and "failed to load" in failed.json()["error"]

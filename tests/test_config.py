@@ -42,3 +42,22 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 def test_loopback_detection() -> None:
     assert not load_settings(host="127.0.0.1").listens_beyond_loopback
     assert load_settings(host="0.0.0.0").listens_beyond_loopback
+
+
+def test_serving_rules_come_from_toml_and_bad_ones_name_the_field(tmp_path: Path) -> None:
+    toml = tmp_path / "appliance.toml"
+    toml.write_text(
+        '[serving]\nmax_loaded_models = 2\nkeep_alive_s = 60\n\n[serving.models.chat]\npin = true\nkeep_alive_s = -1\n'
+    )
+    settings = load_settings(config=toml)
+    assert settings.serving.max_loaded_models == 2 and settings.serving.keep_alive_s == 60
+    assert settings.serving.models["chat"].pin and settings.serving.models["chat"].keep_alive_s == -1
+    for bad, field in (
+        ("[serving]\nkeep_alive_s = -0.5\n", "serving.keep_alive_s"),
+        ("[serving]\nmemory_budget_bytes = 10\n", "serving.memory_budget_bytes"),
+        ("[serving.models.chat]\npinned = true\n", "serving.models.chat.pinned"),
+    ):
+        toml.write_text(bad)
+        with pytest.raises(ConfigError) as refused:
+            load_settings(config=toml)
+        assert refused.value.field == field, refused.value.message

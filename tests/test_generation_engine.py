@@ -8,7 +8,7 @@ import time
 import pytest
 
 from appliance.errors import CapacityExceeded, DeadlineExceeded, InvalidInput
-from appliance.generation.params import SamplingParams
+from appliance.generation.params import GenerationRequest
 from appliance.generation.prefix_cache import BLOCK_TOKENS
 from appliance.generation.speculative import VerificationCost
 from tests.helpers.generation import (  # noqa: F401 - tiny_decoders is a fixture
@@ -273,7 +273,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_decoders: TinyDec
     engine = make_engine(tiny_decoders.llama_fp32)
     try:
         def sampled(seed: int) -> list[int]:
-            params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+            params = GenerationRequest(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
             return asyncio.run(generate(engine, PROMPTS[0], params)).tokens
 
         assert sampled(1) == sampled(1)

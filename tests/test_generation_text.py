@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InvalidInput, ModelRejected
-from appliance.generation.params import SamplingParams
+from appliance.generation.params import ClientFields, GenerationRequest, ModelLimits, resolve
 from appliance.generation.text import ChatTemplate, PromptTokenizer, StopStringFilter
 from tests.helpers.decoders import CHAT_TEMPLATE, build_tokenizer
 
@@ -105,10 +105,36 @@ def test_stop_filter_flushes_held_text_at_the_end() -> None:
     ],
 )
 def test_sampling_params_out_of_range_name_the_field(change: dict[str, object], field: str) -> None:
-    params = SamplingParams(**{"max_tokens": 10, **change})  # type: ignore[arg-type]
+    request = GenerationRequest(**{"max_tokens": 10, **change})  # type: ignore[arg-type]
     with pytest.raises(InvalidInput) as caught:
-        params.validate(max_tokens_limit=4096, vocab_size=320)
+        resolve(request, [1, 2, 3], LIMITS)
     assert caught.value.field == field
+
+
+LIMITS = ModelLimits(context_length=256, vocab_size=320, max_tokens_limit=4096, kv_limit_tokens=200, kv_detail="(KV budget 200 tokens)")
+
+
+def test_errors_name_the_fields_the_client_sent() -> None:
+    fields = ClientFields(prompt="messages", max_tokens="max_completion_tokens")
+    with pytest.raises(InvalidInput) as too_long:
+        resolve(GenerationRequest(max_tokens=250, fields=fields), [1, 2, 3], LIMITS)
+    assert too_long.value.field == "max_completion_tokens" and "max_completion_tokens:" in too_long.value.message
+    with pytest.raises(InvalidInput) as kv:
+        resolve(GenerationRequest(max_tokens=199, fields=fields), [1, 2, 3], LIMITS)
+    assert kv.value.field == "max_completion_tokens" and "KV budget 200 tokens" in kv.value.message
+    with pytest.raises(InvalidInput) as prompt:
+        resolve(GenerationRequest(fields=fields), [1] * 256, LIMITS)
+    assert prompt.value.field == "messages"
+    with pytest.raises(InvalidInput) as ids:
+        resolve(GenerationRequest(fields=ClientFields(prompt="prompt", prompt_label="prompt[2]")), [1, 999], LIMITS)
+    assert ids.value.field == "prompt" and ids.value.message.startswith("prompt[2]:")
+
+
+def test_defaults_come_from_the_model_and_max_tokens_fits_what_the_kv_budget_holds() -> None:
+    limits = ModelLimits(context_length=256, vocab_size=320, max_tokens_limit=4096, kv_limit_tokens=100, defaults={"temperature": 0.3})
+    params = resolve(GenerationRequest(), [1] * 40, limits)
+    assert params.temperature == 0.3 and params.top_p == 1.0
+    assert params.max_tokens == 60, "no max_tokens asked: as many as the KV budget holds beside the prompt"
 
 
 def test_missing_tokenizer_file_is_a_model_rejection(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The server follows the model repository while it runs (appliance/watch.py): a version
+"""The server follows the model repository while it runs (appliance/serving/watch.py): a version
 published or re-defaulted by another process is served within a few polls, a new model comes
 up, a removed one stops serving, and a model an admin undeployed stays undeployed. Real server,
 real HTTP, real ONNX Runtime sessions."""
@@ -33,8 +33,9 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 
 def serving(server: RunningServer, name: str) -> tuple[str | None, int | None]:
-    state = server.ctx.registry.state(name)
-    return (state.status, state.version) if state is not None else (None, None)
+    """(state in lower case, version in memory) of `name`."""
+    state = server.state(name)
+    return (state, server.status(name).loaded_version) if state is not None else (None, None)
 
 
 def add(server: RunningServer) -> list[float]:
@@ -71,9 +72,8 @@ def test_a_new_model_comes_up_and_a_removed_one_stops_serving(tmp_path: Path) ->
         ready = httpx.get(server.url("/v2/models/identity/ready"), headers=server.auth(), timeout=10)
         assert ready.status_code == 200
         repository.delete("adder")
-        wait_for(lambda: serving(server, "adder")[0] == "failed", "the removed model to stop")
-        state = server.ctx.registry.state("adder")
-        assert state is not None and "removed" in (state.reason or "")
+        wait_for(lambda: serving(server, "adder")[0] == "unavailable", "the removed model to stop")
+        assert "removed" in (server.status("adder").reason or "")
         gone = httpx.post(server.url("/v2/models/adder/infer"), json={"inputs": []}, headers=server.auth(), timeout=10)
         # Kept as a failed entry (not forgotten) so the index and the admin UI say why.
         assert gone.status_code == 503 and "removed" in gone.text
@@ -88,18 +88,20 @@ def test_an_undeployed_model_stays_undeployed_and_polling_can_be_off(tmp_path: P
     DeploymentStore(database).set("adder", False, actor="admin", address="127.0.0.1")
     database.close()
     with running_server(tmp_path, repository_poll_s=POLL_S) as server:
-        assert serving(server, "adder")[0] == "unloaded"
+        assert serving(server, "adder")[0] == "unavailable"
         unloaded = httpx.post(server.url("/v2/repository/models/identity/unload"), headers=server.auth(), timeout=10)
         assert unloaded.status_code == 200, unloaded.text
         publish_adder(repository)
         publish_identity(repository)
         time.sleep(10 * POLL_S)
-        assert serving(server, "adder")[0] == "unloaded", "an admin's undeploy outlives new versions"
-        assert serving(server, "identity")[0] == "unloaded", "so does an unload through the repository API"
+        assert serving(server, "adder")[0] == "unavailable", "an admin's undeploy outlives new versions"
+        assert serving(server, "identity")[0] == "unavailable", "so does an unload through the repository API"
     with running_server(tmp_path, repository_poll_s=0, create_keys={"second": ["infer", "admin"]}) as server:
         publish_identity(repository)
         time.sleep(1.0)
         assert serving(server, "identity") == ("ready", 2), "with polling off only an explicit load reloads"
+        loaded = httpx.post(server.url("/v2/repository/models/identity/load"), headers=server.auth(server.keys["second"]), timeout=10)
+        assert loaded.status_code == 200 and serving(server, "identity") == ("ready", 3)
 
 
 def test_a_generation_model_follows_its_default_version(tiny_decoders: TinyDecoders, tmp_path: Path) -> None:
@@ -108,10 +110,9 @@ def test_a_generation_model_follows_its_default_version(tiny_decoders: TinyDecod
     fp32, int4 = tiny_decoders.llama_fp32.version, tiny_decoders.llama_int4.version
     repository.set_default("tiny-llama", fp32)
     with running_server(tmp_path, repository_poll_s=POLL_S) as server:
-        generation = server.app.state.generation
-        assert generation.version_of("tiny-llama") == fp32
+        assert serving(server, "tiny-llama") == ("ready", fp32)
         repository.set_default("tiny-llama", int4)
-        wait_for(lambda: generation.version_of("tiny-llama") == int4 and generation.status("tiny-llama")[0] == "ready", "int4 to serve")
+        wait_for(lambda: serving(server, "tiny-llama") == ("ready", int4), "int4 to serve")
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         answer = httpx.post(server.url("/v1/chat/completions"), json=body, headers=server.auth(), timeout=30)
         assert answer.status_code == 200, answer.text

@@ -18,7 +18,6 @@ from appliance.errors import CapacityExceeded, DeadlineExceeded, InvalidInput, M
 from appliance.repository.store import ModelRepository
 from appliance.runtime.batcher import BatchPolicy, DynamicBatcher, InferenceJob, SessionPoisoned
 from appliance.runtime.providers import ProviderConfig, create_session
-from appliance.runtime.registry import ModelRegistry
 from appliance.runtime.runner import TensorRunner, length_bucket
 from tests.helpers.tiny_models import EMBED_SPECIALS, EMBED_WORDS, embed_reference, embedder_table, publish_embedder
 
@@ -203,37 +202,14 @@ def test_text_lengths_are_bucketed_by_powers_of_two(embed_runner: TensorRunner) 
     assert short.bucket != long.bucket and short.length == 3 and long.length == 14
 
 
-def test_allocation_failure_at_run_time_marks_model_not_ready_and_reloads_it(tmp_path: Path) -> None:
-    """An out-of-memory run cannot be provoked safely here, so the one session's `run` is
-    wrapped to raise onnxruntime's allocation message once; everything else is real."""
-
-    async def scenario() -> None:
-        publish_embedder(ModelRepository(tmp_path))
-        registry = ModelRegistry(ModelRepository(tmp_path), ProviderConfig(), BatchPolicy())
-        registry.start()
-        while not registry.all_settled():
-            await asyncio.sleep(0.01)
-        loaded = registry.get("tiny-embed")
-        session = loaded.runner._sessions.get()
-
-        class OnceFailing:
-            def __init__(self) -> None:
-                self.get_providers = session.get_providers
-
-            def run(self, *args: object) -> object:
-                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
-
-        loaded.runner._sessions.put(OnceFailing())
-        ids = np.array([_ids(["cat"])], dtype=np.int64)
-        with pytest.raises(ModelNotReady):
-            await loaded.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)}, None, 5)
-        assert registry.state("tiny-embed").status in ("loading", "ready")
-        while registry.state("tiny-embed").status != "ready":
-            await asyncio.sleep(0.01)
-        reloaded = registry.get("tiny-embed")
-        assert reloaded is not loaded
-        result = await reloaded.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)}, None, 5)
-        assert result.outputs["sentence_embedding"].shape == (1, 8)
-        await registry.close(0)
-
-    asyncio.run(scenario())
+def test_text_jobs_group_rows_by_length_and_pad_each_batch_once(embed_runner: TensorRunner) -> None:
+    rows = [_ids(["cat"]), _ids(["the"] * 12), _ids(["blue", "sky"]), _ids(["red"] * 13)]
+    jobs = embed_runner.text_jobs(rows, max_rows=8)
+    assert sorted(len(indices) for indices, _job in jobs) == [2, 2], "short and long rows never share a job"
+    table = embedder_table()
+    results = embed_runner.execute([job for _indices, job in jobs])
+    for (indices, _job), result in zip(jobs, results, strict=True):
+        assert isinstance(result, dict)
+        for row, index in enumerate(indices):
+            np.testing.assert_allclose(result["sentence_embedding"][row], embed_reference(table, rows[index]), rtol=1e-5, atol=1e-6)
+    assert [len(indices) for indices, _job in embed_runner.text_jobs(rows[:1] * 5, max_rows=2)] == [2, 2, 1]

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, client_address, form_of
 from appliance.admin.context import AdminContext
-from appliance.admin.dashboard import box_info, cost_per_1k_tokens, loaded_models
+from appliance.admin.dashboard import box_info, budget_info, cost_per_1k_tokens, loaded_models
 from appliance.admin.views import render
 from appliance.errors import InvalidInput
 
@@ -38,7 +38,8 @@ def _summary(ctx: AdminContext) -> dict[str, Any]:
 def _page(request: Request, ctx: AdminContext, *, error: str | None = None, status_code: int = 200) -> Response:
     values = {
         "box": box_info(),
-        "models": loaded_models(ctx.registry, ctx.generation),
+        "models": loaded_models(ctx.models),
+        "budget": budget_info(ctx.models),
         "summary": _summary(ctx),
         "cost_settings": ctx.privacy.cost,
         "sample_interval_s": ctx.sampler.interval_s,
@@ -58,7 +59,8 @@ def metrics_json(ctx: AdminCtxDep, _admin: AdminDep) -> JSONResponse:
             "interval_s": ctx.sampler.interval_s,
             "points": ctx.sampler.series(),
             "summary": _summary(ctx),
-            "models": loaded_models(ctx.registry, ctx.generation),
+            "models": loaded_models(ctx.models),
+            "budget": budget_info(ctx.models),
         }
     )
 

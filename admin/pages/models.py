@@ -1,14 +1,19 @@
-"""Models page: every version in the repository with its task, quantisation, size, provider and
-export report; deploy, undeploy, set default, delete; the override that makes a rejected
-variant deployable; start an export and follow it.
+"""Models page: every model with its serving state, the memory it holds against the budget,
+its last use, pin and keep-alive; every version with its task, quantisation, size, provider and
+export report. Actions: deploy, undeploy, pin, unpin, keep-alive, set default, delete a version
+or the whole model; the override that makes a rejected variant deployable; start an export
+and follow it.
 
-Deploying records the decision (it survives restarts) and loads the serving version now;
-undeploying unloads it and keeps it unloaded at the next start. Every action is an audit event.
+Deploying records the decision (it survives restarts) and loads the serving version now (a
+model too large for the memory budget is refused here, with the reason); undeploying unloads
+it and keeps it unloaded. Deleting a whole model needs its name typed again and is refused
+while the model is deployed and loaded (undeploy it first). Every action is an audit event.
 Never imports the export stage: exports run as a separate process (exports.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -18,12 +23,13 @@ from starlette.responses import Response
 
 from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, AdminHTTPError, client_address, form_of
 from appliance.admin.context import AdminContext
-from appliance.admin.dashboard import engine_provider
+from appliance.admin.dashboard import budget_info
 from appliance.admin.exports import QUANT_CHOICES, TASK_CHOICES
-from appliance.admin.serving import is_generation, load_model, unload_model
 from appliance.admin.views import render
 from appliance.errors import ApplianceError, InvalidInput, NotFound
 from appliance.repository.store import ModelVersion
+from appliance.serving.states import ModelStatus, ServingState
+from appliance.serving.keep_alive import KEEP_FOREVER, parse_keep_alive
 
 router = APIRouter()
 FormDep = Annotated[dict[str, str], Depends(form_of)]
@@ -54,42 +60,44 @@ def _version_row(version: ModelVersion, serving: int | None, loaded_version: int
 
 
 def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
-    repository = ctx.registry.repository
-    held = ctx.deployments.held_back()
+    repository = ctx.models.repository
+    statuses = {status.name: status for status in ctx.models.statuses()}
     rows = []
     for name in repository.names():
+        status = statuses.get(name)
         serving = repository.serving_version(name)
-        if is_generation(ctx, name) and ctx.generation is not None:
-            status, reason = ctx.generation.status(name)
-            provider, note = engine_provider(ctx.generation, name) if status == "ready" else (None, None)
-            reason = reason or note
-            loaded_version = serving.version if status == "ready" and serving is not None else None
-        else:
-            state = ctx.registry.state(name)
-            loaded = state.loaded if state is not None and state.status == "ready" else None
-            status = state.status if state is not None else "not loaded"
-            reason = state.reason if state is not None else None
-            provider = loaded.provider.active if loaded is not None else None
-            loaded_version = state.version if loaded is not None and state is not None else None
+        loaded_version = status.loaded_version if status is not None else None
+        provider = status.provider if status is not None else None
         rows.append(
             {
                 "name": name,
-                "deployed": name not in held,
-                "status": status,
-                "reason": reason,
+                "deployed": status.deployed if status is not None else True,
+                "status": status.state.value.lower() if status is not None else "unknown",
+                "serving_state": status,
+                "reason": status.reason if status is not None else None,
                 "versions": [
                     _version_row(v, serving.version if serving else None, loaded_version, provider)
                     for v in reversed(repository.versions(name))
                 ],
                 "broken": repository.broken_versions(name),
+                "loaded": status is not None and status.state in (ServingState.READY, ServingState.LOADING),
             }
         )
     return rows
 
 
+def keep_alive_text(status: ModelStatus | None) -> str:
+    if status is None:
+        return "—"
+    return "never unloaded" if status.keep_alive_s == KEEP_FOREVER else f"{status.keep_alive_s:g} s"
+
+
 def _page(request: Request, ctx: AdminContext, *, error: str | None = None, status_code: int = 200, job: int | None = None) -> Response:
     values = {
         "models": model_rows(ctx),
+        "budget": budget_info(ctx.models),
+        "default_keep_alive_s": ctx.settings.serving.keep_alive_s,
+        "keep_alive_text": keep_alive_text,
         "jobs": ctx.export_jobs.recent(),
         "quant_choices": QUANT_CHOICES,
         "task_choices": [t for t in TASK_CHOICES if t],
@@ -109,7 +117,7 @@ def _done(code: str) -> RedirectResponse:
 
 
 def _known(ctx: AdminContext, name: str) -> None:
-    if name not in ctx.registry.repository.names():
+    if name not in ctx.models.repository.names():
         raise NotFound(f"model: no model named {name!r}", field="model")
 
 
@@ -119,45 +127,100 @@ def models_page(request: Request, ctx: AdminCtxDep, _admin: AdminDep) -> Respons
     return _page(request, ctx, job=int(job) if job.isdigit() else None)
 
 
+async def _decide(
+    request: Request, ctx: AdminContext, name: str, record: Callable[[], None], done: str,
+    then: Callable[[], Awaitable[object]] | None = None,
+) -> Response:
+    """Record an admin's decision about `name` (in the database, with its audit event), have
+    the server follow it (`then`), and go back to the page, or show the page with the error."""
+    try:
+        await anyio.to_thread.run_sync(_known, ctx, name)
+        await anyio.to_thread.run_sync(record)
+        await ctx.models.reload_policies()
+        if then is not None:
+            await then()
+    except ApplianceError as exc:
+        return await _error_page(request, ctx, exc)
+    return _done(done)
+
+
 @router.post("/admin/models/{name}/deploy", include_in_schema=False)
 async def deploy(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep) -> Response:
     address = client_address(request)
-    try:
-        await anyio.to_thread.run_sync(_known, ctx, name)
-        await anyio.to_thread.run_sync(lambda: ctx.deployments.set(name, True, actor=admin.user_name, address=address))
-        status, reason = await load_model(ctx, name)
-    except ApplianceError as exc:
-        return await _error_page(request, ctx, exc)
-    if status == "failed":
-        return await _error_page(request, ctx, InvalidInput(f"model: {name} failed to load: {reason}", field="model"))
-    return _done("deployed")
+    return await _decide(
+        request, ctx, name, lambda: ctx.deployments.set(name, True, actor=admin.user_name, address=address), "deployed",
+        then=lambda: ctx.models.load(name),
+    )
 
 
 @router.post("/admin/models/{name}/undeploy", include_in_schema=False)
 async def undeploy(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep) -> Response:
     address = client_address(request)
+    return await _decide(
+        request, ctx, name, lambda: ctx.deployments.set(name, False, actor=admin.user_name, address=address), "undeployed",
+        then=lambda: ctx.models.unload(name, reason="undeployed by an admin"),
+    )
+
+
+@router.post("/admin/models/{name}/pin", include_in_schema=False)
+async def pin(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Pin (never evicted, never idled out) or unpin, as the form's `pinned` says."""
+    pinned = form.get("pinned") == "yes"
+    address = client_address(request)
+    return await _decide(
+        request, ctx, name, lambda: ctx.deployments.set_pinned(name, pinned, actor=admin.user_name, address=address),
+        "pinned" if pinned else "unpinned",
+    )
+
+
+@router.post("/admin/models/{name}/keep-alive", include_in_schema=False)
+async def keep_alive(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """The model's own keep-alive: seconds or a duration ("10m"), -1 for never, empty for the
+    server's default."""
+    raw = form.get("keep_alive", "").strip()
+    address = client_address(request)
+
+    def record() -> None:
+        seconds = parse_keep_alive(raw) if raw else None
+        ctx.deployments.set_keep_alive(name, seconds, actor=admin.user_name, address=address)
+
+    return await _decide(request, ctx, name, record, "keep-alive-set")
+
+
+@router.post("/admin/models/{name}/delete", include_in_schema=False)
+async def delete_model(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Delete every version of a model; refused while it is deployed and loaded."""
+    address = client_address(request)
     try:
         await anyio.to_thread.run_sync(_known, ctx, name)
-        await anyio.to_thread.run_sync(lambda: ctx.deployments.set(name, False, actor=admin.user_name, address=address))
-        await unload_model(ctx, name)
+        if form.get("confirm_name", "").strip() != name:
+            raise InvalidInput(f"confirm_name: type the model's name ({name}) to delete it with all its versions", field="confirm_name")
+        status = ctx.models.status(name)
+        if status.deployed and status.state in (ServingState.READY, ServingState.LOADING):
+            raise InvalidInput(f"model: {name} is serving; undeploy it first, then delete it", field="model")
+        await ctx.models.forget(name)
+        await anyio.to_thread.run_sync(ctx.models.repository.delete, name)
+        await anyio.to_thread.run_sync(
+            lambda: ctx.audit.record("model.delete", actor=admin.user_name, address=address, target=name, detail="every version")
+        )
+        await anyio.to_thread.run_sync(ctx.deployments.forget, name)
     except ApplianceError as exc:
         return await _error_page(request, ctx, exc)
-    return _done("undeployed")
+    return _done("model-deleted")
 
 
 @router.post("/admin/models/{name}/versions/{version}/default", include_in_schema=False)
 async def set_default(name: str, version: int, request: Request, ctx: AdminCtxDep, admin: AdminActionDep) -> Response:
     address = client_address(request)
     try:
-        chosen = await anyio.to_thread.run_sync(ctx.registry.repository.get, name, version)
+        chosen = await anyio.to_thread.run_sync(ctx.models.repository.get, name, version)
         if not chosen.manifest.deployable:
             raise InvalidInput(f"version: {name} version {version} was rejected; override it first", field="version")
-        await anyio.to_thread.run_sync(ctx.registry.repository.set_default, name, version)
+        await anyio.to_thread.run_sync(ctx.models.repository.set_default, name, version)
         await anyio.to_thread.run_sync(
             lambda: ctx.audit.record("model.default", actor=admin.user_name, address=address, target=f"{name}/{version}")
         )
-        if name not in await anyio.to_thread.run_sync(ctx.deployments.held_back):
-            await load_model(ctx, name)
+        await ctx.models.refresh()
     except ApplianceError as exc:
         return await _error_page(request, ctx, exc)
     return _done("default-set")
@@ -169,9 +232,9 @@ async def override(name: str, version: int, request: Request, ctx: AdminCtxDep, 
     try:
         if form.get("confirm") != "yes":
             raise InvalidInput("confirm: tick the box to accept serving a variant that failed its quality check", field="confirm")
-        chosen = await anyio.to_thread.run_sync(ctx.registry.repository.get, name, version)
+        chosen = await anyio.to_thread.run_sync(ctx.models.repository.get, name, version)
         verdict = chosen.report.verdict if chosen.report is not None else "no report"
-        await anyio.to_thread.run_sync(ctx.registry.repository.set_deployable, name, version, True)
+        await anyio.to_thread.run_sync(ctx.models.repository.set_deployable, name, version, True)
         await anyio.to_thread.run_sync(
             lambda: ctx.audit.record(
                 "model.override", actor=admin.user_name, address=address, target=f"{name}/{version}",
@@ -186,25 +249,19 @@ async def override(name: str, version: int, request: Request, ctx: AdminCtxDep, 
 @router.post("/admin/models/{name}/versions/{version}/delete", include_in_schema=False)
 async def delete_version(name: str, version: int, request: Request, ctx: AdminCtxDep, admin: AdminActionDep) -> Response:
     address = client_address(request)
+    repository = ctx.models.repository
     try:
-        await anyio.to_thread.run_sync(ctx.registry.repository.get, name, version)
-        serving = await anyio.to_thread.run_sync(ctx.registry.repository.serving_version, name)
-        was_serving = serving is not None and serving.version == version
-        generation = await anyio.to_thread.run_sync(is_generation, ctx, name)
-        await anyio.to_thread.run_sync(ctx.registry.repository.delete, name, version)
+        await anyio.to_thread.run_sync(repository.get, name, version)
+        await anyio.to_thread.run_sync(repository.delete, name, version)
         await anyio.to_thread.run_sync(
             lambda: ctx.audit.record("model.delete", actor=admin.user_name, address=address, target=f"{name}/{version}")
         )
-        remaining = await anyio.to_thread.run_sync(ctx.registry.repository.names)
-        if name not in remaining:
-            if generation and ctx.generation is not None:
-                await ctx.generation.unload(name)
-            await ctx.registry.unload(name)
+        if name not in await anyio.to_thread.run_sync(repository.names):
+            await ctx.models.forget(name)
             await anyio.to_thread.run_sync(ctx.deployments.forget, name)
-        elif was_serving and name not in await anyio.to_thread.run_sync(ctx.deployments.held_back):
-            status, _reason = await load_model(ctx, name)
-            if status == "failed":
-                await unload_model(ctx, name)  # nothing deployable is left: stop serving the deleted one
+        else:
+            # A deleted serving version is replaced by the next one the repository names.
+            await ctx.models.refresh()
     except ApplianceError as exc:
         return await _error_page(request, ctx, exc)
     return _done("deleted")

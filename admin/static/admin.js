@@ -68,6 +68,10 @@
     return value === null || value === undefined ? "—" : value.toFixed(digits) + (suffix || "");
   }
 
+  function mib(bytes) {
+    return bytes >= 1073741824 ? (bytes / 1073741824).toFixed(1) + " GiB" : (bytes / 1048576).toFixed(1) + " MiB";
+  }
+
   function setText(id, text) {
     const node = document.getElementById(id);
     if (node) node.textContent = text;
@@ -85,6 +89,7 @@
       setText("t-tps", fmt(s.tokens_per_s, 1));
       setText("t-queue", String(s.queue_depth));
       setText("t-cost", s.cost.per_1k_tokens === null ? "—" : s.cost.per_1k_tokens.toFixed(5) + " " + s.cost.currency);
+      if (data.budget) setText("t-budget", mib(data.budget.host_used_bytes) + " of " + mib(data.budget.host_bytes));
       document.querySelectorAll("canvas.chart").forEach((canvas) => {
         drawChart(canvas, data.points, canvas.dataset.series.split(","), canvas.dataset.unit);
       });

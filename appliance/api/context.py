@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Settings
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
 
@@ -27,12 +27,10 @@ class ServerContext:
     settings: Settings
     database: Database
     keys: KeyStore
-    registry: ModelRegistry
+    models: ModelService
     metrics: Any
     started_at: float = field(default_factory=time.time)
     draining: bool = False
-    #: Extra engines (the generation engine) register their model names here for /v1/models.
-    extra_models: dict[str, Any] = field(default_factory=dict)
     _db_ok: bool = True
     _db_checked: float = 0.0
 
@@ -51,7 +49,7 @@ class ServerContext:
         """Kubernetes readiness: not while draining, loading models, or without the database."""
         if self.draining:
             return False, "draining"
-        if not self.registry.all_settled():
+        if not self.models.settled():
             return False, "models are loading"
         if not self.database_reachable():
             return False, "database unreachable"

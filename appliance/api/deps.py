@@ -1,7 +1,7 @@
 """Typed dependencies: every route's needs are visible in its signature.
 
 `InferKeyDep`, `AdminKeyDep` check `Authorization: Bearer <key>` against the key store
-(scopes: `admin` includes the others); `CtxDep` and `RegistryDep` hand over the running server.
+(scopes: `admin` includes the others); `CtxDep` and `ModelsDep` hand over the running server.
 Verified keys are cached for KEY_CACHE_TTL_S so a busy client does not cost a database read per
 request; a revocation therefore takes effect within that time. Never logs a key.
 """
@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 
 from appliance.api.context import ServerContext, in_networks
 from appliance.errors import Forbidden, Unauthorized
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
 from appliance.store.keys import KeyInfo
 
 #: Seconds a verified key is trusted without asking the database again.
@@ -34,11 +34,11 @@ async def get_ctx(request: Request) -> ServerContext:
 CtxDep = Annotated[ServerContext, Depends(get_ctx)]
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    return request.app.state.ctx.registry
+async def get_models(request: Request) -> ModelService:
+    return request.app.state.ctx.models
 
 
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ModelsDep = Annotated[ModelService, Depends(get_models)]
 
 
 def bearer_token(request: Request) -> str | None:

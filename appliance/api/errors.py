@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from appliance.errors import ApplianceError, CapacityExceeded
+from appliance.errors import ApplianceError, CapacityExceeded, MemoryBudgetExceeded
 
 log = logging.getLogger("appliance.api")
 
@@ -67,7 +67,7 @@ def error_body(path: str, status: int, message: str, param: str | None = None) -
 
 def error_headers(status: int, exc: BaseException | None = None) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if isinstance(exc, CapacityExceeded):
+    if isinstance(exc, (CapacityExceeded, MemoryBudgetExceeded)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif status == 429:
         headers["Retry-After"] = "1"

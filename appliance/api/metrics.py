@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, named after Triton's `nv_inference_*` where one fits.
 
 One CollectorRegistry per app (tests run several apps in one process). Model state and queue
-depths are read from the registry at scrape time, so they can never drift from the truth.
+depths are read from the ModelService at scrape time, so they can never drift from the truth.
 Counters carry the `_total` suffix the Prometheus client adds. Never imports onnxruntime.
 """
 
@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from appliance.api.deps import MetricsAccessDep
-from appliance.runtime.registry import ModelRegistry
+from appliance.serving.service import ModelService
+from appliance.serving.states import ServingState
 
 # The `_created` timestamp series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -25,25 +26,36 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class _RegistryCollector:
-    """Loaded models (with provider), model states and queue depths, read at scrape time."""
+class _ModelsCollector:
+    """Per-model state, residency and queue depth of every task, read from the ModelService at
+    scrape time."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
+    def __init__(self, models: ModelService) -> None:
+        self.models = models
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         loaded = GaugeMetricFamily("nv_model_loaded", "1 when the model version is loaded and ready", labels=["model", "version", "provider"])
         state = GaugeMetricFamily("appliance_model_state", "1 for the state each model is in", labels=["model", "version", "state"])
         pending = GaugeMetricFamily("nv_inference_pending_request_count", "Requests waiting in the model's queue", labels=["model", "version"])
-        for model in self.registry.states():
-            version = str(model.version or "")
-            state.add_metric([model.name, version, model.status], 1.0)
-            if model.loaded is not None:
-                loaded.add_metric([model.name, version, model.loaded.provider.active], 1.0 if model.status == "ready" else 0.0)
-                pending.add_metric([model.name, version], float(model.loaded.batcher.queued))
-        yield loaded
-        yield state
-        yield pending
+        resident = GaugeMetricFamily(
+            "appliance_model_resident_bytes", "Bytes a loaded model is counted for in the memory budget", labels=["model"]
+        )
+        budget = GaugeMetricFamily("appliance_memory_budget_bytes", "The models' memory budget per device", labels=["device"])
+        in_use = GaugeMetricFamily("appliance_memory_budget_used_bytes", "Bytes of the budget the loaded models hold", labels=["device"])
+        for model in self.models.statuses():
+            version = str(model.loaded_version or model.version or "")
+            state.add_metric([model.name, version, model.state.value], 1.0)
+            if model.loaded_version is not None:
+                loaded.add_metric([model.name, version, model.provider or ""], 1.0 if model.state is ServingState.READY else 0.0)
+                pending.add_metric([model.name, version], float(model.queued))
+                resident.add_metric([model.name], float(model.resident_bytes))
+        limits = self.models.budget
+        budget.add_metric(["cpu"], float(limits.host_bytes))
+        if limits.gpu_bytes is not None:
+            budget.add_metric(["cuda"], float(limits.gpu_bytes))
+        for device, used in self.models.memory_in_use().items():
+            in_use.add_metric([device], float(used))
+        yield from (loaded, state, pending, resident, budget, in_use)
 
 
 class _BatchObserver:
@@ -79,9 +91,9 @@ class ServerMetrics:
         self.batch_size = Histogram("nv_inference_batch_size", "Rows per executed batch", labels, buckets=BATCH_BUCKETS, registry=self.registry)
         self.inflight = Gauge("appliance_http_inflight_requests", "HTTP requests being served", registry=self.registry)
 
-    def attach(self, registry: ModelRegistry, inflight: Any) -> None:
+    def attach(self, models: ModelService, inflight: Any) -> None:
         """Read model states and the in-flight count from their owners at scrape time."""
-        self.registry.register(_RegistryCollector(registry))  # type: ignore[arg-type]
+        self.registry.register(_ModelsCollector(models))  # type: ignore[arg-type]
         self.inflight.set_function(lambda: float(inflight.value))
 
     def observer(self, model: str, version: int) -> _BatchObserver:

@@ -1,12 +1,14 @@
 """OpenAI-compatible text generation: `POST /v1/chat/completions` and `POST /v1/completions`.
 
-A route renders the messages with the model's own chat template, tokenises, turns OpenAI's
-fields into SamplingParams (one per choice), submits every choice to the model's generation
-engine before answering (so a full queue or an impossible length is a 4xx, not a broken
-stream), then either collects the events or streams them as server-sent events ending with
-`data: [DONE]`. A client that goes away cancels the waiting task; closing the engine streams
-aborts the sequences, freeing their KV at the engine's next step. Talks to the engine only
-through its client protocol (generate, stats); never touches the scheduler.
+A route leases the model from the ModelService (loading it if needed), has its
+GenerationClient render the chat template and tokenise, turns OpenAI's fields into one
+GenerationRequest per choice (checked once, by the engine, with errors naming the field as
+the client sent it), submits every choice before answering (so a full queue or an impossible
+length is a 4xx, not a broken stream), then either collects the events or streams them as
+server-sent events ending with `data: [DONE]`; a stream holds the lease until it ends, so its
+model is never evicted under it. A client that goes away cancels the waiting task; closing the
+streams aborts the sequences, freeing their KV at the engine's next step. Never imports the
+engines.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from appliance.api.deps import CtxDep, InferKeyDep
+from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
 from appliance.api.errors import error_body
 from appliance.api.inference import until_disconnect
 from appliance.api.openai_chat_schemas import (
@@ -46,20 +48,20 @@ from appliance.api.openai_chat_schemas import (
 )
 from appliance.api.openai_schemas import OpenAIError
 from appliance.errors import ApplianceError, DeadlineExceeded, InvalidInput
-from appliance.generation.engine import GenerationEngine, SequenceStream, TokenEvent, TokenLogprob
-from appliance.generation.params import SamplingParams
-from appliance.generation.registry import GenerationRegistry
+from appliance.serving.tasks import Route
+from appliance.serving.keep_alive import parse_keep_alive
+from appliance.serving.protocols import (
+    ClientFields,
+    GenerationClient,
+    GenerationRequest,
+    SequenceStream,
+    TokenEvent,
+    TokenLogprob,
+)
 
 router = APIRouter(tags=["openai"])
 ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 413, 429, 503, 504)}
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
-
-
-def get_generation(request: Request) -> GenerationRegistry:
-    return request.app.state.generation
-
-
-GenerationDep = Annotated[GenerationRegistry, Depends(get_generation)]
 
 
 @dataclass
@@ -81,48 +83,20 @@ def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _params(
-    body: ChatCompletionRequest | CompletionRequest,
-    engine: GenerationEngine,
-    prompt_len: int,
-    *,
-    prompt_field: str,
-    max_tokens: int | None,
-    max_tokens_field: str,
-    logprobs: int,
-    choice: int,
-) -> SamplingParams:
-    """SamplingParams for one choice; 400 naming the field for anything out of range."""
-    limit = engine.settings.max_tokens_limit
-    room = engine.context_length - prompt_len
-    if room < 1:
-        raise InvalidInput(
-            f"{prompt_field}: the prompt is {prompt_len} tokens; this model's context is {engine.context_length}",
-            field=prompt_field,
-        )
-    if max_tokens is None:
-        max_tokens = min(limit, room)
-    elif max_tokens < 1:
-        raise InvalidInput(f"{max_tokens_field}: must be at least 1", field=max_tokens_field)
-    elif max_tokens > limit:
-        raise InvalidInput(f"{max_tokens_field}: at most {limit} tokens may be generated per request", field=max_tokens_field)
-    elif max_tokens > room:
-        raise InvalidInput(
-            f"{max_tokens_field}: the prompt ({prompt_len} tokens) plus {max_tokens} exceeds this model's context of "
-            f"{engine.context_length} tokens",
-            field=max_tokens_field,
-        )
-    defaults = engine.spec.defaults
+def _request(
+    body: ChatCompletionRequest | CompletionRequest, fields: ClientFields, *, max_tokens: int | None, logprobs: int, choice: int
+) -> GenerationRequest:
+    """OpenAI's fields as one choice's GenerationRequest (checked by the engine, once)."""
     seed = body.seed
     if seed is not None:
         seed = (seed + choice) % (2**64)
-    params = SamplingParams(
+    return GenerationRequest(
         max_tokens=max_tokens,
-        temperature=body.temperature if body.temperature is not None else float(defaults.get("temperature", 1.0)),
-        top_p=body.top_p if body.top_p is not None else float(defaults.get("top_p", 1.0)),
-        top_k=body.top_k if body.top_k is not None else int(defaults.get("top_k", 0)),
-        min_p=body.min_p if body.min_p is not None else float(defaults.get("min_p", 0.0)),
-        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else float(defaults.get("repetition_penalty", 1.0)),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         seed=seed,
@@ -130,11 +104,13 @@ def _params(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        fields=fields,
     )
-    return params.validate(max_tokens_limit=limit, vocab_size=engine.spec.vocab_size)
 
 
-def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list[SamplingParams], timeout_s: float) -> list[SequenceStream]:
+def _submit_all(
+    client: GenerationClient, prompts: list[list[int]], requests: list[GenerationRequest], timeout_s: float
+) -> list[SequenceStream]:
     """Submit every choice; if one is refused, abort those already queued and re-raise.
 
     Only the first choice is subject to the queue-wait limit: the others queue right behind it
@@ -142,8 +118,8 @@ def _submit_all(engine: GenerationEngine, prompts: list[list[int]], params: list
     slots must do however idle the engine is."""
     streams: list[SequenceStream] = []
     try:
-        for index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):
-            streams.append(engine.generate(prompt, choice_params, timeout_s=timeout_s, queue_limit=index == 0))
+        for index, (prompt, choice_request) in enumerate(zip(prompts, requests, strict=True)):
+            streams.append(client.submit(prompt, choice_request, timeout_s=timeout_s, queue_limit=index == 0))
     except ApplianceError:
         for stream in streams:
             stream.close()
@@ -236,8 +212,8 @@ def _usage(choices: list[_Choice], prompt_tokens: int) -> Usage:
     )
 
 
-def _chat_logprobs(engine: GenerationEngine, entries: list[TokenLogprob]) -> ChoiceLogprobs:
-    text = engine.tokenizer.token_text
+def _chat_logprobs(client: GenerationClient, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    text = client.token_text
     content: list[TokenLogprobEntry] = []
     for entry in entries:
         token, raw = text(entry.token_id)
@@ -282,32 +258,31 @@ def _event_stream(events: Any) -> StreamingResponse:
     summary="Chat completion (stream with server-sent events)",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, ctx: CtxDep, generation: GenerationDep, _key: InferKeyDep
+    body: ChatCompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
 ) -> ChatCompletion | StreamingResponse:
-    engine = generation.engine(body.model)
-    if engine.chat_template is None:
-        raise InvalidInput(f"model: {body.model!r} has no chat template; use /v1/completions", field="model")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs: requires logprobs to be true", field="top_logprobs")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    prompt_ids = engine.tokenizer.encode(engine.chat_template.render(messages), special_text=True)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    logprobs = (body.top_logprobs or 0) if body.logprobs else -1
-    params = [
-        _params(body, engine, len(prompt_ids), prompt_field="messages", max_tokens=max_tokens, max_tokens_field=field_name, logprobs=logprobs, choice=i)
-        for i in range(body.n)
-    ]
-    streams = _submit_all(engine, [prompt_ids] * body.n, params, ctx.settings.request_timeout_s)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        await _until_started(request, streams)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(
-            _chat_events(request.url.path, engine, body.model, completion_id, created, streams, len(prompt_ids), include_usage)
+    keep_alive = parse_keep_alive(body.keep_alive)
+    async with await models.lease(body.model, Route.CHAT, keep_alive_s=keep_alive) as lease:
+        client: GenerationClient = lease.client
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+        prompt_ids = await client.chat_prompt(messages)
+        use_completion_name = body.max_completion_tokens is not None
+        fields = ClientFields(
+            prompt="messages", max_tokens="max_completion_tokens" if use_completion_name else "max_tokens", logprobs="top_logprobs"
         )
-    choices = await until_disconnect(request, _collect(streams))
+        max_tokens = body.max_completion_tokens if use_completion_name else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else -1
+        requests = [_request(body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i) for i in range(body.n)]
+        streams = _submit_all(client, [prompt_ids] * body.n, requests, ctx.settings.request_timeout_s)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            await _until_started(request, streams)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _chat_events(request.url.path, client, body.model, completion_id, created, streams, len(prompt_ids), include_usage)
+            return _event_stream(lease.hold_until_done(events))
+        choices = await until_disconnect(request, _collect(streams))
     return ChatCompletion(
         id=completion_id,
         created=created,
@@ -316,7 +291,7 @@ async def chat_completions(
             ChatChoice(
                 index=choice.index,
                 message=AssistantMessage(content="".join(choice.text)),
-                logprobs=_chat_logprobs(engine, choice.logprobs) if body.logprobs else None,
+                logprobs=_chat_logprobs(client, choice.logprobs) if body.logprobs else None,
                 finish_reason=choice.finish_reason,  # type: ignore[arg-type]
             )
             for choice in choices
@@ -327,7 +302,7 @@ async def chat_completions(
 
 async def _chat_events(
     path: str,
-    engine: GenerationEngine,
+    client: GenerationClient,
     model: str,
     completion_id: str,
     created: int,
@@ -352,7 +327,7 @@ async def _chat_events(
                 finish = _check_finish(event)
                 choice.completion_tokens = event.completion_tokens
                 choice.cached_tokens = event.cached_prompt_tokens
-            logprobs = _chat_logprobs(engine, event.logprobs) if event.logprobs else None
+            logprobs = _chat_logprobs(client, event.logprobs) if event.logprobs else None
             if event.text or logprobs is not None or finish is not None:
                 yield chunk(
                     [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text or None), logprobs=logprobs, finish_reason=finish)]  # type: ignore[arg-type]
@@ -367,45 +342,34 @@ async def _chat_events(
     yield SSE_DONE
 
 
-def _completion_prompts(engine: GenerationEngine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _completion_prompts(client: GenerationClient, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt (texts tokenised by the model; ids are checked by the engine)."""
     if isinstance(prompt, str):
-        texts: list[str] | None = [prompt]
-        id_lists: list[list[int]] = []
-    elif not prompt:
+        return await client.text_prompts([prompt])
+    if not prompt:
         raise InvalidInput("prompt: must not be empty", field="prompt")
-    elif isinstance(prompt[0], str):
-        texts = list(prompt)  # type: ignore[arg-type]
-        id_lists = []
-    elif isinstance(prompt[0], int):
-        texts, id_lists = None, [list(prompt)]  # type: ignore[arg-type]
-    else:
-        texts, id_lists = None, [list(item) for item in prompt]  # type: ignore[union-attr]
-    if texts is not None:
-        id_lists = [engine.tokenizer.encode(text, special_text=False) for text in texts]
-    if len(id_lists) > MAX_PROMPTS:
+    if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
         raise InvalidInput(f"prompt: at most {MAX_PROMPTS} prompts per request", field="prompt")
-    vocab = engine.spec.vocab_size
-    for position, ids in enumerate(id_lists):
-        if not ids:
-            raise InvalidInput(f"prompt[{position}]: must contain at least one token", field="prompt")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidInput(f"prompt[{position}]: token ids must be between 0 and {vocab - 1}", field="prompt")
-    return id_lists
+    if isinstance(prompt[0], str):
+        return await client.text_prompts(list(prompt))  # type: ignore[arg-type]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return [list(item) for item in prompt]  # type: ignore[union-attr]
 
 
-def _completion_logprobs(engine: GenerationEngine, entries: list[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
+def _completion_logprobs(client: GenerationClient, entries: list[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
     tokens: list[str] = []
     offsets: list[int] = []
     offset = start_offset
     for entry in entries:
-        token = engine.tokenizer.token_text(entry.token_id)[0]
+        token = client.token_text(entry.token_id)[0]
         tokens.append(token)
         offsets.append(offset)
         offset += len(token)
     return CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[entry.logprob for entry in entries],
-        top_logprobs=[{engine.tokenizer.token_text(t)[0]: lp for t, lp in entry.top} for entry in entries],
+        top_logprobs=[{client.token_text(t)[0]: lp for t, lp in entry.top} for entry in entries],
         text_offset=offsets,
     )
 
@@ -417,34 +381,38 @@ def _completion_logprobs(engine: GenerationEngine, entries: list[TokenLogprob], 
     summary="Text completion (stream with server-sent events)",
 )
 async def completions(
-    body: CompletionRequest, request: Request, ctx: CtxDep, generation: GenerationDep, _key: InferKeyDep
+    body: CompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
 ) -> Completion | StreamingResponse:
     if body.echo:
         raise InvalidInput("echo: is not supported", field="echo")
     if body.suffix:
         raise InvalidInput("suffix: is not supported", field="suffix")
-    engine = generation.engine(body.model)
-    prompts = _completion_prompts(engine, body.prompt)
-    logprobs = body.logprobs if body.logprobs is not None else -1
-    all_prompts: list[list[int]] = []
-    params: list[SamplingParams] = []
-    for prompt_ids in prompts:
-        for choice in range(body.n):
-            all_prompts.append(prompt_ids)
-            params.append(
-                _params(body, engine, len(prompt_ids), prompt_field="prompt", max_tokens=body.max_tokens, max_tokens_field="max_tokens", logprobs=logprobs, choice=choice)
+    keep_alive = parse_keep_alive(body.keep_alive)
+    async with await models.lease(body.model, Route.COMPLETIONS, keep_alive_s=keep_alive) as lease:
+        client: GenerationClient = lease.client
+        prompts = await _completion_prompts(client, body.prompt)
+        logprobs = body.logprobs if body.logprobs is not None else -1
+        all_prompts: list[list[int]] = []
+        requests: list[GenerationRequest] = []
+        for position, prompt_ids in enumerate(prompts):
+            fields = ClientFields(
+                prompt="prompt", prompt_label=f"prompt[{position}]" if len(prompts) > 1 else None, logprobs="logprobs"
             )
-    streams = _submit_all(engine, all_prompts, params, ctx.settings.request_timeout_s)
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    if body.stream:
-        await _until_started(request, streams)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(
-            _completion_events(request.url.path, engine, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0)
-        )
-    choices = await until_disconnect(request, _collect(streams))
+            for choice in range(body.n):
+                all_prompts.append(prompt_ids)
+                requests.append(_request(body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice))
+        streams = _submit_all(client, all_prompts, requests, ctx.settings.request_timeout_s)
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if body.stream:
+            await _until_started(request, streams)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _completion_events(
+                request.url.path, client, body.model, completion_id, created, streams, prompt_tokens, include_usage, logprobs >= 0
+            )
+            return _event_stream(lease.hold_until_done(events))
+        choices = await until_disconnect(request, _collect(streams))
     return Completion(
         id=completion_id,
         created=created,
@@ -453,7 +421,7 @@ async def completions(
             CompletionChoice(
                 index=choice.index,
                 text="".join(choice.text),
-                logprobs=_completion_logprobs(engine, choice.logprobs) if logprobs >= 0 else None,
+                logprobs=_completion_logprobs(client, choice.logprobs) if logprobs >= 0 else None,
                 finish_reason=choice.finish_reason,  # type: ignore[arg-type]
             )
             for choice in choices
@@ -464,7 +432,7 @@ async def completions(
 
 async def _completion_events(
     path: str,
-    engine: GenerationEngine,
+    client: GenerationClient,
     model: str,
     completion_id: str,
     created: int,
@@ -482,7 +450,7 @@ async def _completion_events(
                 finish = _check_finish(event)
                 choice.completion_tokens = event.completion_tokens
             if event.text or finish is not None or (with_logprobs and event.logprobs):
-                logprobs = _completion_logprobs(engine, event.logprobs or []) if with_logprobs else None
+                logprobs = _completion_logprobs(client, event.logprobs or []) if with_logprobs else None
                 payload = dump(
                     Completion(
                         id=completion_id,

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.generation.params import (
+from appliance.api.openai_schemas import KeepAlive
+from appliance.serving.protocols import (
     PENALTY_ABS_MAX,
     REPETITION_PENALTY_MAX,
     STOP_STRINGS_MAX,
@@ -80,6 +81,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=REPETITION_PENALTY_MAX)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool = False
+    keep_alive: KeepAlive = None
     # Accepted and ignored: they change nothing on a single box.
     store: bool | None = None
     metadata: dict[str, str] | None = None

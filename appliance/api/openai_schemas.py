@@ -5,7 +5,7 @@ client works with only `base_url` and `api_key` set; extra fields are additions,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,17 @@ MAX_EMBEDDING_INPUTS = 2048
 MAX_INPUT_CHARS = 200_000
 
 TokenIds = list[int]
+#: Ollama's per-request keep-alive (an extension): seconds, or a duration such as "10m".
+KeepAlive = Annotated[
+    float | str | None,
+    Field(
+        description=(
+            "How long the model stays loaded after this request: seconds or a duration such as '10m'; "
+            "0 unloads it after this request, -1 keeps it loaded."
+        ),
+        union_mode="left_to_right",
+    ),
+]
 
 
 class EmbeddingsRequest(BaseModel):
@@ -27,6 +38,7 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=65536, description="Truncate to this many dimensions (Matryoshka models).")
     user: str | None = Field(None, max_length=256)
+    keep_alive: KeepAlive = None
 
 
 class EmbeddingItem(BaseModel):

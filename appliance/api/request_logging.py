@@ -88,7 +88,7 @@ class _ResponseReader:
             return
         try:
             chunk = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(chunk, dict):
             return
@@ -113,7 +113,7 @@ class _ResponseReader:
             return
         try:
             body = json.loads(bytes(self._buffer))
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         finally:
             self._buffer.clear()
@@ -275,7 +275,9 @@ class RequestLogMiddleware:
             try:
                 value = json.loads(body)
                 parsed = value if isinstance(value, dict) else {}
-            except ValueError:
+            except (ValueError, RecursionError):
+                # Malformed or nested too deeply to parse (the route refused it with 400):
+                # the row is still written, with the metadata that is known.
                 parsed = {}
         model = match.group("v2model") or (parsed.get("model") if isinstance(parsed.get("model"), str) else "") or "-"
         record = RequestRecord(

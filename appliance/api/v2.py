@@ -3,7 +3,7 @@
 that tritonclient uses, and the repository extension (admin scope).
 
 Every input is checked against the manifest (name, datatype, shape) with an error that names
-it. Never imports onnxruntime: models are reached through the registry.
+it. Never imports onnxruntime or the engines: models are reached through the ModelService.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from appliance import __version__
 from appliance.api.context import ServerContext
-from appliance.api.deps import AdminKeyDep, CtxDep, InferKeyDep
+from appliance.api.deps import AdminKeyDep, CtxDep, InferKeyDep, ModelsDep
 from appliance.api.inference import ClientDisconnected, RequestTimer, until_disconnect
 from appliance.api.v2_schemas import (
     ErrorResponse,
@@ -37,8 +37,11 @@ from appliance.api.v2_schemas import (
 )
 from appliance.errors import InvalidInput, ModelNotFound
 from appliance.repository import parse_version
-from appliance.runtime.registry import LoadedModel
-from appliance.runtime.tensors import check_inputs, from_binary, from_json_data, to_binary, to_json_data
+from appliance.repository.tensors import check_inputs, from_binary, from_json_data, to_binary, to_json_data
+from appliance.serving.service import ModelService
+from appliance.serving.states import ModelStatus, ServingState
+from appliance.serving.tasks import Route
+from appliance.serving.protocols import TensorClient, TensorModelInfo
 
 log = logging.getLogger("appliance.api")
 
@@ -108,58 +111,67 @@ def _version_number(version: str | None) -> int | None:
     return number
 
 
-def _metadata(ctx: ServerContext, name: str, version: str | None) -> ModelMetadataResponse:
+def _wire_state(state: ServingState) -> str:
+    """The repository extension's vocabulary (Triton's): an evicted model is UNAVAILABLE,
+    its reason says it loads on the next request."""
+    return "UNAVAILABLE" if state is ServingState.EVICTED else state.value
+
+
+async def _metadata(models: ModelService, name: str, version: str | None) -> ModelMetadataResponse:
     number = _version_number(version)
-    described = ctx.registry.repository.get(name, number)  # raises ModelNotFound
-    versions = [str(v.version) for v in ctx.registry.repository.versions(name)]
-    state = ctx.registry.state(name)
+    described, versions, status = await models.describe(name, number)
     manifest = described.manifest
-    provider = None
-    status, reason = "unloaded", None
-    if state is not None:
-        status, reason = state.status, state.reason
-        if number is not None and number != state.version:
-            status, reason = "unloaded", f"serving version {state.version}"
-        if state.loaded is not None and (number is None or number == state.version):
-            provider = ProviderInfo(**state.loaded.provider.as_json())
+    state, reason = _wire_state(status.state), status.reason
+    if number is not None and number != status.loaded_version:
+        state, reason = "UNAVAILABLE", f"serving version {status.version}"
+    report = models.provider_report(name) if number is None or number == status.loaded_version else None
     return ModelMetadataResponse(
         name=name,
-        versions=versions,
+        versions=[str(v) for v in versions],
         inputs=[MetadataTensor(**spec.model_dump()) for spec in manifest.inputs],
         outputs=[MetadataTensor(**spec.model_dump()) for spec in manifest.outputs],
         task=manifest.task,
         max_batch_size=manifest.max_batch_size,
-        state=status,
+        state=state,
         reason=reason,
-        provider=provider,
+        provider=ProviderInfo(**report) if report is not None else None,
     )
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadataResponse, responses=ERRORS, summary="Model metadata")
-async def model_metadata(name: str, ctx: CtxDep, _key: InferKeyDep) -> ModelMetadataResponse:
-    return _metadata(ctx, name, None)
+async def model_metadata(name: str, models: ModelsDep, _key: InferKeyDep) -> ModelMetadataResponse:
+    return await _metadata(models, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse, responses=ERRORS, summary="Model version metadata")
-async def model_version_metadata(name: str, version: str, ctx: CtxDep, _key: InferKeyDep) -> ModelMetadataResponse:
-    return _metadata(ctx, name, version)
+async def model_version_metadata(name: str, version: str, models: ModelsDep, _key: InferKeyDep) -> ModelMetadataResponse:
+    return await _metadata(models, name, version)
 
 
-def _ready_response(ctx: ServerContext, name: str, version: str | None) -> JSONResponse:
-    ctx.registry.get(name, _version_number(version))  # raises 404 / 503
+async def _ready_response(ctx: ServerContext, name: str, version: str | None) -> JSONResponse:
+    """200 while the model (of any task) is loaded and serving; 503 with the reason otherwise."""
+    number = _version_number(version)
+    _described, _versions, status = await ctx.models.describe(name, number)
     if ctx.draining:
-        return JSONResponse(ReadyResponse(ready=False, reason="draining").model_dump(), status_code=503)
-    return JSONResponse(ReadyResponse(ready=True).model_dump())
+        reason: str | None = "draining"
+    elif status.state is not ServingState.READY:
+        reason = f"{status.state.value.lower()}: {status.reason}" if status.reason else status.state.value.lower()
+    elif number is not None and number != status.loaded_version:
+        reason = f"version {number} is not served (serving version {status.loaded_version})"
+    else:
+        reason = None
+    body = ReadyResponse(ready=reason is None, reason=reason)
+    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
 
 @router.get("/v2/models/{name}/ready", response_model=ReadyResponse, responses=ERRORS, summary="Model ready")
 async def model_ready(name: str, ctx: CtxDep, _key: InferKeyDep) -> JSONResponse:
-    return _ready_response(ctx, name, None)
+    return await _ready_response(ctx, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", response_model=ReadyResponse, responses=ERRORS, summary="Model version ready")
 async def model_version_ready(name: str, version: str, ctx: CtxDep, _key: InferKeyDep) -> JSONResponse:
-    return _ready_response(ctx, name, version)
+    return await _ready_response(ctx, name, version)
 
 
 # -- inference --------------------------------------------------------------------------------
@@ -191,16 +203,16 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[InferenceR
         raise _validation_message(exc) from None
 
 
-def decode_inputs(model: LoadedModel, request: InferenceRequest, tail: bytes) -> dict[str, np.ndarray]:
-    manifest = model.manifest
+def decode_inputs(model: TensorModelInfo, request: InferenceRequest, tail: bytes) -> dict[str, np.ndarray]:
+    specs = {spec.name: spec for spec in model.inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     view = memoryview(tail)
     for item in request.inputs:
-        spec = manifest.input(item.name)
+        spec = specs.get(item.name)
         if spec is None:
-            names = ", ".join(s.name for s in manifest.inputs)
-            raise InvalidInput(f"input '{item.name}' is not an input of model {manifest.name!r} (inputs: {names})", field=item.name)
+            names = ", ".join(specs)
+            raise InvalidInput(f"input '{item.name}' is not an input of model {model.name!r} (inputs: {names})", field=item.name)
         if item.name in arrays:
             raise InvalidInput(f"input '{item.name}' is given twice", field=item.name)
         if item.datatype != spec.datatype:
@@ -221,32 +233,31 @@ def decode_inputs(model: LoadedModel, request: InferenceRequest, tail: bytes) ->
             arrays[item.name] = from_json_data(item.name, item.datatype, list(item.shape), item.data)
     if offset != len(tail):
         raise InvalidInput(f"{len(tail) - offset} bytes of binary data are not claimed by any input", field="body")
-    check_inputs(manifest.inputs, arrays)
+    check_inputs(model.inputs, arrays)
     for name, array in arrays.items():
         if array.size == 0:
             raise InvalidInput(f"input '{name}' is empty (shape {list(array.shape)})", field=name)
     return arrays
 
 
-def _wanted_outputs(model: LoadedModel, request: InferenceRequest) -> tuple[list[str], dict[str, bool]]:
+def _wanted_outputs(model: TensorModelInfo, request: InferenceRequest) -> tuple[list[str], dict[str, bool]]:
     """Requested output names and whether each goes back as binary."""
-    manifest = model.manifest
     default_binary = bool((request.parameters or {}).get("binary_data_output", False))
     if not request.outputs:
-        names = [spec.name for spec in manifest.outputs]
+        names = [spec.name for spec in model.outputs]
         return names, {name: default_binary for name in names}
-    known = {spec.name for spec in manifest.outputs}
+    known = {spec.name for spec in model.outputs}
     binary: dict[str, bool] = {}
     for item in request.outputs:
         if item.name not in known:
-            raise InvalidInput(f"output '{item.name}' is not an output of model {manifest.name!r} (outputs: {', '.join(sorted(known))})", field=item.name)
+            raise InvalidInput(f"output '{item.name}' is not an output of model {model.name!r} (outputs: {', '.join(sorted(known))})", field=item.name)
         flag = (item.parameters or {}).get("binary_data", default_binary)
         binary[item.name] = bool(flag)
     return list(binary), binary
 
 
-def build_response(model: LoadedModel, request: InferenceRequest, outputs: dict[str, np.ndarray], order: list[str], binary: dict[str, bool]) -> Response:
-    datatypes = {spec.name: spec.datatype for spec in model.manifest.outputs}
+def build_response(model: TensorModelInfo, request: InferenceRequest, outputs: dict[str, np.ndarray], order: list[str], binary: dict[str, bool]) -> Response:
+    datatypes = {spec.name: spec.datatype for spec in model.outputs}
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name in order:
@@ -259,7 +270,7 @@ def build_response(model: LoadedModel, request: InferenceRequest, outputs: dict[
         else:
             entry["data"] = to_json_data(array, datatypes[name])
         described.append(entry)
-    payload: dict[str, Any] = {"model_name": model.manifest.name, "model_version": str(model.manifest.version), "outputs": described}
+    payload: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version), "outputs": described}
     if request.id is not None:
         payload["id"] = request.id
     if request.parameters:
@@ -281,13 +292,15 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
     try:
         if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             raise InvalidInput("Content-Encoding is not supported; send the body uncompressed", field="Content-Encoding")
-        model = ctx.registry.get(name, _version_number(version))
-        timer.version = model.manifest.version
-        body = await request.body()
-        parsed, tail = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
-        inputs = decode_inputs(model, parsed, tail)
-        order, binary = _wanted_outputs(model, parsed)
-        result = await until_disconnect(request, model.infer(inputs, order, ctx.settings.request_timeout_s))
+        async with await ctx.models.lease(name, Route.V2_INFER, version=_version_number(version)) as lease:
+            client: TensorClient = lease.client
+            info = client.metadata()
+            timer.version = info.version
+            body = await request.body()
+            parsed, tail = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
+            inputs = decode_inputs(info, parsed, tail)
+            order, binary = _wanted_outputs(info, parsed)
+            result = await until_disconnect(request, client.infer(inputs, order, ctx.settings.request_timeout_s))
     except ClientDisconnected as exc:
         timer.failure(exc)
         log.info("POST %s: client disconnected; its work was cancelled", request.url.path)
@@ -296,7 +309,7 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
         timer.failure(exc)
         raise
     timer.success(result.queue_us, result.compute_us)
-    return build_response(model, parsed, result.outputs, order, binary)
+    return build_response(info, parsed, result.outputs, order, binary)
 
 
 @router.post(
@@ -323,30 +336,34 @@ async def infer_version(name: str, version: str, request: Request, ctx: CtxDep, 
 
 # -- repository extension (admin) -------------------------------------------------------------
 @router.post("/v2/repository/index", response_model=list[RepositoryIndexEntry], responses=ERRORS, summary="Repository index")
-async def repository_index(ctx: CtxDep, _admin: AdminKeyDep, body: RepositoryIndexRequest | None = None) -> list[RepositoryIndexEntry]:
+async def repository_index(models: ModelsDep, _admin: AdminKeyDep, body: RepositoryIndexRequest | None = None) -> list[RepositoryIndexEntry]:
+    """Every model of every task; READY only while it is loaded and serving."""
     entries: list[RepositoryIndexEntry] = []
-    for name in ctx.registry.repository.names():
-        state = ctx.registry.state(name)
-        if state is None:
-            serving = ctx.registry.repository.serving_version(name)
-            entry = RepositoryIndexEntry(name=name, version=str(serving.version) if serving else None, state="unloaded")
-        else:
-            entry = RepositoryIndexEntry(name=name, version=str(state.version) if state.version else None, state=state.status, reason=state.reason)
-        if body is not None and body.ready is not None and (entry.state == "ready") != body.ready:
+    for status in models.statuses():
+        shown = status.loaded_version or status.version
+        entry = RepositoryIndexEntry(
+            name=status.name, version=str(shown) if shown else None, state=_wire_state(status.state), reason=status.reason,
+        )
+        if body is not None and body.ready is not None and (entry.state == "READY") != body.ready:
             continue
         entries.append(entry)
     return entries
 
 
+def _action_response(status: ModelStatus) -> RepositoryActionResponse:
+    shown = status.loaded_version or status.version
+    return RepositoryActionResponse(
+        name=status.name, state=_wire_state(status.state), version=str(shown) if shown else None, reason=status.reason
+    )
+
+
 @router.post("/v2/repository/models/{name}/load", response_model=RepositoryActionResponse, responses=ERRORS, summary="Load a model")
-async def repository_load(name: str, ctx: CtxDep, _admin: AdminKeyDep) -> RepositoryActionResponse:
-    state = await ctx.registry.load(name)
-    if state.status == "failed":
-        raise InvalidInput(f"model {name!r} failed to load: {state.reason}", field="model")
-    return RepositoryActionResponse(name=name, state=state.status, version=str(state.version) if state.version else None, reason=state.reason)
+async def repository_load(name: str, models: ModelsDep, _admin: AdminKeyDep) -> RepositoryActionResponse:
+    return _action_response(await models.load(name))
 
 
 @router.post("/v2/repository/models/{name}/unload", response_model=RepositoryActionResponse, responses=ERRORS, summary="Unload a model")
-async def repository_unload(name: str, ctx: CtxDep, _admin: AdminKeyDep) -> RepositoryActionResponse:
-    state = await ctx.registry.unload(name)
-    return RepositoryActionResponse(name=name, state=state.status, version=str(state.version) if state.version else None)
+async def repository_unload(name: str, models: ModelsDep, _admin: AdminKeyDep) -> RepositoryActionResponse:
+    """Stop serving `name` and free its memory (a generation engine stops and returns its KV
+    cache); it stays unloaded until loaded again."""
+    return _action_response(await models.unload(name))

@@ -81,7 +81,7 @@ class ModelMetadataResponse(BaseModel):
     outputs: list[MetadataTensor]
     task: str
     max_batch_size: int
-    state: str = Field(description="loading, ready, failed or unloaded.")
+    state: str = Field(description="READY, LOADING or UNAVAILABLE (the reason says why, e.g. evicted).")
     reason: str | None = Field(None, description="Why the model is not ready, when it is not.")
     provider: ProviderInfo | None = None
 

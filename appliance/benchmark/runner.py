@@ -147,6 +147,10 @@ def _json(response: httpx.Response, url: str) -> Any:
         raise ServerUnreachable(f"{response.request.method} {response.request.url.path} on {url} did not answer JSON; is it an appliance?", field="url") from None
 
 
+#: V2 model states a benchmark can run against (the serving layer's; older servers said "ready").
+SERVABLE_STATES = ("READY", "LOADING")
+
+
 async def preflight(client: httpx.AsyncClient, options: BenchOptions, url: str) -> dict[str, Any] | None:
     """Check the server answers and serves the model; returns V2 metadata for infer workloads."""
     try:
@@ -170,8 +174,8 @@ async def _preflight(client: httpx.AsyncClient, options: BenchOptions, url: str)
         metadata = _json(response, url)
         if not isinstance(metadata, dict):
             raise ServerUnreachable(f"GET /v2/models/{options.model} on {url} answered no model metadata", field="url")
-        state = metadata.get("state")
-        if state not in (None, "ready"):
+        state = str(metadata.get("state") or "READY").upper()
+        if state not in SERVABLE_STATES and not await _loads_on_demand(client, options.model):
             reason = metadata.get("reason") or ""
             raise ModelNotFound(f"model {options.model!r} is {state} on {url}{': ' + reason if reason else ''}", field="model")
         return metadata
@@ -187,6 +191,15 @@ async def _preflight(client: httpx.AsyncClient, options: BenchOptions, url: str)
             f"model {options.model!r} is not served by {url} (served: {', '.join(served) or 'none'})", field="model"
         )
     return None
+
+
+async def _loads_on_demand(client: httpx.AsyncClient, model: str) -> bool:
+    """An evicted model is not loaded, but `/v1/models` lists it: its first request loads it
+    (the warm-up requests pay for that, not the measurement)."""
+    response = await client.get("/v1/models", timeout=PREFLIGHT_TIMEOUT_S)
+    listing = response.json() if response.status_code == 200 else {}
+    cards = listing.get("data", []) if isinstance(listing, dict) else []
+    return any(isinstance(card, dict) and card.get("id") == model for card in cards)
 
 
 def build_workload(options: BenchOptions, metadata: dict[str, Any] | None) -> Workload:

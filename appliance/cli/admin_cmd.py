@@ -50,7 +50,7 @@ def create_user(
     """Create an admin for the web UI (password from stdin's first line, or prompted twice)."""
     settings = settings_from(state_dir=state_dir, config=config)
     password = _read_password()
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.make_state_dir()
     database = Database(settings.db_url)
     try:
         upgrade(database)

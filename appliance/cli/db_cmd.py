@@ -18,7 +18,7 @@ app.add_typer(db_app, name="db")
 def db_upgrade(state_dir: StateDirOption = None, config: ConfigOption = None) -> None:
     """Apply every pending migration."""
     settings = settings_from(state_dir=state_dir, config=config)
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.make_state_dir()
     try:
         database = Database(settings.db_url)
         before = current_revision(database)

@@ -2,7 +2,7 @@
 
 Python and package versions, CPU features, memory, GPU and driver, which execution providers
 really create a session, state directory, database migrations, bind address against auth,
-free disk, and the repository's models. Reads only: never changes a file or the database,
+free disk, the repository's models and what the memory budget would hold. Reads only: never changes a file or the database,
 never talks to the network.
 """
 
@@ -209,6 +209,55 @@ def models_check(settings: Settings) -> Check:
     return Check("models", "OK", f"{len(serving)} deployable of {len(names)}: {', '.join(names)}")
 
 
+def memory_budget_check(settings: Settings) -> Check:
+    """The models' memory budget, and which deployable models it would hold at start (from
+    their files' size and KV reservation: the server corrects these by measuring each load)."""
+    from appliance.repository.store import ModelRepository
+    from appliance.serving.budget import MIB, Budget, estimate_bytes, plan_start
+    from appliance.serving.loaders import expected_kv_bytes, version_file_bytes
+    from appliance.serving.tasks import family_of
+
+    budget = Budget.from_settings(settings.serving, psutil.virtual_memory().available)
+    repository = ModelRepository(settings.models_dir)
+    held_back = _held_back(settings)
+    candidates: list[tuple[str, int, str]] = []
+    for name in sorted(repository.names(), key=lambda n: (not (settings.serving.models.get(n) and settings.serving.models[n].pin), n)):
+        version = repository.serving_version(name)
+        if version is None or name in held_back:
+            continue
+        kv = expected_kv_bytes(version, settings) if family_of(version.manifest.task) == "generation" else 0
+        candidates.append((name, estimate_bytes(version_file_bytes(version), kv), "cpu"))
+    plan = plan_start(candidates, budget)
+    sizes = {name: needed for name, needed, _device in candidates}
+    where = f"{budget.host_bytes / GIB:.1f} GiB" + ("" if settings.serving.memory_budget_bytes else " (75% of the memory available now)")
+    parts = [f"budget {where}"]
+    if budget.max_models:
+        parts.append(f"at most {budget.max_models} models")
+    parts.append("would hold " + (", ".join(f"{n} (~{sizes[n] / MIB:.0f} MiB)" for n in plan.held) or "nothing"))
+    if plan.on_demand:
+        parts.append("load on demand, evicting idle ones: " + ", ".join(plan.on_demand))
+    if plan.never:
+        parts.append("never fit: " + "; ".join(f"{n}: {why}" for n, why in plan.never.items()))
+    return Check("memory budget", "WARN" if plan.never else "OK", "; ".join(parts))
+
+
+def _held_back(settings: Settings) -> set[str]:
+    """Models an admin undeployed (none when the database does not exist yet)."""
+    from appliance.store.db import Database
+    from appliance.store.deployments import DeploymentStore
+
+    if settings.database_url is None and not (settings.state_dir / "appliance.db").exists():
+        return set()
+    try:
+        database = Database(settings.db_url)
+        try:
+            return DeploymentStore(database).held_back()
+        finally:
+            database.close()
+    except Exception:  # noqa: BLE001 - a broken database is reported by the database line
+        return set()
+
+
 def tls_fingerprint_check(settings: Settings) -> Check | None:
     """The certificate's SHA-256 fingerprint, to compare with what a browser shows."""
     from appliance.admin.tls import fingerprint_line
@@ -235,7 +284,7 @@ def run_checks(settings: Settings) -> list[Check]:
     keys = keys_check(settings)
     if keys is not None:
         checks.append(keys)
-    checks += [bind_check(settings), disk_check(settings), models_check(settings)]
+    checks += [bind_check(settings), disk_check(settings), models_check(settings), memory_budget_check(settings)]
     placement = generation_placement_check(settings, any(probe.name == "cuda" and probe.usable for probe in probes))
     if placement is not None:
         checks.append(placement)

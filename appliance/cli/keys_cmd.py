@@ -23,7 +23,7 @@ app.add_typer(keys_app, name="keys")
 
 def _store(state_dir: object, config: object) -> KeyStore:
     settings = settings_from(state_dir=state_dir, config=config)
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.make_state_dir()
     database = Database(settings.db_url)
     upgrade(database)
     return KeyStore(database)

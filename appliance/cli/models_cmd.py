@@ -1,8 +1,10 @@
-"""`appliance models`: list, show, delete, set-default, deploy and undeploy model versions.
+"""`appliance models`: list, show, delete, set-default, deploy and undeploy model versions; pin,
+unpin and set the keep-alive of a model.
 
 Composition root for the model repository on the command line: parses `NAME[/VERSION]`,
-calls appliance.repository, prints a table (or JSON for scripts). Never imports the export
-stage, onnxruntime or torch; every refusal is one line and a non-zero exit.
+calls appliance.repository (and the database for pin and keep-alive, which a running server
+reads at its next repository poll), prints a table (or JSON for scripts). Never imports the
+export stage, onnxruntime or torch; every refusal is one line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, console,
 from appliance.cli.app import app as root_app
 from appliance.errors import ApplianceError
 from appliance.repository import ModelRepository, ModelVersion, parse_version
+from appliance.serving.keep_alive import parse_keep_alive
+from appliance.store.db import Database
+from appliance.store.deployments import DeploymentStore
+from appliance.store.migrate import upgrade
 
 models_app = typer.Typer(
     name="models",
-    help="The model repository: list, show, delete, set-default, deploy, undeploy.",
+    help="The model repository: list, show, delete, set-default, deploy, undeploy; pin, unpin, keep-alive.",
     no_args_is_help=True,
 )
 root_app.add_typer(models_app, name="models")
@@ -223,3 +229,59 @@ def undeploy(ref: RefArgument, state_dir: StateDirOption = None, config: ConfigO
     except ApplianceError as exc:
         fail(str(exc))
     console.print(f"{name}/{version} is no longer deployable")
+
+
+#: Who the audit log names for changes made from the command line.
+CLI_ACTOR = "cli"
+CLI_ADDRESS = "local"
+
+
+def _decide(state_dir: Any, config: Any, name: str, change: Any) -> None:
+    """Apply one decision about `name` in the database (audited), for a model that exists."""
+    settings = settings_from(state_dir=state_dir, config=config)
+    try:
+        if name not in ModelRepository(settings.models_dir).names():
+            fail(f"model: no model named {name!r} (see appliance models list)")
+        settings.make_state_dir()
+        database = Database(settings.db_url)
+        try:
+            upgrade(database)
+            change(DeploymentStore(database))
+        finally:
+            database.close()
+    except ApplianceError as exc:
+        fail(str(exc))
+
+
+NameArgument = Annotated[str, typer.Argument(help="Model name.")]
+
+
+@models_app.command("pin")
+def pin(name: NameArgument, state_dir: StateDirOption = None, config: ConfigOption = None) -> None:
+    """Never evict this model or unload it for idleness (a running server applies it at its next poll)."""
+    _decide(state_dir, config, name, lambda store: store.set_pinned(name, True, actor=CLI_ACTOR, address=CLI_ADDRESS))
+    console.print(f"{name} is pinned: it stays loaded once loaded")
+
+
+@models_app.command("unpin")
+def unpin(name: NameArgument, state_dir: StateDirOption = None, config: ConfigOption = None) -> None:
+    """Let this model be evicted when idle and another needs room."""
+    _decide(state_dir, config, name, lambda store: store.set_pinned(name, False, actor=CLI_ACTOR, address=CLI_ADDRESS))
+    console.print(f"{name} is not pinned")
+
+
+@models_app.command("keep-alive")
+def keep_alive(
+    name: NameArgument,
+    duration: Annotated[str, typer.Argument(help="Seconds or a duration such as 10m or 1h; -1: never unload; 'default': the server's.")],
+    state_dir: StateDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """How long this model stays loaded after its last request."""
+    try:
+        seconds = None if duration.strip().lower() == "default" else parse_keep_alive(duration)
+    except ApplianceError as exc:
+        fail(str(exc), code=2)
+    _decide(state_dir, config, name, lambda store: store.set_keep_alive(name, seconds, actor=CLI_ACTOR, address=CLI_ADDRESS))
+    shown = "the server's default" if seconds is None else ("never unloaded" if seconds < 0 else f"{seconds:g} s")
+    console.print(f"{name} keep-alive: {shown}")

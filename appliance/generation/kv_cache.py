@@ -2,8 +2,8 @@
 
 Admission reserves a sequence's worst case (prompt + max_tokens positions) against the byte
 budget up front, so a running sequence can never run out of cache mid-answer and nothing is
-ever preempted; what does not fit waits. A request that could not fit even into an empty cache
-is refused at submission with a message that states the limit. Running sequences are kept in
+ever preempted; what does not fit waits. (A request that could not fit even into an empty
+cache is refused before it gets here, by params.resolve, with a message that states the limit.) Running sequences are kept in
 slots [0, n) (`compact`) because the decode batch binds that range as one numpy view; moving a
 row happens only when a sequence leaves or starts decoding, never per step.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from appliance.errors import InvalidInput
 from appliance.generation.model_runner import KvBuffers
 
 
@@ -46,16 +45,6 @@ class KvCacheManager:
     @property
     def free_slots(self) -> int:
         return self.max_slots - len(self._owners)
-
-    def check_fits(self, tokens: int, *, field: str) -> None:
-        """Refuse at submission what could never be admitted."""
-        limit = min(self.max_len, self.budget_tokens)
-        if tokens > limit:
-            raise InvalidInput(
-                f"{field}: prompt plus max_tokens is {tokens} tokens; this model's limit is {limit} "
-                f"(context {self.max_len}, KV budget {self.budget_tokens} tokens)",
-                field=field,
-            )
 
     def can_admit(self, tokens: int) -> bool:
         return self.free_slots > 0 and self.reserved_tokens + tokens <= self.budget_tokens

@@ -2,7 +2,8 @@
 
 One `GenerationMetrics` per server (on the app's own CollectorRegistry, which GET /metrics
 exports; tests run several apps in one process), shared by all its engines and labelled by
-model name. Never imports onnxruntime.
+model name; each engine reads its own children through `LabelledMetrics`. Never imports
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -52,3 +53,30 @@ class GenerationMetrics:
         self.request_success = Counter(
             "appliance_request_success", "Finished sequences by finish reason.", ["model", "finished_reason"], registry=r
         )
+
+
+class LabelledMetrics:
+    """One engine's child of each metric, looked up once: `labels()` costs on every call, and
+    these are hit for every emitted token."""
+
+    def __init__(self, metrics: GenerationMetrics, model: str) -> None:
+        self._model = model
+        self._request_success = metrics.request_success
+        self.time_to_first_token = metrics.time_to_first_token.labels(model=model)
+        self.time_per_output_token = metrics.time_per_output_token.labels(model=model)
+        self.e2e_request_latency = metrics.e2e_request_latency.labels(model=model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model=model)
+        self.generation_tokens = metrics.generation_tokens.labels(model=model)
+        self.requests_running = metrics.requests_running.labels(model=model)
+        self.requests_waiting = metrics.requests_waiting.labels(model=model)
+        self.kv_cache_usage = metrics.kv_cache_usage.labels(model=model)
+        self.prefix_cache_queries = metrics.prefix_cache_queries.labels(model=model)
+        self.prefix_cache_hits = metrics.prefix_cache_hits.labels(model=model)
+        self.request_queue_time = metrics.request_queue_time.labels(model=model)
+        self.spec_draft_tokens = metrics.spec_draft_tokens.labels(model=model)
+        self.spec_accepted_tokens = metrics.spec_accepted_tokens.labels(model=model)
+        self.spec_emitted_tokens = metrics.spec_emitted_tokens.labels(model=model)
+
+    def count_finished(self, reason: str) -> None:
+        """One sequence ended with `reason` (a second label, so not looked up in advance)."""
+        self._request_success.labels(model=self._model, finished_reason=reason).inc()

@@ -3,7 +3,8 @@
 Contract (one call of each per engine step, on the engine thread only):
 
 * `add(seq)` queues a new sequence (FIFO). It raises CapacityExceeded when the waiting queue is
-  full, and InvalidInput when prompt + max_tokens could never fit the context or the KV budget.
+  full. (That prompt + max_tokens fits the context and the KV budget was checked once, when
+  the request was resolved: params.resolve.)
 * `abort(seq_id)` marks a sequence; the next `schedule()` frees its slot and KV reservation, so
   a client that goes away costs at most the step already running.
 * `schedule()` returns a `StepPlan`:
@@ -139,13 +140,9 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
 
     # -- requests ------------------------------------------------------------------------
-    def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        self.kv.check_fits(prompt_tokens + max_tokens, field="max_tokens")
-
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise CapacityExceeded(f"{len(self.waiting)} sequences are already waiting", retry_after_s=1.0)
-        self.check(len(seq.prompt), seq.params.max_tokens)
         self.waiting.append(seq)
         self._by_id[seq.seq_id] = seq
 

@@ -4,7 +4,7 @@ Drafters propose up to K next tokens for a sequence:
 * `PromptLookupDrafter` (n-gram): finds the sequence's latest n-gram earlier in its own prompt
   or output and proposes what followed it there. Free, and strong when the answer copies from
   the input (rewrite, extract, code edits).
-* a draft model (the engine's `_draft_model_propose`): a smaller or more quantised model with
+* a draft model (`DraftModel`, driven by `Speculator`): a smaller or more quantised model with
   the same tokenizer (the int4 variant drafting for fp32) decodes K tokens greedily in its own
   KV buffers.
 
@@ -17,15 +17,34 @@ probability min(1, p(d)/q(d)); on rejection draw from the normalised residual ma
 Rejected positions are rewound by resetting the sequence's cached length: the KV rows past it
 are simply overwritten later. `SpeculationGate` picks each sequence's draft length from its
 acceptance and what verification costs on this box (`VerificationCost`), down to none when
-drafts do not pay. Never imports onnxruntime directly.
+drafts do not pay. `Speculator` is the engine thread's speculative step: draft, verify, emit
+what was accepted, and time the runs that feed the cost model.
+
+Never imports onnxruntime directly. The scheduler imports this module (a `Sequence` carries its
+`SpeculationGate`), so what `Speculator` takes from the scheduler, the emitter and the runners is
+imported for type hints only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from appliance.generation.sampling import sampling_arrays
+from appliance.kernels.sampling import filtered_probs
+
+if TYPE_CHECKING:
+    from appliance.generation.emission import Emitter
+    from appliance.generation.metrics import LabelledMetrics
+    from appliance.generation.model_runner import DecoderRunner, KvBuffers
+    from appliance.generation.scheduler import Sequence
+
+log = logging.getLogger(__name__)
 
 #: Longest draft verified in one run.
 MAX_DRAFT_TOKENS = 8
@@ -54,12 +73,16 @@ MIN_EXPECTED_GAIN = 1.05
 #: the interval doubles after every probe that does not bring drafting back.
 PROBE_INTERVAL = 16
 PROBE_INTERVAL_MAX = 512
+#: Timing runs before serving when speculation is on: what a plain step, a full-width
+#: verification and a draft step cost here (also warms the sessions up).
+CALIBRATION_PAST_TOKENS = 32
+CALIBRATION_RUNS = 3
 
 
 class PromptLookupDrafter:
     """N-gram lookup in the sequence's own tokens."""
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, tokens: Seq[int], k: int) -> list[int]:
         count = len(tokens)
         if k <= 0 or count < NGRAM_MIN + 1:
             return []
@@ -199,7 +222,7 @@ class SpeculationGate:
         return 1
 
 
-def accept_greedy(target_argmax: np.ndarray, draft: Sequence[int]) -> list[int]:
+def accept_greedy(target_argmax: np.ndarray, draft: Seq[int]) -> list[int]:
     """Tokens to emit: the accepted draft prefix plus the target's own next token.
 
     `target_argmax[j]` is the target's choice after the last accepted token and draft[:j];
@@ -217,7 +240,7 @@ def accept_greedy(target_argmax: np.ndarray, draft: Sequence[int]) -> list[int]:
 
 def accept_sampled(
     target_probs: np.ndarray,
-    draft: Sequence[int],
+    draft: Seq[int],
     draft_probs: np.ndarray | None,
     rng: np.random.Generator,
 ) -> list[int]:
@@ -244,3 +267,172 @@ def accept_sampled(
     last = target_probs[len(draft)]
     emitted.append(int(np.searchsorted(np.cumsum(last), rng.random() * last.sum(), side="right")))
     return emitted
+
+
+@dataclass
+class DraftModel:
+    """A draft model's runner and its own KV buffers, slot for slot beside the target's."""
+
+    runner: DecoderRunner
+    store: KvBuffers
+
+
+class Speculator:
+    """The speculative step of one engine: for a lone running sequence, draft, verify with one
+    run of the target, emit what was accepted.
+
+    `mode` and `cost` are read at every step, so they may be replaced on a live engine (tests
+    hold the costs fixed or switch speculation off).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        mode: str,
+        runner: DecoderRunner,
+        draft: DraftModel | None,
+        context_length: int,
+        prefill_chunk_tokens: int,
+        prompt_lookup: PromptLookupDrafter,
+        cost: VerificationCost,
+        emitter: Emitter,
+        metrics: LabelledMetrics,
+        counters: dict[str, int],
+    ) -> None:
+        """`mode` is the engine's `speculative` setting ("off", "prompt-lookup", "draft");
+        `counters` is the engine's own dict, where the drafted and accepted tokens add up."""
+        self.mode = mode
+        self.cost = cost
+        self._name = name
+        self._runner = runner
+        self._draft = draft
+        self._context_length = context_length
+        self._prefill_chunk_tokens = prefill_chunk_tokens
+        self._prompt_lookup = prompt_lookup
+        self._emitter = emitter
+        self._m = metrics
+        self._counters = counters
+
+    def calibrate(self) -> None:
+        """Seed the cost model from this box's own timings before serving, so the first
+        sequences do not pay for optimistic priors; not when speculation is off or the context
+        is too short for the timing runs."""
+        if self.mode == "off" or self._context_length <= CALIBRATION_PAST_TOKENS + MAX_DRAFT_TOKENS + 1:
+            return
+        try:
+            self._time_runs()
+        except Exception:  # noqa: BLE001 - serving without timings beats not serving
+            log.warning("%s: could not time speculation; using the default cost figures", self._name, exc_info=True)
+
+    def observe_plain_step(self, seconds: float) -> None:
+        """A plain decode step of one sequence took `seconds`: the unit every speculation cost
+        is measured in."""
+        self.cost.observe_step(seconds)
+
+    def speculate(self, seq: Sequence) -> bool:
+        """One speculative step for a lone sequence; False when no draft was worth verifying."""
+        p = seq.params
+        if (
+            self.mode == "off"
+            or not p.speculate
+            or p.logprobs >= 0
+            or p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+        ):
+            return False
+        room = min(p.max_tokens - len(seq.output), self._context_length - seq.total_tokens) - 1
+        k = min(MAX_DRAFT_TOKENS, room)
+        if k <= 0:
+            return False
+        if self.mode == "draft" and self._draft is not None:
+            length = seq.gate.choose_length(k, self.cost, model_drafted=True)
+            draft = self._draft_model_propose(seq, length) if length else []
+        else:
+            proposal = self._prompt_lookup.propose(seq.tokens, k)
+            draft = proposal[: seq.gate.choose_length(len(proposal), self.cost, model_drafted=False)]
+        if not draft:
+            return False
+        ids = np.asarray([[seq.output[-1], *draft]], np.int64)
+        started = time.perf_counter()
+        logits = self._runner.forward(seq.slot, ids, np.asarray([seq.num_cached]), np.asarray([len(draft) + 1]), all_logits=True)[0]
+        self.cost.observe_verification(len(draft) + 1, time.perf_counter() - started)
+        if p.greedy:
+            emitted = accept_greedy(logits.argmax(axis=1), draft)
+        else:
+            rows = len(draft) + 1
+            arrays = sampling_arrays([seq] * rows)
+            emitted = accept_sampled(filtered_probs(logits, arrays), draft, None, seq.rng)
+        accepted = len(emitted) - 1
+        seq.gate.record(len(draft), accepted)
+        self._counters["draft_tokens"] += len(draft)
+        self._counters["accepted_tokens"] += accepted
+        self._m.spec_draft_tokens.inc(len(draft))
+        self._m.spec_accepted_tokens.inc(accepted)
+        self._m.spec_emitted_tokens.inc(len(emitted))
+        old_total = seq.total_tokens
+        seq.num_cached += len(emitted)
+        seq.draft_cached = min(seq.draft_cached, old_total + accepted)
+        self._emitter.emit(seq, emitted, None)
+        return True
+
+    def _draft_model_propose(self, seq: Sequence, k: int) -> list[int]:
+        """Greedy draft of `k` tokens. What the draft model has not seen yet (the prompt at
+        first, then the target's correction or bonus token) goes in with the first draft run,
+        so catching up costs no run of its own."""
+        assert self._draft is not None
+        runner = self._draft.runner
+        tokens = seq.tokens
+        chunk = self._prefill_chunk_tokens
+        while len(tokens) - seq.draft_cached > chunk:
+            runner.forward(
+                seq.slot,
+                np.asarray([tokens[seq.draft_cached : seq.draft_cached + chunk]], np.int64),
+                np.asarray([seq.draft_cached]),
+                np.asarray([chunk]),
+                all_logits=False,
+            )
+            seq.draft_cached += chunk
+        pending = tokens[seq.draft_cached :]
+        draft: list[int] = []
+        for _ in range(k):
+            started = time.perf_counter()
+            logits = runner.forward(
+                seq.slot, np.asarray([pending], np.int64), np.asarray([seq.draft_cached]), np.asarray([len(pending)]), all_logits=False
+            )
+            if len(pending) == 1:
+                self.cost.observe_draft_step(time.perf_counter() - started)
+            seq.draft_cached += len(pending)
+            pending = [int(logits[0].argmax())]
+            draft.append(pending[0])
+        return draft
+
+    def _time_runs(self) -> None:
+        """Time a plain step, a full-width verification and a draft step on slot 0 (which the
+        next prefill overwrites) and seed the cost model with the medians."""
+
+        def timed(runner: DecoderRunner, width: int) -> float:
+            ids = np.ones((1, width), np.int64)
+            times: list[float] = []
+            for _ in range(CALIBRATION_RUNS):
+                started = time.perf_counter()
+                runner.forward(0, ids, np.asarray([CALIBRATION_PAST_TOKENS]), np.asarray([width]), all_logits=True)
+                times.append(time.perf_counter() - started)
+            return float(np.median(times))
+
+        runners = [self._runner] + ([self._draft.runner] if self._draft is not None else [])
+        for runner in runners:
+            past = np.ones((1, CALIBRATION_PAST_TOKENS), np.int64)
+            runner.forward(0, past, np.zeros(1, np.int64), np.asarray([CALIBRATION_PAST_TOKENS]), all_logits=False)
+        step = timed(self._runner, 1)
+        verification = timed(self._runner, MAX_DRAFT_TOKENS + 1)
+        draft_step = timed(self._draft.runner, 1) if self._draft is not None else None
+        self.cost.seed(step, MAX_DRAFT_TOKENS + 1, verification, draft_step)
+        log.info(
+            "%s: speculation costs here: verifying %d tokens %.2fx a step%s",
+            self._name,
+            MAX_DRAFT_TOKENS + 1,
+            verification / step,
+            f", a draft step {draft_step / step:.2f}x" if draft_step is not None else "",
+        )

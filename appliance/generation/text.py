@@ -23,6 +23,9 @@ from tokenizers.decoders import DecodeStream
 from appliance.errors import InvalidInput, ModelRejected
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+#: A normalizer may shrink text before it is split (NFC composes, a cleaner drops control
+#: characters), so with one the byte bound below allows this much more text per token.
+NORMALIZER_SLACK = 4
 
 
 class PromptTokenizer:
@@ -39,6 +42,11 @@ class PromptTokenizer:
         self._tokenizer.no_padding()
         self.add_bos_token = add_bos_token and bos_token_id is not None
         self.bos_token_id = bos_token_id
+        longest = max((len(token.encode("utf-8")) for token in self._tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        slack = 1 if self._tokenizer.normalizer is None else NORMALIZER_SLACK
+        #: No text of more UTF-8 bytes than this per token can encode to fewer tokens: a
+        #: prompt longer than `context x max_bytes_per_token` is refused without tokenising it.
+        self.max_bytes_per_token = max(1, longest) * slack
 
     @property
     def vocab_size(self) -> int:
@@ -58,6 +66,18 @@ class PromptTokenizer:
         if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for several texts in one call that releases the GIL while it works, so a
+        large prompt tokenised in a worker thread does not stall the event loop."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        result = []
+        for encoding in encodings:
+            ids = list(encoding.ids)
+            if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+                ids.insert(0, self.bos_token_id)
+            result.append(ids)
+        return result
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))

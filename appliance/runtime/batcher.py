@@ -43,13 +43,17 @@ class SessionPoisoned(Exception):
 
 @dataclass(eq=False)
 class InferenceJob:
-    """One unit of queued work: `rows` rows of every input, all from one request."""
+    """One unit of queued work: `rows` rows of every input, all from one request.
+
+    A text job (`token_rows` set, `inputs` empty) carries unpadded token ids; the runner pads
+    the whole batch once, to its longest row, in the model's own datatypes."""
 
     inputs: dict[str, np.ndarray]
     rows: int
     bucket: Hashable
     #: Real sequence length of padded text inputs (None for plain tensors).
     length: int | None = None
+    token_rows: list[list[int]] | None = None
     outputs: Sequence[str] | None = None
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     deadline_s: float = math.inf

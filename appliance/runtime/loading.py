@@ -17,7 +17,7 @@ from onnx import AttributeProto, GraphProto, TensorProto
 
 from appliance.errors import ModelRejected
 from appliance.repository.store import ModelVersion
-from appliance.runtime.tensors import ORT_TYPES
+from appliance.repository.tensors import ORT_TYPES
 
 
 def _tensors(graph: GraphProto) -> Iterator[TensorProto]:

@@ -3,8 +3,9 @@
 `execute(jobs)` concatenates the jobs' inputs along the batch axis (padding text inputs to
 the longest job of the batch), runs one session, and splits the outputs back, one entry per
 job. A failing batch is retried job by job, so only the bad request fails; an allocation
-failure raises SessionPoisoned so the registry reloads the model. Runs in worker threads;
-never touches the event loop.
+failure raises SessionPoisoned so the model is reloaded. Text (token ids of any length) comes
+in as text jobs (`text_jobs`): grouped by length bucket, padded once per batch, in the dtypes the
+manifest declares. Runs in worker threads; never touches the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from appliance.errors import ApplianceError, InvalidInput
 from appliance.repository.manifest import Manifest, TensorSpec
+from appliance.repository.tensors import coerce
 from appliance.runtime.batcher import InferenceJob, SessionPoisoned
 
 log = logging.getLogger("appliance.runtime")
@@ -63,6 +65,8 @@ class TensorRunner:
         self.inputs: dict[str, TensorSpec] = {spec.name: spec for spec in manifest.inputs}
         self.outputs: dict[str, TensorSpec] = {spec.name: spec for spec in manifest.outputs}
         self.pad_values = self._pad_plan(manifest)
+        tokenizer = manifest.tokenizer
+        self.text_pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
     @staticmethod
     def _pad_plan(manifest: Manifest) -> dict[str, int]:
@@ -115,6 +119,32 @@ class TensorRunner:
         bucket, length = self.bucket_of(inputs)
         return InferenceJob(inputs=inputs, rows=rows, bucket=bucket, length=length, outputs=outputs)
 
+    def text_jobs(self, rows: Sequence[Sequence[int]], max_rows: int) -> list[tuple[list[int], InferenceJob]]:
+        """Token-id rows as jobs of one length bucket each, at most `max_rows` rows a job:
+        (the rows' original indices, job). Short and long texts never pad each other."""
+        missing = [name for name in self.inputs if name not in TEXT_PAD_INPUTS or name == "position_ids"]
+        if missing:
+            raise InvalidInput(
+                f"model {self.manifest.name!r} needs input '{missing[0]}', which text cannot provide", field="model"
+            )
+        order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
+        groups: list[list[int]] = []
+        for index in order:
+            bucket = length_bucket(len(rows[index]))
+            if groups and length_bucket(len(rows[groups[-1][0]])) == bucket and len(groups[-1]) < max(1, max_rows):
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        jobs = []
+        for group in groups:
+            token_rows = [list(rows[index]) for index in group]
+            length = max(len(row) for row in token_rows)
+            job = InferenceJob(
+                inputs={}, rows=len(group), bucket=("text", length_bucket(length)), length=length, token_rows=token_rows
+            )
+            jobs.append((group, job))
+        return jobs
+
     # -- execution (worker thread) ----------------------------------------------------------
     def execute(self, jobs: list[InferenceJob]) -> list[dict[str, np.ndarray] | ApplianceError]:
         session = self._sessions.get()
@@ -144,7 +174,22 @@ class TensorRunner:
             return exc
         return InvalidInput(f"model {self.manifest.name!r} could not run this request: {_first_line(exc)}")
 
+    def _text_feed(self, jobs: list[InferenceJob]) -> tuple[dict[str, np.ndarray], int]:
+        """input_ids / attention_mask / token_type_ids for every row of every text job, padded
+        once to the longest row of the batch."""
+        rows = [row for job in jobs for row in job.token_rows or ()]
+        width = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), width), self.text_pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for position, row in enumerate(rows):
+            input_ids[position, : len(row)] = row
+            mask[position, : len(row)] = 1
+        values = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        return {name: coerce(values[name], spec.datatype, name) for name, spec in self.inputs.items()}, width
+
     def _feed(self, jobs: list[InferenceJob]) -> tuple[dict[str, np.ndarray], int | None]:
+        if jobs[0].token_rows is not None:
+            return self._text_feed(jobs)
         if not self.batched:
             return {name: _ort_ready(array) for name, array in jobs[0].inputs.items()}, None
         padded_to = max((job.length for job in jobs if job.length is not None), default=None)

@@ -44,12 +44,15 @@ class AdminSession(Base):
 
 
 class Deployment(Base):
-    """An admin's decision about a model: deployed (loaded at start) or held back."""
+    """An admin's decisions about a model: deployed or held back; pinned (never evicted) or
+    unpinned (None: no decision, the config file's applies); its keep-alive (None: default)."""
 
     __tablename__ = "deployments"
 
     model: Mapped[str] = mapped_column(String(64), primary_key=True)
     deployed: Mapped[bool] = mapped_column()
+    pinned: Mapped[bool | None] = mapped_column(nullable=True)
+    keep_alive_s: Mapped[float | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_by: Mapped[str] = mapped_column(String(64))
 

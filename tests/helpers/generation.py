@@ -19,8 +19,9 @@ import onnxruntime as ort
 import pytest
 
 from appliance.config import GenerationSettings
-from appliance.generation.engine import GenerationEngine, TokenEvent
-from appliance.generation.params import SamplingParams
+from appliance.generation.engine import GenerationEngine
+from appliance.generation.events import TokenEvent
+from appliance.generation.params import GenerationRequest
 from appliance.generation.placement import Placement
 from appliance.repository.store import ModelRepository, ModelVersion
 
@@ -120,7 +121,7 @@ class Generated:
     events: list[TokenEvent]
 
 
-async def generate(engine: GenerationEngine, prompt: Sequence[int], params: SamplingParams, *, timeout_s: float | None = None) -> Generated:
+async def generate(engine: GenerationEngine, prompt: Sequence[int], params: GenerationRequest, *, timeout_s: float | None = None) -> Generated:
     events: list[TokenEvent] = []
     async for event in engine.generate(list(prompt), params, timeout_s=timeout_s):
         events.append(event)
@@ -132,8 +133,8 @@ async def generate(engine: GenerationEngine, prompt: Sequence[int], params: Samp
     )
 
 
-def greedy(max_tokens: int, **extra: object) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)  # type: ignore[arg-type]
+def greedy(max_tokens: int, **extra: object) -> GenerationRequest:
+    return GenerationRequest(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)  # type: ignore[arg-type]
 
 
 def run(coroutine: object) -> object:

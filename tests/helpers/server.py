@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from appliance.app import create_app
 from appliance.config import Settings, load_settings
+from appliance.errors import ModelNotFound
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
@@ -70,6 +71,22 @@ class RunningServer:
     def ctx(self) -> Any:
         return self.app.state.ctx
 
+    def state(self, name: str) -> str | None:
+        """The model's serving state in lower case ("ready", "evicted", ...), None if unknown."""
+        try:
+            return self.ctx.models.status(name).state.value.lower()
+        except ModelNotFound:
+            return None
+
+    def status(self, name: str) -> Any:
+        return self.ctx.models.status(name)
+
+    def engine(self, name: str) -> Any:
+        """The generation engine serving `name` (the model must be READY)."""
+        client = self.ctx.models.loaded_client(name)
+        assert client is not None, f"{name} is not loaded"
+        return client.engine
+
 
 @contextmanager
 def running_server(
@@ -99,7 +116,7 @@ def running_server(
             raise TimeoutError("test server did not start")
         time.sleep(0.01)
     if wait_for_models:
-        while not app.state.ctx.registry.all_settled():
+        while not app.state.ctx.models.settled():
             if time.monotonic() > deadline:
                 raise TimeoutError("models did not settle")
             time.sleep(0.01)

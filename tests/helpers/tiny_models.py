@@ -11,6 +11,8 @@ Only tests import this module.
 
 from __future__ import annotations
 
+import zlib
+
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -182,6 +184,31 @@ def publish_heavy(repo: ModelRepository, name: str = "heavy", *, width: int = 10
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", width])],
         initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    _save(helper.make_model(graph), staged)
+    spec = [TensorSpec(name="X", datatype="FP32", shape=[-1, width])]
+    return repo.publish(staged, _manifest(name, spec, [TensorSpec(name="Y", datatype="FP32", shape=[-1, width])]), _report())
+
+
+def publish_weighty(repo: ModelRepository, name: str, *, megabytes: int = 24, width: int = 512) -> ModelVersion:
+    """A chain of distinct `width`-square MatMuls holding about `megabytes` of weights: cheap
+    to run, but with a resident cost the memory budget can see."""
+    staged = repo.staging_dir()
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    layers = max(1, megabytes * (1 << 20) // (width * width * 4))
+    nodes, initializers, previous = [], [], "X"
+    for layer in range(layers):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"W{layer}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"W{layer}"], [f"h{layer}"]))
+        previous = f"h{layer}"
+    nodes.append(helper.make_node("Identity", [previous], ["Y"]))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", width])],
+        initializer=initializers,
     )
     _save(helper.make_model(graph), staged)
     spec = [TensorSpec(name="X", datatype="FP32", shape=[-1, width])]

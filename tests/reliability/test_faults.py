@@ -190,10 +190,10 @@ def test_corrupted_deleted_and_lying_models_fail_with_a_reason_while_the_rest_ke
     doomed = publish_adder(repository, "doomed")
     with running_server(state_dir) as server:
         states = {entry["name"]: entry for entry in httpx.post(server.url("/v2/repository/index"), headers=server.auth()).json()}
-        assert states["adder"]["state"] == states["tiny-embed"]["state"] == states["doomed"]["state"] == "ready"
-        assert states["corrupt"]["state"] == "failed" and "not a readable ONNX file" in states["corrupt"]["reason"]
-        assert states["truncated"]["state"] == "failed" and states["truncated"]["reason"]
-        assert states["liar"]["state"] == "failed" and "dimension 1 = 8, the graph fixes it at 4" in states["liar"]["reason"]
+        assert states["adder"]["state"] == states["tiny-embed"]["state"] == states["doomed"]["state"] == "READY"
+        assert states["corrupt"]["state"] == "UNAVAILABLE" and "not a readable ONNX file" in states["corrupt"]["reason"]
+        assert states["truncated"]["state"] == "UNAVAILABLE" and "failed to load" in states["truncated"]["reason"]
+        assert states["liar"]["state"] == "UNAVAILABLE" and "dimension 1 = 8, the graph fixes it at 4" in states["liar"]["reason"]
         refused = httpx.post(server.url("/v2/models/liar/infer"), json=ADDER_BODY, headers=server.auth())
         assert refused.status_code == 503 and "graph fixes it" in refused.json()["error"]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from appliance.config import load_settings
-from appliance.generation.registry import GenerationRegistry
+from appliance.generation.drafts import draft_version_for
 from appliance.repository import ModelRepository, ModelVersion
 from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 
@@ -24,16 +23,13 @@ def republish(repository: ModelRepository, version: ModelVersion, variant: str) 
 
 def test_the_exact_4_bit_version_drafts_before_a_newer_mixed_one(tiny_decoders: TinyDecoders, tmp_path: Path) -> None:
     shutil.copytree(tiny_decoders.state_dir / "models", tmp_path / "models", ignore=shutil.ignore_patterns(".staging", ".lock"))
-    settings = load_settings(state_dir=tmp_path, generation={"speculative": "draft"})
-    repository = ModelRepository(settings.models_dir)
+    repository = ModelRepository(tmp_path / "models")
     fp32 = repository.get("tiny-llama", tiny_decoders.llama_fp32.version)
     int4 = repository.get("tiny-llama", tiny_decoders.llama_int4.version)
     exact = republish(repository, int4, "int4-exact")
     newest_mixed = republish(repository, int4, "int4")
     assert newest_mixed.version > exact.version > int4.version
-    registry = GenerationRegistry(repository, settings)
-    draft = registry._draft_for("tiny-llama", fp32)
+    draft = draft_version_for(repository, fp32, "draft")
     assert draft is not None and draft.version == exact.version
-    assert registry._draft_for("tiny-llama", newest_mixed) is None, "a 4-bit model gets no 4-bit draft"
-    off = GenerationRegistry(repository, load_settings(state_dir=tmp_path))
-    assert off._draft_for("tiny-llama", fp32) is None, "no draft unless speculation asks for one"
+    assert draft_version_for(repository, newest_mixed, "draft") is None, "a 4-bit model gets no 4-bit draft"
+    assert draft_version_for(repository, fp32, "prompt-lookup") is None, "no draft unless speculation asks for one"

@@ -2,7 +2,9 @@
 
 One table decides how each protocol datatype is stored, so the JSON path, the binary path and
 the session agree. Checking a request tensor against the manifest's TensorSpec lives here too,
-so every error names the input. Never imports onnxruntime (the type strings are plain text).
+so every error names the input. It sits beside the manifest (whose TensorSpecs speak these
+datatypes) so that the V2 routes and the runtime both read it without the routes importing the
+runtime. Never imports onnxruntime (the type strings are plain text).
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The two contracts the doors (API routes, admin pages, batch jobs) use to reach a model.
+
+A route gets a client from `ModelService.lease(...)`, which loads the model if needed and
+keeps it from being evicted until the lease is released; it never sees a session, a
+scheduler or a batcher. A Ray deployment handle can implement the same protocols later,
+without a route changing.
+
+The value types of the contracts are the engines' own (`GenerationRequest`, `TokenEvent`,
+`TokenLogprob`, `SequenceStream`); this module names them so that the doors import them from
+here and never from the engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from appliance.generation.events import TokenEvent, TokenLogprob
+from appliance.generation.params import (
+    PENALTY_ABS_MAX,
+    REPETITION_PENALTY_MAX,
+    STOP_STRINGS_MAX,
+    TEMPERATURE_MAX,
+    TOP_K_MAX,
+    TOP_LOGPROBS_MAX,
+    ClientFields,
+    GenerationRequest,
+)
+from appliance.generation.stream import SequenceStream
+from appliance.repository.manifest import EmbeddingSpec, TensorSpec
+
+__all__ = [
+    "ClientFields",
+    "EmbeddingResult",
+    "GenerationClient",
+    "GenerationModelInfo",
+    "GenerationRequest",
+    "PENALTY_ABS_MAX",
+    "REPETITION_PENALTY_MAX",
+    "STOP_STRINGS_MAX",
+    "SequenceStream",
+    "TEMPERATURE_MAX",
+    "TOP_K_MAX",
+    "TOP_LOGPROBS_MAX",
+    "TensorClient",
+    "TensorModelInfo",
+    "TensorResult",
+    "TokenEvent",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True)
+class GenerationModelInfo:
+    """What a door may know about a generation model before submitting to it."""
+
+    name: str
+    version: int
+    context_length: int
+    vocab_size: int
+    max_tokens_limit: int
+    has_chat_template: bool
+    #: Execution provider of the decoder's session ("cpu", "cuda").
+    provider: str | None
+
+
+class GenerationClient(Protocol):
+    """One text-generation model.
+
+    Contract:
+    - `describe()` is cheap and never blocks.
+    - `chat_prompt(messages)` / `text_prompts(texts)` render the model's chat template and
+      tokenise, off the event loop when the text is large; a prompt whose byte length alone
+      proves it cannot fit the context is refused before it is tokenised. Errors are
+      InvalidInput naming `messages` / `prompt`.
+    - `submit(prompt_ids, request, ...)` checks the request once (errors name the fields as the
+      client sent them, see `ClientFields`) and queues one sequence, raising InvalidInput,
+      CapacityExceeded or ShuttingDown at once, before any response is sent. It must be
+      called on the event loop that consumes the stream. The returned `SequenceStream` is an
+      async iterator of `TokenEvent`s ending with one whose `finish_reason` is set;
+      `await stream.started()` waits for a slot (raising the refusal if there was one);
+      `stream.close()` aborts the sequence, freeing its KV at the engine's next step.
+    - `abort(seq_id)` does the same by id; `stats()` is a snapshot of the engine's gauges.
+    - `token_text(token_id)` is one token's text and exact bytes (for logprobs).
+    """
+
+    def describe(self) -> GenerationModelInfo: ...
+
+    async def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    async def text_prompts(self, texts: list[str]) -> list[list[int]]: ...
+
+    def submit(
+        self, prompt_ids: list[int], request: GenerationRequest, *, timeout_s: float, queue_limit: bool = True
+    ) -> SequenceStream: ...
+
+    def abort(self, seq_id: str) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]: ...
+
+
+@dataclass(frozen=True)
+class TensorModelInfo:
+    """A tensor model's signature, for V2 metadata and input checking."""
+
+    name: str
+    version: int
+    task: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    embedding: EmbeddingSpec | None
+    #: The provider report of the loaded sessions (`ProviderReport.as_json()`).
+    provider: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    outputs: dict[str, np.ndarray]
+    queue_us: float
+    compute_us: float
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    #: One row per input, in input order (re-normalised after a `dimensions` cut).
+    vectors: np.ndarray
+    #: Tokens of every input after truncation (what the model read).
+    prompt_tokens: int
+    #: Indices of inputs cut to the model's max length.
+    truncated: list[int]
+    queue_us: float
+    compute_us: float
+
+
+class TensorClient(Protocol):
+    """One tensor model (encoder, classifier, plain ONNX graph).
+
+    Contract:
+    - `metadata()` is cheap and never blocks.
+    - `infer(inputs, outputs, timeout_s)` queues one request on the model's dynamic batcher
+      (it may share a session run with others); inputs must already match `metadata().inputs`
+      (the caller checks names, datatypes and shapes). Errors: InvalidInput (400),
+      CapacityExceeded (429, queue full), DeadlineExceeded (504), ModelNotReady (503).
+      Cancelling the awaiting task drops the queued job.
+    - `embed(texts | token ids, dimensions, timeout_s)` tokenises (off the event loop when the
+      text is large), batches the rows by length with other requests' rows, and returns the
+      model's pooled, normalised vectors; `dimensions` cuts and re-normalises. InvalidInput
+      names `model` when the model has no embedding output, `dimensions` or `input` otherwise.
+    """
+
+    def metadata(self) -> TensorModelInfo: ...
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float) -> TensorResult: ...
+
+    async def embed(
+        self, texts: list[str] | None, token_ids: list[list[int]] | None, *, dimensions: int | None, timeout_s: float
+    ) -> EmbeddingResult: ...
