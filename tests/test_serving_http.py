@@ -27,7 +27,7 @@ from tests.helpers.tiny_models import publish_adder, publish_weighty
 
 SMOLLM2 = "smollm2-135m-instruct"
 WEIGHTY = ("alpha", "beta", "gamma")
-WEIGHTY_MB = 24
+WEIGHTY_MB = 12
 WIDTH = 512
 CLIENTS = 8
 REQUESTS = 300

@@ -64,9 +64,12 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def give_back_memory() -> None:
-    """Collect garbage and return free heap pages to the system (glibc `malloc_trim`)."""
-    gc.collect()
+def give_back_memory(*, collect: bool = False) -> None:
+    """Return free heap pages to the system (glibc `malloc_trim`). `collect`: first collect
+    garbage cycles, so that what an unloaded model's objects held is freed now; costly in a
+    process with many objects, so only after an unload."""
+    if collect:
+        gc.collect()
     library = _libc()
     if library is not None:
         library.malloc_trim(0)
