@@ -23,6 +23,7 @@ from appliance import __version__
 from appliance.api import metrics as metrics_routes
 from appliance.api import openai as openai_routes
 from appliance.api import openai_chat as openai_chat_routes
+from appliance.api import rerank as rerank_routes
 from appliance.api import v2 as v2_routes
 from appliance.admin import AdminContext, install_admin
 from appliance.api.context import ServerContext
@@ -155,6 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(openai_chat_routes.router)
+    app.include_router(rerank_routes.router)
     app.include_router(metrics_routes.router)
     admin = AdminContext(settings, database, keys, models, privacy, request_log, tls=settings.tls_cert is not None)
     install_admin(app, admin)

@@ -347,6 +347,7 @@ def _manifest(
         embedding=fields.embedding,
         generation=fields.generation,
         labels=fields.labels,
+        scoring=fields.scoring,
         chat_template=fields.chat_template,
         providers=fields.providers,
         deployable=deployable,

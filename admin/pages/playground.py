@@ -1,8 +1,9 @@
-"""Playground page: try a chat model (streaming) or an embedding model against the live API.
+"""Playground page: try a chat model (streaming), an embedding model or a reranker against the
+live API.
 
-The page itself holds no model logic: static/admin.js calls `/v1/models`, `/v1/chat/completions`
-and `/v1/embeddings` from the browser with the API key the admin types, exactly as a client
-would, so what works here works for clients. The key stays in the page's memory only.
+The page itself holds no model logic: static/admin.js calls `/v1/models`, `/v1/chat/completions`,
+`/v1/embeddings` and `/v1/rerank` from the browser with the API key the admin types, exactly as
+a client would, so what works here works for clients. The key stays in the page's memory only.
 """
 
 from __future__ import annotations

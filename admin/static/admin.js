@@ -170,6 +170,16 @@
         say(body.usage.prompt_tokens + " tokens in " + Math.round(performance.now() - started) + " ms");
         return;
       }
+      if ($("pg-kind").value === "rerank") {
+        const documents = $("pg-documents").value.split("\n").map((line) => line.trim()).filter((line) => line);
+        const response = await fetch("/v1/rerank", { method: "POST", headers: headers(), body: JSON.stringify({ model: model, query: text, documents: documents }) });
+        if (!response.ok) { say(response.status + ": " + await errorOf(response)); return; }
+        const body = await response.json();
+        output.textContent = body.results.map((item) => item.relevance_score.toFixed(4) + "  " + item.document.text).join("\n");
+        say(body.results.length + " documents ranked, " + body.usage.total_tokens + " tokens in " + Math.round(performance.now() - started) + " ms"
+          + (body.truncated.length ? ", " + body.truncated.length + " cut to fit" : ""));
+        return;
+      }
       const stream = $("pg-stream").checked;
       const request = { model: model, messages: [{ role: "user", content: text }], stream: stream, max_tokens: parseInt($("pg-max-tokens").value, 10) || 64 };
       // Left empty, temperature and seed are not sent: the model's own generation config decides.

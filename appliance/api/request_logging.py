@@ -1,7 +1,7 @@
 """Applies the request logging mode to every inference request, where the data flows.
 
 A pure ASGI middleware around the inference routes (`/v1/chat/completions`, `/v1/completions`,
-`/v1/embeddings`, `/v2/models/.../infer`). For each request it notes the model, the API key's
+`/v1/embeddings`, `/v2/models/.../infer`, the rerank routes). For each request it notes the model, the API key's
 public prefix, status, latency and token counts (read from the response's `usage`, or counted
 from the stream's chunks) and then, by the privacy policy's mode:
 
@@ -40,6 +40,7 @@ log = logging.getLogger("appliance.api")
 LOGGED_PATH = re.compile(
     r"^/v1/(?P<openai>chat/completions|completions|embeddings)$"
     r"|^/v2/models/(?P<v2model>[^/]+)(?:/versions/[^/]+)?/infer$"
+    r"|^(?:/v1|/v2)?/(?P<rerank>rerank)$"
 )
 ADMIN_PREFIX = "/admin"
 #: Request bodies larger than this are not parsed for the model name or prompt.
@@ -141,7 +142,8 @@ class _ResponseReader:
 
 
 def _prompt_text(kind: str, body: dict[str, Any]) -> str | None:
-    """The request's text in full mode: chat messages, completion prompt or embedding input."""
+    """The request's text in full mode: chat messages, completion prompt, embedding input, or
+    a rerank's query and documents."""
     if kind == "chat/completions":
         lines = []
         for message in body.get("messages") or []:
@@ -153,6 +155,10 @@ def _prompt_text(kind: str, body: dict[str, Any]) -> str | None:
             if isinstance(content, str):
                 lines.append(f"{message.get('role', '?')}: {content}")
         return "\n".join(lines) or None
+    if kind == "rerank":
+        documents = [doc.get("text") if isinstance(doc, dict) else doc for doc in body.get("documents") or []]
+        texts = [body.get("query"), *documents]
+        return "\n".join(text for text in texts if isinstance(text, str)) or None
     value = body.get("prompt" if kind == "completions" else "input")
     if isinstance(value, str):
         return value
@@ -214,7 +220,7 @@ class RequestLogMiddleware:
             return
         mode = self.policy.mode
         started = time.perf_counter()
-        kind = match.group("openai")
+        kind = match.group("openai") or match.group("rerank")
         body = bytearray()
         status = 500
         recorded = False
@@ -266,7 +272,7 @@ class RequestLogMiddleware:
     ) -> None:
         reader.finish()
         prompt_tokens, completion_tokens = reader.tokens()
-        generated = completion_tokens if kind != "embeddings" else prompt_tokens
+        generated = completion_tokens if kind not in ("embeddings", "rerank") else prompt_tokens
         self.request_log.live.add(latency_s, status, generated or 0)
         if mode == "off":
             return

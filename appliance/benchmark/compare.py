@@ -4,7 +4,8 @@ one lost (from its export report), and which one to recommend for a quality budg
 Quality loss is one number per task, 0 meaning "as good as the unquantised reference":
 text generation: perplexity / reference_perplexity - 1 (relative perplexity increase; if the
 report lacks perplexities, 1 - greedy_agreement); feature extraction: 1 - cosine_mean;
-classification: 1 - label_agreement. An fp32 version without quality figures is the reference
+classification: 1 - label_agreement, or for a cross-encoder (judged on ranking) 1 - spearman_mean.
+An fp32 version without quality figures is the reference
 itself (loss 0). The recommendation is the cheapest variant (cost per 1k units at its best
 sweep point) whose loss is within the budget. Reads the repository; never writes to it.
 """
@@ -46,11 +47,16 @@ def _one_minus(key: str) -> Callable[[dict[str, Any]], tuple[float, str] | None]
     return loss
 
 
+def _classification_loss(quality: dict[str, Any]) -> tuple[float, str] | None:
+    """Label agreement for a classifier; rank correlation for a cross-encoder."""
+    return _one_minus("spearman_mean")(quality) or _one_minus("label_agreement")(quality)
+
+
 #: Task -> how its report's quality becomes one loss number.
 QUALITY_LOSS_BY_TASK: dict[str, Callable[[dict[str, Any]], tuple[float, str] | None]] = {
     "text-generation": _generation_loss,
     "feature-extraction": _one_minus("cosine_mean"),
-    "text-classification": _one_minus("label_agreement"),
+    "text-classification": _classification_loss,
 }
 
 

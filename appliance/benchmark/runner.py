@@ -28,6 +28,7 @@ from appliance.benchmark.workloads import (
     ChatWorkload,
     EmbeddingsWorkload,
     InferWorkload,
+    RerankWorkload,
     Workload,
     WorkloadKind,
     load_prompts,
@@ -46,6 +47,7 @@ PRIVATE_TARGET = "private loopback server per variant"
 WORKLOAD_FOR_TASK: dict[str, WorkloadKind] = {
     "text-generation": "chat",
     "feature-extraction": "embeddings",
+    "text-classification": "rerank",
 }
 
 
@@ -209,6 +211,8 @@ def build_workload(options: BenchOptions, metadata: dict[str, Any] | None) -> Wo
     prompts, source = load_prompts(options.prompts)
     if options.workload == "embeddings":
         return EmbeddingsWorkload(model=options.model, prompts=prompts, source=source, sentences_per_request=options.sentences)
+    if options.workload == "rerank":
+        return RerankWorkload(model=options.model, prompts=prompts, source=source, documents_per_request=options.sentences)
     return ChatWorkload(model=options.model, prompts=prompts, source=source, output_tokens=options.output_tokens, temperature=options.temperature, ignore_eos=options.ignore_eos)
 
 

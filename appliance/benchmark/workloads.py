@@ -1,9 +1,10 @@
 """Workload definitions: what each benchmark request asks of the server.
 
-Three kinds: `chat` (streamed `/v1/chat/completions`; prompts and their output lengths come
+Four kinds: `chat` (streamed `/v1/chat/completions`; prompts and their output lengths come
 from the shipped prompt set or a user JSONL file, or an output-length range overrides them),
-`embeddings` (`/v1/embeddings` with N sentences per request) and `infer` (raw KServe V2
-`/infer` with tensors built from the model's declared inputs). A workload only builds request
+`embeddings` (`/v1/embeddings` with N sentences per request), `rerank` (`/v1/rerank`, one
+prompt as the query and N others as documents) and `infer` (raw KServe V2 `/infer` with
+tensors built from the model's declared inputs). A workload only builds request
 bodies and reads the response's accounting; it never sends anything itself.
 """
 
@@ -18,8 +19,9 @@ from typing import Any, Literal, Protocol
 
 from appliance.errors import InvalidInput
 
-WorkloadKind = Literal["chat", "embeddings", "infer"]
-#: The unit a workload's cost is quoted in: generated tokens, or inputs (sentences, rows).
+WorkloadKind = Literal["chat", "embeddings", "rerank", "infer"]
+#: The unit a workload's cost is quoted in: generated tokens, or inputs (sentences, reranked
+#: documents, rows).
 CostUnit = Literal["output_tokens", "inputs"]
 
 #: The prompt set shipped with the appliance (40 varied prompts with output lengths).
@@ -28,6 +30,8 @@ SHIPPED_PROMPTS = "prompts.jsonl"
 MAX_WORKLOAD_FILE_BYTES = 64 << 20
 #: Output length when neither the prompt entry nor the options give one.
 DEFAULT_MAX_TOKENS = 128
+#: Most documents one rerank request may carry (the server's own limit).
+MAX_RERANK_DOCUMENTS = 10_000
 #: Length given to dynamic non-batch dimensions of generated V2 tensors.
 DEFAULT_INFER_SEQUENCE = 16
 
@@ -244,6 +248,48 @@ class EmbeddingsWorkload:
             "prompts": self.source,
             "prompt_count": len(self.prompts),
             "sentences_per_request": self.sentences_per_request,
+        }
+
+
+@dataclass(frozen=True)
+class RerankWorkload:
+    """`/v1/rerank` requests: one text of the prompt set as the query, `documents_per_request`
+    others as the documents (priced per document)."""
+
+    model: str
+    prompts: list[PromptEntry]
+    source: str
+    documents_per_request: int = 8
+    kind: WorkloadKind = "rerank"
+    cost_unit: CostUnit = "inputs"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.documents_per_request <= MAX_RERANK_DOCUMENTS:
+            raise InvalidInput(
+                f"sentences: documents per rerank request must be within 1..{MAX_RERANK_DOCUMENTS}, got {self.documents_per_request}",
+                field="sentences",
+            )
+
+    def next_call(self, rng: random.Random) -> HttpCall:
+        documents = [rng.choice(self.prompts).text for _ in range(self.documents_per_request)]
+        body = {"model": self.model, "query": rng.choice(self.prompts).text, "documents": documents, "return_documents": False}
+        return HttpCall(path="/v1/rerank", body=body, stream=False, inputs=len(documents))
+
+    def account(self, call: HttpCall, payload: Any) -> Accounting:
+        results = payload.get("results") if isinstance(payload, dict) else None
+        if not isinstance(results, list) or len(results) != call.inputs:
+            got = len(results) if isinstance(results, list) else "no"
+            raise ValueError(f"expected {call.inputs} ranked documents, got {got}")
+        usage = payload.get("usage") or {}
+        return Accounting(prompt_tokens=_positive_int(usage.get("prompt_tokens")), inputs=len(results))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "prompts": self.source,
+            "prompt_count": len(self.prompts),
+            "documents_per_request": self.documents_per_request,
         }
 
 

@@ -69,7 +69,7 @@ class BarProgress:
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to load (its OpenAI model id / V2 name).")] = None,
     compare: Annotated[str | None, typer.Option("--compare", help="Measure every published variant of this model, each on a private server.")] = None,
-    workload: Annotated[str | None, typer.Option("--workload", "-w", help="chat | embeddings | infer (default: chat; with --compare, from the model's task).")] = None,
+    workload: Annotated[str | None, typer.Option("--workload", "-w", help="chat | embeddings | rerank | infer (default: chat; with --compare, from the model's task).")] = None,
     url: Annotated[str | None, typer.Option("--url", help="Server to load (default http://127.0.0.1:<port>). Loopback and private addresses only, unless --allow-remote.")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="APPLIANCE_API_KEY", help="API key with the infer scope. Env: APPLIANCE_API_KEY.")] = None,
     version: Annotated[int | None, typer.Option("--version", help="Model version to address (infer workload: /v2/models/NAME/versions/V).")] = None,
@@ -83,7 +83,7 @@ def bench(
     max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Output length N or uniform range LOW:HIGH (default: per prompt).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature sent with chat requests (default: the server's).")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Chat: generate exactly max_tokens, ignoring the model's end of sequence.")] = False,
-    sentences: Annotated[int, typer.Option("--sentences", help="Texts per embeddings request; rows per infer request.")] = 8,
+    sentences: Annotated[int, typer.Option("--sentences", help="Texts per embeddings request; documents per rerank request; rows per infer request.")] = 8,
     sequence: Annotated[int, typer.Option("--sequence", help="Length of dynamic non-batch dimensions of infer tensors.")] = 16,
     max_quality_loss: Annotated[float, typer.Option("--max-quality-loss", help="Quality budget for --compare's recommendation (0 = lossless).")] = DEFAULT_MAX_QUALITY_LOSS,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for results.json and the PNG plots (default: <state dir>/bench/runs/<time>).")] = None,
@@ -107,8 +107,8 @@ def bench(
         fail("model: give --model NAME (load a running server) or --compare NAME (every variant), not both or neither", code=2)
     if compare is not None and url is not None:
         fail("url: --compare starts a private server per variant; it does not take --url", code=2)
-    if workload is not None and workload not in ("chat", "embeddings", "infer"):
-        fail(f"workload: must be chat, embeddings or infer, got {workload!r}", code=2)
+    if workload is not None and workload not in ("chat", "embeddings", "rerank", "infer"):
+        fail(f"workload: must be chat, embeddings, rerank or infer, got {workload!r}", code=2)
     try:
         options = BenchOptions(
             model=model or compare or "",

@@ -103,6 +103,17 @@ class EmbeddingSpec(BaseModel):
     min_dimensions: int | None = None
 
 
+class ScoringSpec(BaseModel):
+    """How a text classifier's logits become one relevance score (reranking with a
+    cross-encoder): the activation its configuration names, and for several labels which
+    label's probability is the score."""
+
+    output: str = "logits"
+    activation: Literal["sigmoid", "softmax", "identity"] = "sigmoid"
+    #: The label whose probability is the score (softmax over several labels).
+    label: int = Field(0, ge=0)
+
+
 class GenerationSpec(BaseModel):
     """What the generation engine needs to drive a decoder graph with a KV cache."""
 
@@ -163,6 +174,9 @@ class Manifest(BaseModel):
     embedding: EmbeddingSpec | None = None
     generation: GenerationSpec | None = None
     labels: list[str] | None = None
+    #: Text classifiers: how their logits become a relevance score (`/v1/rerank`). Absent in
+    #: older exports: one label means a sigmoid, several a softmax over the last label.
+    scoring: ScoringSpec | None = None
     chat_template: str | None = None
     providers: ProviderHints = Field(default_factory=ProviderHints)
     #: True when the report's verdict is accepted, or when an admin forced a rejected one.

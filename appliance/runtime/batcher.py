@@ -54,6 +54,8 @@ class InferenceJob:
     #: Real sequence length of padded text inputs (None for plain tensors).
     length: int | None = None
     token_rows: list[list[int]] | None = None
+    #: Token types of each row (sentence pairs); None: all zeros.
+    type_rows: list[list[int]] | None = None
     outputs: Sequence[str] | None = None
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     deadline_s: float = math.inf

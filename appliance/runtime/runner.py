@@ -119,9 +119,12 @@ class TensorRunner:
         bucket, length = self.bucket_of(inputs)
         return InferenceJob(inputs=inputs, rows=rows, bucket=bucket, length=length, outputs=outputs)
 
-    def text_jobs(self, rows: Sequence[Sequence[int]], max_rows: int) -> list[tuple[list[int], InferenceJob]]:
-        """Token-id rows as jobs of one length bucket each, at most `max_rows` rows a job:
-        (the rows' original indices, job). Short and long texts never pad each other."""
+    def text_jobs(
+        self, rows: Sequence[Sequence[int]], max_rows: int, types: Sequence[Sequence[int]] | None = None
+    ) -> list[tuple[list[int], InferenceJob]]:
+        """Token-id rows (with their token types, for sentence pairs) as jobs of one length
+        bucket each, at most `max_rows` rows a job: (the rows' original indices, job). Short
+        and long texts never pad each other."""
         missing = [name for name in self.inputs if name not in TEXT_PAD_INPUTS or name == "position_ids"]
         if missing:
             raise InvalidInput(
@@ -138,9 +141,11 @@ class TensorRunner:
         jobs = []
         for group in groups:
             token_rows = [list(rows[index]) for index in group]
+            type_rows = [list(types[index]) for index in group] if types is not None else None
             length = max(len(row) for row in token_rows)
             job = InferenceJob(
-                inputs={}, rows=len(group), bucket=("text", length_bucket(length)), length=length, token_rows=token_rows
+                inputs={}, rows=len(group), bucket=("text", length_bucket(length)), length=length,
+                token_rows=token_rows, type_rows=type_rows,
             )
             jobs.append((group, job))
         return jobs
@@ -178,13 +183,16 @@ class TensorRunner:
         """input_ids / attention_mask / token_type_ids for every row of every text job, padded
         once to the longest row of the batch."""
         rows = [row for job in jobs for row in job.token_rows or ()]
+        types = [row for job in jobs for row in (job.type_rows or [[]] * job.rows)]
         width = max(len(row) for row in rows)
         input_ids = np.full((len(rows), width), self.text_pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
-        for position, row in enumerate(rows):
+        type_ids = np.zeros((len(rows), width), dtype=np.int64)
+        for position, (row, type_row) in enumerate(zip(rows, types, strict=True)):
             input_ids[position, : len(row)] = row
             mask[position, : len(row)] = 1
-        values = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+            type_ids[position, : len(type_row)] = type_row
+        values = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
         return {name: coerce(values[name], spec.datatype, name) for name, spec in self.inputs.items()}, width
 
     def _feed(self, jobs: list[InferenceJob]) -> tuple[dict[str, np.ndarray], int | None]:

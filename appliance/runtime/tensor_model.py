@@ -120,11 +120,11 @@ class TensorModel:
         return await self.batcher.submit(job, timeout_s)
 
     async def infer_text(
-        self, rows: Sequence[Sequence[int]], outputs: list[str], timeout_s: float
+        self, rows: Sequence[Sequence[int]], outputs: list[str], timeout_s: float, *, types: Sequence[Sequence[int]] | None = None
     ) -> list[tuple[list[int], JobResult]]:
-        """Run token-id rows as text jobs (one per length bucket and batch); the rows' indices
-        with each job's result."""
-        jobs = self.runner.text_jobs(rows, self.batcher.policy.max_batch_size)
+        """Run token-id rows (with token types for sentence pairs) as text jobs, one per
+        length bucket and batch; the rows' indices with each job's result."""
+        jobs = self.runner.text_jobs(rows, self.batcher.policy.max_batch_size, types)
         for _indices, job in jobs:
             job.outputs = outputs
         results = await asyncio.gather(*(self.batcher.submit(job, timeout_s) for _indices, job in jobs))

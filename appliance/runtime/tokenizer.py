@@ -17,6 +17,9 @@ from tokenizers import Tokenizer
 
 from appliance.errors import InvalidInput, ModelRejected
 
+#: Pair length when the model declares no max_length (the position table bounds it anyway).
+PAIR_LENGTH_UNLIMITED = 1 << 20
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -29,6 +32,21 @@ class Encoded:
     @property
     def truncated(self) -> bool:
         return self.original_length > len(self.ids)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A query-document pair as the model's template joins them, with token types."""
+
+    ids: list[int]
+    type_ids: list[int]
+    #: Document tokens before and after truncation.
+    document_tokens: int
+    kept_document_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.kept_document_tokens < self.document_tokens
 
 
 class TextTokenizer:
@@ -95,6 +113,29 @@ class TextTokenizer:
         keep = max(limit - head - tail, 0)
         content = content[:keep] if self.truncation_side == "right" else content[len(content) - keep :]
         return ids[:head] + content + ids[len(ids) - tail :]
+
+    def encode_pairs(self, query: str, documents: Sequence[str], *, max_document_tokens: int | None = None) -> list[EncodedPair]:
+        """(query, document) pairs joined by the model's own template (`[CLS] q [SEP] d [SEP]`
+        for BERT, `<s> q </s></s> d </s>` for RoBERTa, with token types), each document cut,
+        never the query, so that the pair fits `max_length` (and `max_document_tokens`). A
+        query that leaves no room for a document is refused naming `query`."""
+        query_encoding = self._tokenizer.encode(query, add_special_tokens=False)
+        limit = self.max_length or PAIR_LENGTH_UNLIMITED
+        room = limit - self._tokenizer.num_special_tokens_to_add(True) - len(query_encoding.ids)
+        if room < 1:
+            raise InvalidInput(
+                f"query: {len(query_encoding.ids)} tokens leave no room for a document in this model's {limit}", field="query"
+            )
+        if max_document_tokens is not None:
+            room = min(room, max_document_tokens)
+        pairs: list[EncodedPair] = []
+        for document in self._tokenizer.encode_batch(list(documents), add_special_tokens=False):
+            length = len(document.ids)
+            if length > room:
+                document.truncate(room)
+            joined = self._tokenizer.post_process(query_encoding, document, add_special_tokens=True)
+            pairs.append(EncodedPair(list(joined.ids), list(joined.type_ids), length, min(length, room)))
+        return pairs
 
     def check_ids(self, ids: Sequence[int], *, field: str, label: str | None = None) -> None:
         """Refuse token ids outside the vocabulary (they would index past the embedding table)."""

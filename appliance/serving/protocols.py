@@ -37,6 +37,7 @@ __all__ = [
     "GenerationClient",
     "GenerationModelInfo",
     "GenerationRequest",
+    "RerankResult",
     "PENALTY_ABS_MAX",
     "REPETITION_PENALTY_MAX",
     "STOP_STRINGS_MAX",
@@ -137,6 +138,18 @@ class EmbeddingResult:
     compute_us: float
 
 
+@dataclass(frozen=True)
+class RerankResult:
+    #: One relevance score per document, in document order (the model's activation applied).
+    scores: list[float]
+    #: Tokens of every (query, document) pair after truncation.
+    prompt_tokens: int
+    #: Indices of documents cut to fit the model's max length (or `max_tokens_per_doc`).
+    truncated: list[int]
+    queue_us: float
+    compute_us: float
+
+
 class TensorClient(Protocol):
     """One tensor model (encoder, classifier, plain ONNX graph).
 
@@ -151,6 +164,12 @@ class TensorClient(Protocol):
       text is large), batches the rows by length with other requests' rows, and returns the
       model's pooled, normalised vectors; `dimensions` cuts and re-normalises. InvalidInput
       names `model` when the model has no embedding output, `dimensions` or `input` otherwise.
+    - `rerank(query, documents, max_tokens_per_doc, timeout_s)` scores each (query, document)
+      pair with a text classifier (a cross-encoder): the pairs are joined by the model's own
+      template, documents (never the query) are cut to fit and counted, the pairs are batched
+      by length like any text, and each score is the model's logit through the activation its
+      manifest names. InvalidInput names `model` for a model that is no classifier, `query`
+      for a query that leaves no room for a document.
     """
 
     def metadata(self) -> TensorModelInfo: ...
@@ -160,3 +179,7 @@ class TensorClient(Protocol):
     async def embed(
         self, texts: list[str] | None, token_ids: list[list[int]] | None, *, dimensions: int | None, timeout_s: float
     ) -> EmbeddingResult: ...
+
+    async def rerank(
+        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float
+    ) -> RerankResult: ...

@@ -29,6 +29,7 @@ class Route(Enum):
     CHAT = ("/v1/chat/completions", GENERATION_TASKS)
     COMPLETIONS = ("/v1/completions", GENERATION_TASKS)
     EMBEDDINGS = ("/v1/embeddings", frozenset({"feature-extraction"}))
+    RERANK = ("reranking", frozenset({"text-classification"}))
     V2_INFER = ("V2 inference", TENSOR_TASKS)
 
     def __init__(self, label: str, tasks: frozenset[str]) -> None:

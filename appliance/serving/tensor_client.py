@@ -1,4 +1,5 @@
-"""The TensorClient of one loaded tensor model (see protocols.py for the contract).
+"""The TensorClient of one loaded tensor model (see protocols.py for the contract): inference,
+embeddings, and reranking with a cross-encoder.
 
 Text is tokenised on the event loop only while it is small (a thread hop costs more than
 tokenising a sentence); larger requests are tokenised in a worker thread with the batch call,
@@ -13,9 +14,11 @@ import asyncio
 import numpy as np
 
 from appliance.errors import InvalidInput
+from appliance.kernels.scoring import relevance_scores
 from appliance.runtime.tensor_model import TensorModel
 from appliance.runtime.tokenizer import Encoded, TextTokenizer
-from appliance.serving.protocols import EmbeddingResult, TensorModelInfo, TensorResult
+from appliance.repository.manifest import Manifest, ScoringSpec
+from appliance.serving.protocols import EmbeddingResult, RerankResult, TensorModelInfo, TensorResult
 
 #: Text up to this many characters per request is tokenised on the event loop.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -74,6 +77,32 @@ class LocalTensorClient:
             compute_us=max(result.compute_us for _indices, result in runs),
         )
 
+    async def rerank(
+        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float
+    ) -> RerankResult:
+        manifest = self.model.manifest
+        tokenizer = self.model.tokenizer
+        if manifest.task != "text-classification" or tokenizer is None:
+            raise InvalidInput(f"model: {self._info.name!r} is a {self._info.task} model; reranking needs a text-classification model (a cross-encoder)", field="model")
+        scoring = scoring_of(manifest)
+        if sum(len(document) for document in documents) + len(query) <= INLINE_TOKENIZE_CHARS:
+            pairs = tokenizer.encode_pairs(query, documents, max_document_tokens=max_tokens_per_doc)
+        else:
+            pairs = await asyncio.to_thread(tokenizer.encode_pairs, query, documents, max_document_tokens=max_tokens_per_doc)
+        runs = await self.model.infer_text(
+            [pair.ids for pair in pairs], [scoring.output], timeout_s, types=[pair.type_ids for pair in pairs]
+        )
+        scores = np.empty(len(pairs), dtype=np.float64)
+        for indices, result in runs:
+            scores[indices] = relevance_scores(result.outputs[scoring.output], scoring.activation, scoring.label)
+        return RerankResult(
+            scores=scores.tolist(),
+            prompt_tokens=sum(len(pair.ids) for pair in pairs),
+            truncated=[index for index, pair in enumerate(pairs) if pair.truncated],
+            queue_us=max(result.queue_us for _indices, result in runs),
+            compute_us=max(result.compute_us for _indices, result in runs),
+        )
+
     def _check_dimensions(self, dimensions: int | None) -> None:
         """Refuse a `dimensions` the model cannot be cut to, before any work is queued."""
         spec = self._info.embedding
@@ -99,6 +128,16 @@ class LocalTensorClient:
         if spec.normalize:
             cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), NORM_FLOOR)
         return cut
+
+
+def scoring_of(manifest: Manifest) -> ScoringSpec:
+    """The manifest's scoring rule; older exports have none: one label means a sigmoid, several
+    a softmax whose last label is the relevant one (what sentence-transformers' CrossEncoder
+    does by default)."""
+    if manifest.scoring is not None:
+        return manifest.scoring
+    labels = len(manifest.labels or [None])
+    return ScoringSpec(activation="sigmoid" if labels == 1 else "softmax", label=max(0, labels - 1))
 
 
 def _checked_ids(tokenizer: TextTokenizer, token_ids: list[list[int]]) -> list[Encoded]:

@@ -61,7 +61,7 @@ import numpy as np
 from appliance.errors import ExportError
 from appliance.export.sources.base import ResolvedSource, load_builtin_modules
 from appliance.repository import EmbeddingSpec, GenerationSpec, TensorSpec, TokenizerSpec
-from appliance.repository.manifest import ProviderHints, Quantization, Task
+from appliance.repository.manifest import ProviderHints, Quantization, ScoringSpec, Task
 
 if TYPE_CHECKING:
     from appliance.export.variants.base import VariantContext
@@ -169,6 +169,7 @@ class ManifestFields:
     embedding: EmbeddingSpec | None = None
     generation: GenerationSpec | None = None
     labels: list[str] | None = None
+    scoring: ScoringSpec | None = None
     chat_template: str | None = None
     providers: ProviderHints = field(default_factory=ProviderHints)
     #: Extra manifest keys (the manifest keeps unknown keys).

@@ -144,19 +144,21 @@ class EncoderExporter(TaskExporter):
             raise ExportError("source: the tokenizer has no fast (tokenizer.json) form the server can use", field="source")
         return tokenizer
 
-    def torch_reference(self, sentences: list[str], outputs_of: Any) -> np.ndarray:
-        """Run the PyTorch model over `sentences` in evaluation batches, tokenised exactly as the
-        exported graph will be fed; `outputs_of(model_output, batch)` picks the rows to keep."""
+    def torch_reference(self, sentences: list[str], outputs_of: Any, *, pairs: list[str] | None = None) -> np.ndarray:
+        """Run the PyTorch model over `sentences` (with their `pairs`, for sentence-pair models)
+        in evaluation batches, tokenised exactly as the exported graph will be fed;
+        `outputs_of(model_output, batch)` picks the rows to keep."""
         import torch
 
-        self.ctx.progress.step(f"PyTorch reference over {len(sentences)} sentences")
+        self.ctx.progress.step(f"PyTorch reference over {len(sentences)} {'pairs' if pairs else 'sentences'}")
         rows = []
         with torch.inference_mode():
             for start in range(0, len(sentences), EVAL_BATCH_SIZE):
                 batch = self.tokenizer(
                     sentences[start : start + EVAL_BATCH_SIZE],
+                    pairs[start : start + EVAL_BATCH_SIZE] if pairs is not None else None,
                     padding=True,
-                    truncation=True,
+                    truncation="only_second" if pairs is not None else True,
                     max_length=self.max_length,
                     return_tensors="pt",
                 )
@@ -193,9 +195,13 @@ class EncoderExporter(TaskExporter):
         path = self.ctx.data_dir / name
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
-    def encode(self, texts: list[str], names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Tokenise like the server: padded to the longest, truncated at max_length, int64."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+    def encode(self, texts: list[str], names: list[str] | None = None, *, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Tokenise like the server: padded to the longest, truncated at max_length (for
+        sentence pairs, the second sentence only), int64."""
+        batch = self.tokenizer(
+            texts, pairs, padding=True, truncation="only_second" if pairs is not None else True,
+            max_length=self.max_length, return_tensors="np",
+        )
         feeds = {key: np.asarray(value, dtype=np.int64) for key, value in batch.items()}
         if names is not None:
             feeds = {key: value for key, value in feeds.items() if key in names}
@@ -259,12 +265,14 @@ class EncoderExporter(TaskExporter):
         rows = [sentences[i % len(sentences)] for i in range(batch_size)]
         return self.encode(rows, self.input_names)
 
-    def run_onnx(self, candidate: Artifact, texts: list[str]) -> list[np.ndarray]:
-        """Run the candidate over `texts` in batches; returns the first output per batch."""
+    def run_onnx(self, candidate: Artifact, texts: list[str], *, pairs: list[str] | None = None) -> list[np.ndarray]:
+        """Run the candidate over `texts` (with their `pairs`) in batches; returns the first
+        output per batch."""
         session = onnx_tools.open_session(candidate.model_path, threads=self.ctx.threads)
         results = []
         for start in range(0, len(texts), EVAL_BATCH_SIZE):
-            feeds = self.encode(texts[start : start + EVAL_BATCH_SIZE], self.input_names)
+            second = pairs[start : start + EVAL_BATCH_SIZE] if pairs is not None else None
+            feeds = self.encode(texts[start : start + EVAL_BATCH_SIZE], self.input_names, pairs=second)
             results.append(session.run(None, feeds)[0])
             self.ctx.progress.advance(min(start + EVAL_BATCH_SIZE, len(texts)), len(texts))
         return results
