@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers.admin import ADMIN_NAME, ADMIN_PASSWORD, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, create_admin, sign_in
+from tests.helpers.admin import CHROMIUM, CHROMIUM_ARGS, create_admin, open_playground, sign_in
 from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 from tests.helpers.server import RunningServer, running_server
 
@@ -66,19 +66,7 @@ def test_the_playground_streams_a_chat_answer_in_the_browser(server: RunningServ
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.set_default_timeout(STEP_TIMEOUT_MS)
-            page.goto(server.url("/admin/login"))
-            page.fill("#name", ADMIN_NAME)
-            page.fill("#password", ADMIN_PASSWORD)
-            page.click("#sign-in")
-            page.wait_for_selector("#dashboard")
-            page.goto(server.url("/admin/playground"))
-            page.fill("#pg-key", server.key or "")
-            page.click("#pg-load")
-            page.wait_for_selector("#pg-status:has-text('models ready')")
-            page.select_option("#pg-model", MODEL)
-            page.select_option("#pg-kind", "chat")
+            page = open_playground(browser, server.base_url, server.key or "", MODEL, "chat")
             page.fill("#pg-max-tokens", "6")
             # A random model may sample only tokens that print nothing (specials, whitespace):
             # about 1 request in 100 did. Seed 0 is known to print text for this prompt.

@@ -21,7 +21,7 @@ from appliance.export.pipeline import ExportRequest, run_export
 from appliance.export.tasks.text_classification import scoring_spec, spearman
 from appliance.kernels.scoring import relevance_scores
 from appliance.repository.store import ModelRepository
-from tests.helpers.admin import ADMIN_NAME, ADMIN_PASSWORD, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, create_admin
+from tests.helpers.admin import CHROMIUM, CHROMIUM_ARGS, create_admin, open_playground
 from tests.helpers.encoders import build_tiny_classifier
 from tests.helpers.server import RunningServer, running_server
 from tests.helpers.tiny_models import publish_adder
@@ -149,19 +149,7 @@ def test_the_playground_reranks_in_the_browser(server: RunningServer) -> None:
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.set_default_timeout(STEP_TIMEOUT_MS)
-            page.goto(server.url("/admin/login"))
-            page.fill("#name", ADMIN_NAME)
-            page.fill("#password", ADMIN_PASSWORD)
-            page.click("#sign-in")
-            page.wait_for_selector("#dashboard")
-            page.goto(server.url("/admin/playground"))
-            page.fill("#pg-key", server.key or "")
-            page.click("#pg-load")
-            page.wait_for_selector("#pg-status:has-text('models ready')")
-            page.select_option("#pg-model", MODEL)
-            page.select_option("#pg-kind", "rerank")
+            page = open_playground(browser, server.base_url, server.key or "", MODEL, "rerank")
             page.fill("#pg-input", QUERY)
             page.fill("#pg-documents", "\n".join(DOCUMENTS[:3]))
             page.click("#pg-send")

@@ -17,9 +17,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from appliance.api.inference import CLIENT_CLOSED_STATUS, ClientDisconnected
 from appliance.errors import ApplianceError, CapacityExceeded, MemoryBudgetExceeded
 
 log = logging.getLogger("appliance.api")
@@ -118,6 +119,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 400, message, param)
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away; its queued work was cancelled. Nobody reads this answer: the
+    status is for the request log and the metrics (nginx's 499)."""
+    log.info("%s %s: client disconnected; its work was cancelled", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_STATUS)
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
@@ -128,6 +136,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApplianceError, _appliance_error)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # Unexpected exceptions are answered by GuardMiddleware (middleware.py): Starlette's own

@@ -51,13 +51,26 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class RequestTimer:
-    """Counts one model request into the metrics whatever way it ends."""
+    """Counts one model request into the metrics whatever way it ends.
+
+        async with RequestTimer(ctx, name) as timer:
+            ...  # an exception leaving the block is counted as a failure (and re-raised)
+        timer.success(queue_us, compute_us)
+
+    A ClientDisconnected leaving the block becomes a 499 (api/errors.py)."""
 
     def __init__(self, ctx: ServerContext, model: str) -> None:
         self.ctx = ctx
         self.model = model
         self.version: int | str | None = None
         self.started = time.perf_counter()
+
+    async def __aenter__(self) -> RequestTimer:
+        return self
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is not None:
+            self.failure(exc)
 
     def success(self, queue_us: float, compute_us: float) -> None:
         self.ctx.metrics.request_done(

@@ -15,7 +15,7 @@ import json
 from fastapi import APIRouter, Request, Response
 
 from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
-from appliance.api.inference import ClientDisconnected, RequestTimer, until_disconnect
+from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.openai_schemas import (
     MAX_EMBEDDING_INPUTS,
     MAX_INPUT_CHARS,
@@ -78,8 +78,7 @@ def _normalise_inputs(body: EmbeddingsRequest) -> tuple[list[str] | None, list[l
 async def create_embeddings(
     body: EmbeddingsRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
 ) -> Response:
-    timer = RequestTimer(ctx, body.model)
-    try:
+    async with RequestTimer(ctx, body.model) as timer:
         texts, ids = _normalise_inputs(body)
         keep_alive = parse_keep_alive(body.keep_alive)
         async with await models.lease(body.model, Route.EMBEDDINGS, keep_alive_s=keep_alive) as lease:
@@ -88,12 +87,6 @@ async def create_embeddings(
             result = await until_disconnect(
                 request, client.embed(texts, ids, dimensions=body.dimensions, timeout_s=ctx.settings.request_timeout_s)
             )
-    except ClientDisconnected as exc:
-        timer.failure(exc)
-        return Response(status_code=499)
-    except Exception as exc:
-        timer.failure(exc)
-        raise
     timer.success(result.queue_us, result.compute_us)
     if body.encoding_format == "base64":
         data = [

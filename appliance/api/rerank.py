@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 
 from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
 from appliance.api.errors import is_openai_path
-from appliance.api.inference import ClientDisconnected, RequestTimer, until_disconnect
+from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.openai_schemas import OpenAIError
 from appliance.api.rerank_schemas import DocumentText, RerankRequest, RerankResponse, RerankResultItem, RerankUsage
 from appliance.api.v2_schemas import ErrorResponse
@@ -29,10 +29,9 @@ ERROR_CODES = (400, 401, 403, 404, 413, 429, 503, 504)
 PATHS = ("/v1/rerank", "/v2/rerank", "/rerank")
 
 
-async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep) -> RerankResponse | Response:
+async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep) -> RerankResponse:
     """Score every document against the query; results sorted by relevance, best first."""
-    timer = RequestTimer(ctx, body.model)
-    try:
+    async with RequestTimer(ctx, body.model) as timer:
         if not body.documents:
             raise InvalidInput("documents: must contain at least one document", field="documents")
         documents = body.texts()
@@ -44,12 +43,6 @@ async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: Mod
                 request,
                 client.rerank(body.query, documents, max_tokens_per_doc=body.max_tokens_per_doc, timeout_s=ctx.settings.request_timeout_s),
             )
-    except ClientDisconnected as exc:
-        timer.failure(exc)
-        return Response(status_code=499)
-    except Exception as exc:
-        timer.failure(exc)
-        raise
     timer.success(result.queue_us, result.compute_us)
     order = sorted(range(len(documents)), key=lambda index: -result.scores[index])
     if body.top_n is not None:

@@ -9,7 +9,6 @@ it. Never imports onnxruntime or the engines: models are reached through the Mod
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from pydantic import ValidationError
 from appliance import __version__
 from appliance.api.context import ServerContext
 from appliance.api.deps import AdminKeyDep, CtxDep, InferKeyDep, ModelsDep
-from appliance.api.inference import ClientDisconnected, RequestTimer, until_disconnect
+from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.v2_schemas import (
     ErrorResponse,
     InferenceRequest,
@@ -42,8 +41,6 @@ from appliance.serving.service import ModelService
 from appliance.serving.states import ModelStatus, ServingState
 from appliance.serving.tasks import Route
 from appliance.serving.protocols import TensorClient, TensorModelInfo
-
-log = logging.getLogger("appliance.api")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -288,8 +285,7 @@ def build_response(model: TensorModelInfo, request: InferenceRequest, outputs: d
 
 
 async def _infer(ctx: ServerContext, name: str, version: str | None, request: Request) -> Response:
-    timer = RequestTimer(ctx, name)
-    try:
+    async with RequestTimer(ctx, name) as timer:
         if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             raise InvalidInput("Content-Encoding is not supported; send the body uncompressed", field="Content-Encoding")
         async with await ctx.models.lease(name, Route.V2_INFER, version=_version_number(version)) as lease:
@@ -301,13 +297,6 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
             inputs = decode_inputs(info, parsed, tail)
             order, binary = _wanted_outputs(info, parsed)
             result = await until_disconnect(request, client.infer(inputs, order, ctx.settings.request_timeout_s))
-    except ClientDisconnected as exc:
-        timer.failure(exc)
-        log.info("POST %s: client disconnected; its work was cancelled", request.url.path)
-        return Response(status_code=499)
-    except Exception as exc:
-        timer.failure(exc)
-        raise
     timer.success(result.queue_us, result.compute_us)
     return build_response(info, parsed, result.outputs, order, binary)
 

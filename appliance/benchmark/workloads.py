@@ -211,6 +211,16 @@ class ChatWorkload:
         }
 
 
+def _one_per_input(call: HttpCall, payload: Any, key: str, what: str) -> Accounting:
+    """A response that must list one item under `key` per input sent, with usage."""
+    items = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(items, list) or len(items) != call.inputs:
+        got = len(items) if isinstance(items, list) else "no"
+        raise ValueError(f"expected {call.inputs} {what}, got {got}")
+    usage = payload.get("usage") or {}
+    return Accounting(prompt_tokens=_positive_int(usage.get("prompt_tokens")), inputs=len(items))
+
+
 @dataclass
 class EmbeddingsWorkload:
     """`/v1/embeddings` requests of `sentences_per_request` texts drawn from the prompt set."""
@@ -234,12 +244,7 @@ class EmbeddingsWorkload:
         return HttpCall(path="/v1/embeddings", body=body, stream=False, inputs=len(texts))
 
     def account(self, call: HttpCall, payload: Any) -> Accounting:
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(data, list) or len(data) != call.inputs:
-            got = len(data) if isinstance(data, list) else "no"
-            raise ValueError(f"expected {call.inputs} embeddings, got {got}")
-        usage = payload.get("usage") or {}
-        return Accounting(prompt_tokens=_positive_int(usage.get("prompt_tokens")), inputs=len(data))
+        return _one_per_input(call, payload, "data", "embeddings")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -251,7 +256,7 @@ class EmbeddingsWorkload:
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class RerankWorkload:
     """`/v1/rerank` requests: one text of the prompt set as the query, `documents_per_request`
     others as the documents (priced per document)."""
@@ -276,12 +281,7 @@ class RerankWorkload:
         return HttpCall(path="/v1/rerank", body=body, stream=False, inputs=len(documents))
 
     def account(self, call: HttpCall, payload: Any) -> Accounting:
-        results = payload.get("results") if isinstance(payload, dict) else None
-        if not isinstance(results, list) or len(results) != call.inputs:
-            got = len(results) if isinstance(results, list) else "no"
-            raise ValueError(f"expected {call.inputs} ranked documents, got {got}")
-        usage = payload.get("usage") or {}
-        return Accounting(prompt_tokens=_positive_int(usage.get("prompt_tokens")), inputs=len(results))
+        return _one_per_input(call, payload, "results", "ranked documents")
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,11 @@
 """Helpers for the admin UI tests: create an admin, sign in with a real HTTP client, read the
-CSRF token from a page. Only tests import this module."""
+CSRF token from a page, open the playground in the browser. Only tests import this module."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -65,3 +66,22 @@ def sign_in(client: httpx.Client, base_url: str, name: str = ADMIN_NAME, passwor
     dashboard = client.get(f"{base_url}/admin/keys")
     assert dashboard.status_code == 200, dashboard.text
     return page_csrf(dashboard.text)
+
+
+def open_playground(browser: Any, base_url: str, key: str, model: str, kind: str) -> Any:
+    """A new Playwright page, signed in as the test admin, on the playground with `key`'s
+    models loaded and `model` and `kind` chosen."""
+    page = browser.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.goto(base_url + "/admin/login")
+    page.fill("#name", ADMIN_NAME)
+    page.fill("#password", ADMIN_PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#dashboard")
+    page.goto(base_url + "/admin/playground")
+    page.fill("#pg-key", key)
+    page.click("#pg-load")
+    page.wait_for_selector("#pg-status:has-text('models ready')")
+    page.select_option("#pg-model", model)
+    page.select_option("#pg-kind", kind)
+    return page
