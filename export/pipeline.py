@@ -218,7 +218,7 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
         with _stage(stages, timings, "publish", f"publishing {request.name}"):
             max_loss = request.max_quality_loss
             budget = _budget(exporter, evaluation, max_loss)
-            accepted = budget["within"]
+            accepted = budget["within"] and evaluation.failure is None
             manifest = _manifest(request, source, task, candidate, exporter, deployable=accepted or request.force)
             size_bytes = candidate.size_bytes
             _assemble(lease.version_dir, candidate, exporter.files_to_copy())
@@ -305,6 +305,7 @@ def _budget(exporter: TaskExporter, evaluation: Evaluation, max_loss: float | No
         "excess": round(max(0.0, loss - limit), 6),
         "within": loss <= limit,
         "from": "default" if max_loss is None else "--max-quality-loss",
+        **({"conversion_failure": evaluation.failure} if evaluation.failure is not None else {}),
     }
 
 

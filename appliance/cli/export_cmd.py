@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli.app import ConfigOption, StateDirOption, app, console, fail, settings_from
-from appliance.cli.models_cmd import report_table
+from appliance.cli.app import ConfigOption, StateDirOption, app, console, err_console, fail, settings_from
+from appliance.cli.models_cmd import rejection_reason, report_table
 from appliance.errors import ApplianceError
 
 TASK_CHOICES = ("text-generation", "feature-extraction", "text-classification", "tensor")
@@ -118,8 +118,11 @@ def export_command(
         fail(f"export failed: {type(exc).__name__}: {_first_line(exc)}")
     console.print(report_table(result.version))
     if result.report.verdict == "rejected":
-        state = "published as deployable (--force)" if result.version.manifest.deployable else "published, not deployable"
-        console.print(f"[red]rejected[/] by the quality budget: {state}")
+        why = rejection_reason(result.report.budget)
+        if result.version.manifest.deployable:
+            err_console.print(f"[bold red]warning:[/] --force published it as deployable although {why}", highlight=False)
+        else:
+            console.print(f"[red]rejected[/]: {why}; published, not deployable")
 
 
 def _run_defaults(settings: object) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, console, fail, settings_from
+from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, console, err_console, fail, settings_from
 from appliance.cli.app import app as root_app
 from appliance.errors import ApplianceError
 from appliance.repository import ModelRepository, ModelVersion, parse_version
@@ -100,6 +100,8 @@ def report_table(version: ModelVersion) -> Table:
     budget = report.budget
     colour = "green" if report.verdict == "accepted" else "red"
     verdict = f"[{colour}]{report.verdict}[/]"
+    if budget.get("conversion_failure"):
+        verdict += f" [red]the conversion is wrong: {budget['conversion_failure']}[/];"
     if budget:
         verdict += f" (loss {budget.get('loss')} vs budget {budget.get('max_loss')}"
         if budget.get("excess"):
@@ -208,16 +210,22 @@ def deploy(
     try:
         chosen = repository.get(name, version)
         report = chosen.report
-        if report is not None and report.verdict == "rejected" and not force:
-            budget = report.budget
-            fail(
-                f"model: {name}/{version} was rejected by its quality budget (loss {budget.get('loss')} > "
-                f"{budget.get('max_loss')}); pass --force to deploy it anyway"
-            )
+        if report is not None and report.verdict == "rejected":
+            why = rejection_reason(report.budget)
+            if not force:
+                fail(f"model: {name}/{version} was rejected: {why}; pass --force to deploy it anyway")
+            err_console.print(f"[bold red]warning:[/] deploying {name}/{version} although it was rejected: {why}", highlight=False)
         repository.set_deployable(name, version, True)  # type: ignore[arg-type]
     except ApplianceError as exc:
         fail(str(exc))
     console.print(f"{name}/{version} is deployable")
+
+
+def rejection_reason(budget: dict[str, Any]) -> str:
+    """Why a version was rejected, in one line: a wrong conversion, or the budget's excess."""
+    if budget.get("conversion_failure"):
+        return f"its conversion is wrong ({budget['conversion_failure']})"
+    return f"its quality loss {budget.get('loss')} is over the budget {budget.get('max_loss')}"
 
 
 @models_app.command("undeploy")

@@ -10,9 +10,15 @@ Keys written to report.json (INTERFACES.md plus extras):
   same over 64 tokens; `greedy_identical_64`: prompts whose 64 tokens all match.
 * `logits_max_abs_diff`: max |ONNX - PyTorch| over every position of the longest prompt.
 
-The budget's loss is `perplexity / reference_perplexity - 1` (>= 0). The PyTorch outputs are
-computed once per export and the model is freed afterwards. Imports torch only through
-torch_reference.
+The budget's loss is `perplexity / torch_perplexity - 1` (>= 0): every variant is judged
+against PyTorch, not only against the fp32 ONNX graph. Before any budget, the conversion
+itself must be faithful (`conversion_failure`): the fp32 graph's logits within
+LOGITS_TOLERANCE of PyTorch's on the longest prompt, and its 64 greedy tokens identical to
+PyTorch's on every shipped prompt, except where they part at a near tie (PyTorch's top two
+logits within TIE_MARGIN). A wrong conversion is rejected whatever the budget (an OLMo export
+with logits 10.8 off and no prompt right was once accepted because its int4 matched its own
+fp32 graph). The PyTorch outputs are computed once per export and the model is freed
+afterwards. Imports torch only through torch_reference.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ from appliance.repository import GenerationSpec
 
 GREEDY_AGREEMENT_TOKENS = 32
 GREEDY_CHECK_TOKENS = 64
+#: Largest |ONNX - PyTorch| logit of a faithful fp32 conversion. Measured: 5e-6 to 1.5e-4
+#: (tiny Llama and GPT-2, SmolLM2-135M); a wrong one (OLMo through the builder): 10.8.
+LOGITS_TOLERANCE = 0.05
+#: PyTorch's top two logits this close are a near tie: a faithful graph may pick either.
+TIE_MARGIN = 0.01
 
 
 def evaluation_threads(configured: int | None) -> int:
@@ -49,7 +60,19 @@ class ReferenceOutputs:
 
     torch_perplexity: float
     greedy: list[list[int]]
+    #: For each prompt, each greedy step's margin between PyTorch's top two logits.
+    greedy_gaps: list[list[float]]
     check_logits: np.ndarray
+
+
+@dataclass
+class AgreementRun:
+    """One ONNX graph's greedy runs and logits against PyTorch."""
+
+    figures: dict[str, Any]
+    #: For each prompt, the first step where the graph left PyTorch's tokens (None: never).
+    divergences: list[int | None]
+    logits_max_abs_diff: float
 
 
 def prefix_match(a: list[int], b: list[int], length: int) -> int:
@@ -93,6 +116,7 @@ class DecoderEvaluator:
         self.check_ids = max(self.prompt_ids, key=len)
         self._reference: ReferenceOutputs | None = None
         self._perplexity_cache: dict[Path, float] = {}
+        self._agreement_cache: dict[Path, AgreementRun] = {}
 
     def reference(self) -> ReferenceOutputs:
         """PyTorch outputs, computed on first use and kept (the model itself is freed)."""
@@ -103,11 +127,13 @@ class DecoderEvaluator:
             model = TorchReference(self.hf_dir, self.context_length, threads=self.threads)
             perplexity = model.perplexity(self.prose_ids)
             greedy: list[list[int]] = []
+            gaps: list[list[float]] = []
             for index, ids in enumerate(self.prompt_ids):
                 self.progress.step(f"PyTorch reference: greedy {index + 1}/{len(self.prompt_ids)}")
                 greedy.append(model.greedy(ids, GREEDY_CHECK_TOKENS))
+                gaps.append(model.top_two_gaps(ids, greedy[-1]))
             check_logits = model.logits(self.check_ids)
-            self._reference = ReferenceOutputs(perplexity, greedy, check_logits)
+            self._reference = ReferenceOutputs(perplexity, greedy, gaps, check_logits)
             del model
             gc.collect()
         return self._reference
@@ -119,37 +145,62 @@ class DecoderEvaluator:
 
     def evaluate(
         self, candidate: Path, reference: Path, spec: GenerationSpec, reference_spec: GenerationSpec
-    ) -> tuple[dict[str, Any], float]:
-        """(quality dict, loss) of the candidate graph; `reference` is the fp32 export (its
-        own spec: an fp16 candidate has a half-precision KV cache, the reference does not)."""
+    ) -> tuple[dict[str, Any], float, str | None]:
+        """(quality dict, loss, why the conversion is wrong or None) of the candidate graph;
+        `reference` is the fp32 export (its own spec: an fp16 candidate has a half-precision KV
+        cache, the reference does not)."""
         torch_outputs = self.reference()
         self.progress.step("ONNX: perplexity of the fp32 export")
         reference_perplexity = self.onnx_perplexity(reference, reference_spec)
         self.progress.step("ONNX: perplexity of the candidate")
         perplexity = self.onnx_perplexity(candidate, spec)
-        agreement = self.agreement(candidate, spec, "candidate")
-        loss = max(0.0, perplexity / reference_perplexity - 1.0)
+        run = self.agreement(candidate, spec, "candidate")
+        loss = max(0.0, perplexity / torch_outputs.torch_perplexity - 1.0)
         quality: dict[str, Any] = {
             "perplexity": round(perplexity, 4),
             "reference_perplexity": round(reference_perplexity, 4),
             "torch_perplexity": round(torch_outputs.torch_perplexity, 4),
             "perplexity_increase": round(loss, 5),
-            **agreement,
+            **run.figures,
             "prose_tokens": len(self.prose_ids),
             "prompts": len(self.prompt_ids),
         }
+        reference_run = run
         if candidate != reference:
             # The fp32 export's own faithfulness to PyTorch, so one report shows both.
-            for key, value in self.agreement(reference, reference_spec, "fp32 export").items():
+            reference_run = self.agreement(reference, reference_spec, "fp32 export")
+            for key, value in reference_run.figures.items():
                 quality[f"reference_{key}"] = value
-        return quality, loss
+        failure = self.conversion_failure(reference_run)
+        quality["conversion"] = "faithful to PyTorch" if failure is None else f"wrong: {failure}"
+        return quality, loss, failure
 
-    def agreement(self, model_path: Path, spec: GenerationSpec, label: str) -> dict[str, Any]:
-        """Greedy agreement (32 and 64 tokens) and logits max|diff| against PyTorch."""
+    def conversion_failure(self, run: AgreementRun) -> str | None:
+        """Why the fp32 graph does not compute what the PyTorch model computes, or None."""
+        if run.logits_max_abs_diff > LOGITS_TOLERANCE:
+            return f"its logits differ from PyTorch's by up to {run.logits_max_abs_diff:.3g} (tolerance {LOGITS_TOLERANCE})"
+        gaps = self.reference().greedy_gaps
+        wrong = [
+            index for index, step in enumerate(run.divergences)
+            if step is not None and gaps[index][step] >= TIE_MARGIN
+        ]
+        if wrong:
+            return (
+                f"its greedy continuation leaves PyTorch's on {len(wrong)} of {len(run.divergences)} prompts "
+                f"where PyTorch's choice was clear (top two logits {TIE_MARGIN} or more apart)"
+            )
+        return None
+
+    def agreement(self, model_path: Path, spec: GenerationSpec, label: str) -> AgreementRun:
+        """Greedy agreement (32 and 64 tokens) and logits max|diff| against PyTorch (computed
+        once per graph)."""
+        if model_path in self._agreement_cache:
+            return self._agreement_cache[model_path]
         torch_outputs = self.reference()
         decoder = OnnxDecoder(model_path, spec, self.threads)
         matches_32: list[float] = []
         matches_64: list[float] = []
+        divergences: list[int | None] = []
         identical = 0
         for index, ids in enumerate(self.prompt_ids):
             self.progress.step(f"ONNX {label}: greedy {index + 1}/{len(self.prompt_ids)}")
@@ -159,10 +210,13 @@ class DecoderEvaluator:
             full = prefix_match(tokens, expected, GREEDY_CHECK_TOKENS)
             matches_64.append(full / GREEDY_CHECK_TOKENS)
             identical += int(full == GREEDY_CHECK_TOKENS)
+            divergences.append(None if full == GREEDY_CHECK_TOKENS else full)
         logits_diff = float(np.abs(decoder.logits(self.check_ids) - torch_outputs.check_logits).max())
-        return {
+        figures = {
             "greedy_agreement": round(float(np.mean(matches_32)), 4),
             "greedy_agreement_64": round(float(np.mean(matches_64)), 4),
             "greedy_identical_64": f"{identical}/{len(self.prompt_ids)}",
             "logits_max_abs_diff": float(f"{logits_diff:.3g}"),
         }
+        self._agreement_cache[model_path] = AgreementRun(figures, divergences, logits_diff)
+        return self._agreement_cache[model_path]

@@ -64,6 +64,13 @@ class TorchReference:
             count += scored
         return float(np.exp(total_nll / max(count, 1)))
 
+    def top_two_gaps(self, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+        """For each generated token, how far the winning logit was above the runner-up: where
+        it is tiny, another faithful implementation may pick the other token (a near tie)."""
+        logits = self.logits(prompt_ids + tokens)[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)]
+        top_two = np.sort(logits, axis=1)[:, -2:]
+        return [float(gap) for gap in top_two[:, 1] - top_two[:, 0]]
+
     def greedy(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
         """Exactly `new_tokens` greedy tokens after the prompt (EOS does not stop it)."""
         torch = self._torch

@@ -147,6 +147,9 @@ class Evaluation:
     #: >= 0; 0 is identical to the reference. Compared with the budget's max_loss.
     loss: float
     notes: list[str] = field(default_factory=list)
+    #: Why the conversion itself is wrong (the fp32 graph does not compute what the PyTorch
+    #: model does): the version is rejected whatever the budget says.
+    failure: str | None = None
 
 
 @dataclass

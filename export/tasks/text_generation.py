@@ -97,7 +97,7 @@ class TextGenerationExporter(TaskExporter):
     task = "text-generation"
     variants: ClassVar[tuple[str, ...]] = ("int4", "int4-exact", "int8", "fp16", "fp32")
     default_max_quality_loss = VARIANT_BUDGETS["int4"]
-    quality_metric = "perplexity / reference_perplexity - 1"
+    quality_metric = "perplexity / torch_perplexity - 1 (the PyTorch model on the same text)"
 
     def __init__(self, source: ResolvedSource, ctx: ExportContext) -> None:
         super().__init__(source, ctx)
@@ -272,11 +272,13 @@ class TextGenerationExporter(TaskExporter):
         reference = self._reference or self.export_reference()
         spec = self.generation(candidate.model_path)
         reference_spec = self.generation(reference.model_path)
-        quality, loss = self.evaluator().evaluate(candidate.model_path, reference.model_path, spec, reference_spec)
+        quality, loss, failure = self.evaluator().evaluate(candidate.model_path, reference.model_path, spec, reference_spec)
         notes = []
         if candidate.variant != "fp32":
             notes.append(f"perplexity {quality['perplexity']} vs fp32 export {quality['reference_perplexity']}")
-        return Evaluation(quality=quality, loss=loss, notes=notes)
+        if failure is not None:
+            notes.append(f"the fp32 conversion is wrong: {failure}")
+        return Evaluation(quality=quality, loss=loss, notes=notes, failure=failure)
 
     def measure(self, candidate: Artifact) -> Measurement:
         """Load time, prefill of a ~100-token prompt and the median decode step (batch 1)."""

@@ -121,6 +121,36 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, num_layers: int = 2, tie_emb
     return folder
 
 
+def make_tiny_olmo(folder: Path, *, seed: int = 0) -> Path:
+    """A random OlmoForCausalLM (2 layers, 4 heads, hidden 64; OLMo's non-parametric layer
+    norms and qkv clipping) with the tiny Llama's chat tokenizer."""
+    import torch
+    from transformers import GenerationConfig, OlmoConfig, OlmoForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _write_tokenizer_files(folder, bos_token=IM_START, eos_token=IM_END, add_bos_token=False, vocab_size=TINY_VOCAB_SIZE)
+    config = OlmoConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        architectures=["OlmoForCausalLM"],
+        initializer_range=TINY_INIT_STD,
+    )
+    torch.manual_seed(seed)
+    OlmoForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
     """A random GPT2LMHeadModel (2 layers, 4 heads, n_embd 64); BOS = EOS = <|endoftext|>."""
     import torch
