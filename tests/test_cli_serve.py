@@ -25,6 +25,7 @@ from tests.helpers.tiny_models import publish_adder, publish_heavy
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60
+DRAIN_TEST_REQUESTS = 4
 
 
 def _env(state_dir: Path, **extra: str) -> dict[str, str]:
@@ -99,23 +100,40 @@ def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: 
 
 
 def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
+    """Several requests of ~1 s of CPU each, so that work is certainly left when the zero grace
+    ends, however fast the machine (one 32-row request took 50 ms and raced the signal)."""
     publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=320)
     key = create_key(state_dir, "t", ["infer"])
     port = free_port()
-    body = {"inputs": [{"name": "X", "shape": [32, 1024], "datatype": "FP32", "data": np.zeros(32 * 1024).tolist()}]}
+    rows = 512
+    body = {"inputs": [{"name": "X", "shape": [rows, 1024], "datatype": "FP32", "data": np.zeros(rows * 1024).tolist()}]}
     with serving(state_dir, port, APPLIANCE_DRAIN_GRACE_S="0") as proc:
         base = f"http://127.0.0.1:{port}"
-        worker = threading.Thread(
-            target=lambda: _ignore(lambda: httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60))
-        )
-        worker.start()
+        workers = [
+            threading.Thread(
+                target=lambda: _ignore(
+                    lambda: httpx.post(f"{base}/v2/models/heavy/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+                )
+            )
+            for _ in range(DRAIN_TEST_REQUESTS)
+        ]
+        for worker in workers:
+            worker.start()
         deadline = time.monotonic() + 30
-        while "appliance_http_inflight_requests 2.0" not in httpx.get(f"{base}/metrics").text:
+        while _inflight(base) < DRAIN_TEST_REQUESTS:  # the metrics request counts itself too
             assert time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 1
-        worker.join(timeout=60)
+        assert proc.wait(timeout=120) == 1
+        for worker in workers:
+            worker.join(timeout=120)
+
+
+def _inflight(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("appliance_http_inflight_requests "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def _ignore(action: object) -> None:
