@@ -92,6 +92,13 @@ class GenerationSettings(BaseModel):
         "prompt-lookup", description="Speculative decoding method for greedy requests."
     )
     prefix_cache: bool = Field(True, description="Reuse the KV of repeated prompt prefixes.")
+    skip_forced_tokens: bool = Field(
+        True,
+        description=(
+            "Tokens a grammar forces (JSON keys, punctuation) join the next model run instead of taking "
+            "one step each (structured output, one sequence running)."
+        ),
+    )
 
 
 #: Share of the memory available at start that the model budget takes by default: the rest is
@@ -110,6 +117,9 @@ class ModelServingSettings(BaseModel):
     pin: bool = Field(False, description="Never evict or unload this model while it is deployed.")
     keep_alive_s: float | None = Field(
         None, ge=-1, le=31_536_000, description="Idle seconds before this model is unloaded (-1: never); default serving.keep_alive_s."
+    )
+    tool_parser: Literal["hermes", "llama3_json", "mistral", "generic"] | None = Field(
+        None, description="How this model writes tool calls; default: recognised from its chat template."
     )
 
     @field_validator("keep_alive_s")

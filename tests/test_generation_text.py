@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InvalidInput, ModelRejected
+from appliance.generation.chat_template import ChatTemplate
 from appliance.generation.params import ClientFields, GenerationRequest, ModelLimits, resolve
-from appliance.generation.text import ChatTemplate, PromptTokenizer, StopStringFilter
+from appliance.generation.text import PromptTokenizer, StopStringFilter
 from tests.helpers.decoders import CHAT_TEMPLATE, build_tokenizer
 
 

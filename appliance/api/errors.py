@@ -113,10 +113,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     elif param == "body" and first.get("type") in ("model_attributes_type", "dict_type"):
         message = "the request body must be a JSON object (send Content-Type: application/json)"
     elif first.get("type") == "missing":
-        message = f"{param}: field required"
+        message = f"{_validation_where(first, param)}: field required"
     else:
-        message = f"{param}: {message}"
+        message = f"{_validation_where(first, param)}: {message}"
     return error_response(request, 400, message, param)
+
+
+def _validation_where(error: dict[str, Any], param: str) -> str:
+    """Where inside the parameter the error is, as a client writes it (`tools[0].function.name`):
+    OpenAI's `param` names only the top-level field, the message says the rest."""
+    parts = [part for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    if len(parts) <= 1 or not param or "." in param:
+        return param
+    where = str(parts[0])
+    for part in parts[1:]:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return where
 
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:

@@ -1,7 +1,8 @@
 """OpenAI-compatible text generation: `POST /v1/chat/completions` and `POST /v1/completions`.
 
 A route leases the model from the ModelService (loading it if needed), has its
-GenerationClient render the chat template and tokenise, turns OpenAI's fields into one
+GenerationClient render the chat template (with the tools, tool_calling.py) and tokenise and
+compile the output constraint (structured.py), turns OpenAI's fields into one
 GenerationRequest per choice (checked once, by the engine, with errors naming the field as
 the client sent it), submits every choice before answering (so a full queue or an impossible
 length is a 4xx, not a broken stream), then either collects the events or streams them as
@@ -47,11 +48,15 @@ from appliance.api.openai_chat_schemas import (
     dump,
 )
 from appliance.api.openai_schemas import OpenAIError
+from appliance.api.structured import requested_constraint
+from appliance.api.tool_calling import ToolPlan, ToolStream, calls_message, plan_tools
 from appliance.errors import ApplianceError, DeadlineExceeded, InvalidInput
 from appliance.serving.tasks import Route
 from appliance.serving.keep_alive import parse_keep_alive
 from appliance.serving.protocols import (
     ClientFields,
+    CompiledGrammar,
+    Constraint,
     GenerationClient,
     GenerationRequest,
     SequenceStream,
@@ -84,7 +89,14 @@ def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _request(
-    body: ChatCompletionRequest | CompletionRequest, fields: ClientFields, *, max_tokens: int | None, logprobs: int, choice: int
+    body: ChatCompletionRequest | CompletionRequest,
+    fields: ClientFields,
+    *,
+    max_tokens: int | None,
+    logprobs: int,
+    choice: int,
+    grammar: CompiledGrammar | None,
+    keep_special_text: bool = False,
 ) -> GenerationRequest:
     """OpenAI's fields as one choice's GenerationRequest (checked by the engine, once)."""
     seed = body.seed
@@ -104,6 +116,8 @@ def _request(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        grammar=grammar,
+        skip_special_tokens=not keep_special_text,
         fields=fields,
     )
 
@@ -263,40 +277,65 @@ async def chat_completions(
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs: requires logprobs to be true", field="top_logprobs")
     keep_alive = parse_keep_alive(body.keep_alive)
+    constraint = requested_constraint(body)
     async with await models.lease(body.model, Route.CHAT, keep_alive_s=keep_alive) as lease:
         client: GenerationClient = lease.client
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-        prompt_ids = await client.chat_prompt(messages)
+        plan = plan_tools(body, client)
+        if constraint is not None and plan.parse:
+            raise InvalidInput(
+                "response_format: cannot be combined with tools unless tool_choice is \"none\"", field="response_format"
+            )
+        prompt_ids = await client.chat_prompt([m.as_template_dict() for m in body.messages], tools=plan.template_tools)
+        grammar = await _compiled(client, constraint or plan.constraint)
         use_completion_name = body.max_completion_tokens is not None
         fields = ClientFields(
             prompt="messages", max_tokens="max_completion_tokens" if use_completion_name else "max_tokens", logprobs="top_logprobs"
         )
         max_tokens = body.max_completion_tokens if use_completion_name else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else -1
-        requests = [_request(body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i) for i in range(body.n)]
+        requests = [
+            _request(body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i, grammar=grammar, keep_special_text=plan.parse)
+            for i in range(body.n)
+        ]
         streams = _submit_all(client, [prompt_ids] * body.n, requests, ctx.settings.request_timeout_s)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             await _until_started(request, streams)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _chat_events(request.url.path, client, body.model, completion_id, created, streams, len(prompt_ids), include_usage)
+            events = _chat_events(
+                request.url.path, client, body.model, completion_id, created, streams, len(prompt_ids), include_usage, plan
+            )
             return _event_stream(lease.hold_until_done(events))
         choices = await until_disconnect(request, _collect(streams))
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=body.model,
-        choices=[
-            ChatChoice(
-                index=choice.index,
-                message=AssistantMessage(content="".join(choice.text)),
-                logprobs=_chat_logprobs(client, choice.logprobs) if body.logprobs else None,
-                finish_reason=choice.finish_reason,  # type: ignore[arg-type]
-            )
-            for choice in choices
-        ],
+        choices=[_chat_choice(client, choice, plan, with_logprobs=body.logprobs) for choice in choices],
         usage=_usage(choices, len(prompt_ids)),
+    )
+
+
+async def _compiled(client: GenerationClient, constraint: Constraint | None) -> CompiledGrammar | None:
+    return await client.compile(constraint) if constraint is not None else None
+
+
+def _chat_choice(client: GenerationClient, choice: _Choice, plan: ToolPlan, *, with_logprobs: bool) -> ChatChoice:
+    """One finished choice; with tools, its text split into content and calls."""
+    text = "".join(choice.text)
+    finish = choice.finish_reason
+    message = AssistantMessage(content=text)
+    if plan.parse:
+        content, calls = calls_message(client.tool_format(), text)
+        if calls:
+            message = AssistantMessage(content=content, tool_calls=calls)
+            finish = "tool_calls" if finish == "stop" else finish
+    return ChatChoice(
+        index=choice.index,
+        message=message,
+        logprobs=_chat_logprobs(client, choice.logprobs) if with_logprobs else None,
+        finish_reason=finish,  # type: ignore[arg-type]
     )
 
 
@@ -309,6 +348,7 @@ async def _chat_events(
     streams: list[SequenceStream],
     prompt_tokens: int,
     include_usage: bool,
+    plan: ToolPlan,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         payload = dump(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage))
@@ -317,6 +357,7 @@ async def _chat_events(
         return sse_frame(payload)
 
     choices = [_Choice(index) for index in range(len(streams))]
+    tool_streams = [ToolStream(client.tool_format()) if plan.parse else None for _ in streams]
     try:
         for choice in choices:
             yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
@@ -328,10 +369,18 @@ async def _chat_events(
                 choice.completion_tokens = event.completion_tokens
                 choice.cached_tokens = event.cached_prompt_tokens
             logprobs = _chat_logprobs(client, event.logprobs) if event.logprobs else None
-            if event.text or logprobs is not None or finish is not None:
-                yield chunk(
-                    [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text or None), logprobs=logprobs, finish_reason=finish)]  # type: ignore[arg-type]
-                )
+            text, calls = event.text, []
+            tools = tool_streams[index]
+            if tools is not None:
+                text, calls = tools.push(event.text)
+                if finish is not None:
+                    rest, more = tools.finish()
+                    text, calls = text + rest, calls + more
+                    if tools.made_calls and finish == "stop":
+                        finish = "tool_calls"
+            if text or calls or logprobs is not None or finish is not None:
+                delta = ChatDelta(content=text or None, tool_calls=calls or None)
+                yield chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])  # type: ignore[arg-type]
         if include_usage:
             yield chunk([], _usage(choices, prompt_tokens))
     except ApplianceError as exc:
@@ -388,9 +437,11 @@ async def completions(
     if body.suffix:
         raise InvalidInput("suffix: is not supported", field="suffix")
     keep_alive = parse_keep_alive(body.keep_alive)
+    constraint = requested_constraint(body)
     async with await models.lease(body.model, Route.COMPLETIONS, keep_alive_s=keep_alive) as lease:
         client: GenerationClient = lease.client
         prompts = await _completion_prompts(client, body.prompt)
+        grammar = await _compiled(client, constraint)
         logprobs = body.logprobs if body.logprobs is not None else -1
         all_prompts: list[list[int]] = []
         requests: list[GenerationRequest] = []
@@ -400,7 +451,7 @@ async def completions(
             )
             for choice in range(body.n):
                 all_prompts.append(prompt_ids)
-                requests.append(_request(body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice))
+                requests.append(_request(body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice, grammar=grammar))
         streams = _submit_all(client, all_prompts, requests, ctx.settings.request_timeout_s)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

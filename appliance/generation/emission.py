@@ -1,20 +1,23 @@
 """Tokens become events: stop conditions, finish reasons, and every event a sequence receives.
 
-The one place that decides when a sequence ends (an eos or stop token, a stop string, max_tokens,
-the context) and with which reason, that refuses, fails or drains sequences, and that counts
-what was emitted (time to first token, inter-token gaps, generated tokens, end-to-end latency,
-finish reasons). Runs on the engine thread only. Never runs the model and never blocks: a sink
+The one place that decides when a sequence ends (an eos or stop token, a stop string, a
+completed grammar, max_tokens, the context) and with which reason, that refuses, fails or
+drains sequences, and that counts what was emitted (time to first token, inter-token gaps,
+generated tokens, end-to-end latency, finish reasons). Runs on the engine thread only. Never runs the model and never blocks: a sink
 only schedules delivery on its stream's event loop.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from appliance.errors import ApplianceError, CapacityExceeded, ShuttingDown
 from appliance.generation.events import TokenEvent, TokenLogprob
 from appliance.generation.metrics import LabelledMetrics
 from appliance.generation.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
 
 #: Retry-After of a sequence refused after waiting: about when a busy engine frees a slot.
 QUEUE_REFUSAL_RETRY_AFTER_S = 1.0
@@ -59,6 +62,9 @@ class Emitter:
             if hit:
                 reason = "stop"
                 break
+            if seq.grammar is not None and self._grammar_done(seq, token):
+                reason = "stop"
+                break
             if len(seq.output) >= p.max_tokens or seq.total_tokens >= self._context_length:
                 reason = "length"
                 break
@@ -71,6 +77,17 @@ class Emitter:
         seq.finish_reason = reason
         self._scheduler.finish(seq, reason)
         self.finished(seq, emit_text="".join(text_parts), tokens=kept, logprobs=logprobs)
+
+    def _grammar_done(self, seq: Sequence, token: int) -> bool:
+        """Advance the sequence's grammar; True once it is complete (the answer is whole, so the
+        sequence stops without spending a step on end-of-sequence). A token the grammar refuses
+        cannot come from the masked sampler; if one does, the sequence ends rather than
+        continuing unconstrained."""
+        assert seq.grammar is not None
+        if not seq.grammar.consume(token):
+            log.warning("%s: sequence %s: the grammar refused token %d; ending it", self._name, seq.seq_id, token)
+            return True
+        return seq.grammar.stopped
 
     def finished(
         self, seq: Sequence, *, emit_text: str, tokens: list[int] | None = None, logprobs: list[TokenLogprob] | None = None

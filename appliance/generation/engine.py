@@ -25,8 +25,10 @@ import psutil
 
 from appliance.config import GenerationSettings, ProviderChoice
 from appliance.errors import ModelRejected, ShuttingDown
+from appliance.generation.chat_template import ChatTemplate
 from appliance.generation.emission import Emitter
 from appliance.generation.events import TokenEvent
+from appliance.generation.grammar import CompiledGrammar, Constraint, GrammarCompiler
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.metrics import GenerationMetrics, LabelledMetrics
 from appliance.generation.model_runner import KvGeometry
@@ -37,7 +39,7 @@ from appliance.generation.scheduler import Scheduler, Sequence
 from appliance.generation.speculative import MAX_DRAFT_TOKENS, DraftModel, PromptLookupDrafter, Speculator, VerificationCost
 from appliance.generation.step_loop import StepLoop
 from appliance.generation.stream import SequenceStream
-from appliance.generation.text import ChatTemplate, PromptTokenizer, StopStringFilter
+from appliance.generation.text import PromptTokenizer, StopStringFilter
 from appliance.repository.manifest import Manifest
 from appliance.repository.store import ModelVersion
 
@@ -98,6 +100,9 @@ class GenerationEngine:
             else None
         )
         self.eos_ids = frozenset(spec.eos_token_ids)
+        self.grammars = GrammarCompiler(
+            version_path / (tokenizer_spec.file if tokenizer_spec else "tokenizer.json"), vocab_size=spec.vocab_size, eos_ids=self.eos_ids
+        )
         self.context_length = min(spec.context_length, max_len or spec.context_length)
         geometry = KvGeometry.from_spec(spec)
         max_slots = settings.max_running_sequences
@@ -147,7 +152,7 @@ class GenerationEngine:
         )
         self._ids = itertools.count()
         self._m = LabelledMetrics(self.metrics, name)
-        self.counters = {"prefix_queries": 0, "prefix_hits": 0, "draft_tokens": 0, "accepted_tokens": 0, "steps": 0}
+        self.counters = {"prefix_queries": 0, "prefix_hits": 0, "draft_tokens": 0, "accepted_tokens": 0, "forced_tokens": 0, "steps": 0}
         self.prompt_lookup = PromptLookupDrafter()
         emitter = Emitter(
             name=name, eos_ids=self.eos_ids, context_length=self.context_length, scheduler=self.scheduler, metrics=self._m
@@ -164,6 +169,7 @@ class GenerationEngine:
             emitter=emitter,
             metrics=self._m,
             counters=self.counters,
+            skip_forced_tokens=settings.skip_forced_tokens,
         )
         self._steps = StepLoop(
             name=name,
@@ -254,18 +260,23 @@ class GenerationEngine:
             params=params,
             sink=sink,
             on_admitted=on_admitted,
-            detokenizer=self.tokenizer.stream(),
+            detokenizer=self.tokenizer.stream(skip_special_tokens=params.skip_special_tokens),
             deadline=(now + timeout_s) if timeout_s else None,
             queue_deadline=(now + queue_wait) if queue_wait else None,
             submitted_at=now,
             rng=np.random.default_rng(params.seed),
             stops=StopStringFilter(params.stop),
+            grammar=params.grammar.start() if params.grammar is not None else None,
         )
         self._steps.put(seq)
         return seq.seq_id
 
     def abort(self, seq_id: str) -> None:
         self._steps.abort(seq_id)
+
+    async def compile(self, constraint: Constraint) -> CompiledGrammar:
+        """A constraint compiled for this model (cached; off the event loop; bounded in time)."""
+        return await self.grammars.compile(constraint)
 
     def generate(
         self, prompt_ids: list[int], request: GenerationRequest, *, timeout_s: float | None = None, queue_limit: bool = True
@@ -284,6 +295,7 @@ class GenerationEngine:
             "kv_cache_usage": self.kv.usage,
             "prefix_cache_hit_rate": self.counters["prefix_hits"] / queries if queries else 0.0,
             "spec_acceptance_rate": self.counters["accepted_tokens"] / drafted if drafted else 0.0,
+            "forced_tokens": float(self.counters["forced_tokens"]),
             "steps": float(self.counters["steps"]),
         }
 

@@ -46,6 +46,10 @@ class GenerationMetrics:
         self.spec_emitted_tokens = Counter(
             "appliance_spec_decode_num_emitted_tokens", "Tokens produced by verification runs (accepted + bonus).", ["model"], registry=r
         )
+        self.forced_tokens = Counter(
+            "appliance_grammar_forced_tokens", "Tokens a grammar forced, verified in one run instead of one step each.", ["model"],
+            registry=r,
+        )
         self.request_queue_time = Histogram(
             "appliance_request_queue_time_seconds", "Time a sequence waited for a slot (admitted or refused).", ["model"],
             buckets=_LATENCY_BUCKETS_S, registry=r,
@@ -76,6 +80,7 @@ class LabelledMetrics:
         self.spec_draft_tokens = metrics.spec_draft_tokens.labels(model=model)
         self.spec_accepted_tokens = metrics.spec_accepted_tokens.labels(model=model)
         self.spec_emitted_tokens = metrics.spec_emitted_tokens.labels(model=model)
+        self.forced_tokens = metrics.forced_tokens.labels(model=model)
 
     def count_finished(self, reason: str) -> None:
         """One sequence ended with `reason` (a second label, so not looked up in advance)."""

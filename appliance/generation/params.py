@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from appliance.generation.grammar import CompiledGrammar
 
 TEMPERATURE_MAX = 2.0
 PENALTY_ABS_MAX = 2.0
@@ -72,6 +75,10 @@ class GenerationRequest:
     ignore_eos: bool = False
     #: Allow speculative decoding for this sequence (the engine still decides when it pays).
     speculate: bool = True
+    #: What the output must match, compiled for this model (`GenerationClient.compile`).
+    grammar: CompiledGrammar | None = None
+    #: False keeps special tokens' text (tool-call markers) in the output, for parsing.
+    skip_special_tokens: bool = True
     fields: ClientFields = field(default_factory=ClientFields)
 
 
@@ -107,6 +114,8 @@ class SamplingParams:
     logprobs: int = -1
     ignore_eos: bool = False
     speculate: bool = True
+    grammar: CompiledGrammar | None = None
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +142,8 @@ def resolve(request: GenerationRequest, prompt_ids: Sequence[int], limits: Model
         logprobs=request.logprobs,
         ignore_eos=request.ignore_eos,
         speculate=request.speculate,
+        grammar=request.grammar,
+        skip_special_tokens=request.skip_special_tokens,
     )
     _check(0.0 <= params.temperature <= TEMPERATURE_MAX, "temperature", f"must be between 0 and {TEMPERATURE_MAX}")
     _check(0.0 < params.top_p <= 1.0, "top_p", "must be greater than 0 and at most 1")

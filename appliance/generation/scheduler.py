@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import CapacityExceeded
+from appliance.generation.grammar import GrammarState
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
@@ -83,6 +84,8 @@ class Sequence:
     gate: SpeculationGate = field(default_factory=SpeculationGate)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     stops: StopStringFilter = field(default_factory=lambda: StopStringFilter(()))
+    #: Where a constrained sequence stands in its grammar (None: unconstrained).
+    grammar: GrammarState | None = None
 
     @property
     def tokens(self) -> list[int]:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from appliance.generation.grammar import constrain_draft
 from appliance.generation.sampling import sampling_arrays
 from appliance.kernels.sampling import filtered_probs
 
@@ -299,10 +300,14 @@ class Speculator:
         emitter: Emitter,
         metrics: LabelledMetrics,
         counters: dict[str, int],
+        skip_forced_tokens: bool = True,
     ) -> None:
         """`mode` is the engine's `speculative` setting ("off", "prompt-lookup", "draft");
-        `counters` is the engine's own dict, where the drafted and accepted tokens add up."""
+        `counters` is the engine's own dict, where the drafted, accepted and forced tokens add
+        up; `skip_forced_tokens`: verify a grammar's forced tokens in one run (setting
+        generation.skip_forced_tokens)."""
         self.mode = mode
+        self.skip_forced_tokens = skip_forced_tokens
         self.cost = cost
         self._name = name
         self._runner = runner
@@ -331,33 +336,40 @@ class Speculator:
         self.cost.observe_step(seconds)
 
     def speculate(self, seq: Sequence) -> bool:
-        """One speculative step for a lone sequence; False when no draft was worth verifying."""
+        """One speculative step for a lone sequence; False when no draft was worth verifying.
+
+        A constrained sequence first takes the tokens its grammar forces as the draft (certain
+        to be accepted, so no gate decides); otherwise its drafts are cut to what the grammar
+        accepts before they are verified, and each verified row gets the grammar's mask."""
         p = seq.params
-        if (
-            self.mode == "off"
-            or not p.speculate
-            or p.logprobs >= 0
-            or p.repetition_penalty != 1.0
-            or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0
-        ):
+        if p.logprobs >= 0 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             return False
         room = min(p.max_tokens - len(seq.output), self._context_length - seq.total_tokens) - 1
         k = min(MAX_DRAFT_TOKENS, room)
         if k <= 0:
             return False
-        if self.mode == "draft" and self._draft is not None:
+        grammar = seq.grammar
+        forced = grammar.forced(k) if grammar is not None and self.skip_forced_tokens else []
+        if forced:
+            draft = forced
+        elif self.mode == "off" or not p.speculate:
+            return False
+        elif self.mode == "draft" and self._draft is not None:
             length = seq.gate.choose_length(k, self.cost, model_drafted=True)
             draft = self._draft_model_propose(seq, length) if length else []
         else:
             proposal = self._prompt_lookup.propose(seq.tokens, k)
             draft = proposal[: seq.gate.choose_length(len(proposal), self.cost, model_drafted=False)]
+        if grammar is not None and not forced:
+            draft = draft[: grammar.valid_prefix(draft)]
         if not draft:
             return False
         ids = np.asarray([[seq.output[-1], *draft]], np.int64)
         started = time.perf_counter()
         logits = self._runner.forward(seq.slot, ids, np.asarray([seq.num_cached]), np.asarray([len(draft) + 1]), all_logits=True)[0]
         self.cost.observe_verification(len(draft) + 1, time.perf_counter() - started)
+        if grammar is not None:
+            constrain_draft(logits, grammar, draft)
         if p.greedy:
             emitted = accept_greedy(logits.argmax(axis=1), draft)
         else:
@@ -365,12 +377,16 @@ class Speculator:
             arrays = sampling_arrays([seq] * rows)
             emitted = accept_sampled(filtered_probs(logits, arrays), draft, None, seq.rng)
         accepted = len(emitted) - 1
-        seq.gate.record(len(draft), accepted)
-        self._counters["draft_tokens"] += len(draft)
-        self._counters["accepted_tokens"] += accepted
-        self._m.spec_draft_tokens.inc(len(draft))
-        self._m.spec_accepted_tokens.inc(accepted)
-        self._m.spec_emitted_tokens.inc(len(emitted))
+        if forced:
+            self._counters["forced_tokens"] += accepted
+            self._m.forced_tokens.inc(accepted)
+        else:
+            seq.gate.record(len(draft), accepted)
+            self._counters["draft_tokens"] += len(draft)
+            self._counters["accepted_tokens"] += accepted
+            self._m.spec_draft_tokens.inc(len(draft))
+            self._m.spec_accepted_tokens.inc(accepted)
+            self._m.spec_emitted_tokens.inc(len(emitted))
         old_total = seq.total_tokens
         seq.num_cached += len(emitted)
         seq.draft_cached = min(seq.draft_cached, old_total + accepted)

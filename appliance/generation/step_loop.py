@@ -3,7 +3,8 @@
 Other threads hand the thread new sequences and aborts (`put`, `abort`, under one lock). Each
 step takes them in, asks the scheduler for a plan, runs at most one prefill chunk and one batched
 decode run (ONNX Runtime releases the GIL while it computes), samples all rows at once and emits
-every sequence its event. With a single running sequence, a speculative step replaces the decode
+every sequence its event (a constrained sequence's logits row gets its grammar's mask first:
+grammar.py). With a single running sequence, a speculative step replaces the decode
 run. Before the first step the speculator times this box's runs.
 
 The runners, sampling and the scheduler's steps run on this thread only; a failed step fails its
@@ -22,6 +23,7 @@ import numpy as np
 from appliance.errors import ApplianceError, CapacityExceeded
 from appliance.generation.emission import Emitter
 from appliance.generation.events import TokenLogprob
+from appliance.generation.grammar import constrain_rows
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.metrics import LabelledMetrics
 from appliance.generation.model_runner import DecoderRunner
@@ -179,6 +181,7 @@ class StepLoop:
         self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        constrain_rows(logits, [(row, seq.grammar) for row, seq in enumerate(seqs) if seq.grammar is not None])
         params = [seq.params for seq in seqs]
         plain = all(p.greedy and p.logprobs < 0 and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params)
         if plain:

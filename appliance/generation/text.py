@@ -1,28 +1,21 @@
-"""Text around the engine: prompt encoding, chat templates, streaming detokenisation, stop strings.
+"""Text around the engine: prompt encoding, streaming detokenisation, stop strings.
 
-Chat templates are the model's own Jinja2 text (from manifest.json), rendered in an immutable
-sandbox: a template can call only what is passed in, cannot reach Python attributes or write
-state, and a template error becomes an InvalidInput for the request, never a 500. Detokenising
-is incremental (`tokenizers`' DecodeStream), so a multi-byte character split over tokens is
-sent only once it is complete. Stop strings are held back while the text might still be
-turning into one, so the stop text never reaches the client. Never imports onnxruntime.
+Detokenising is incremental (`tokenizers`' DecodeStream), so a multi-byte character split over
+tokens is sent only once it is complete. Stop strings are held back while the text might still
+be turning into one, so the stop text never reaches the client. Chat templates, which turn
+messages into the prompt text encoded here, are chat_template.py's. Never imports onnxruntime.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from appliance.errors import InvalidInput, ModelRejected
+from appliance.errors import ModelRejected
 
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 #: A normalizer may shrink text before it is split (NFC composes, a cleaner drops control
 #: characters), so with one the byte bound below allows this much more text per token.
 NORMALIZER_SLACK = 4
@@ -82,8 +75,12 @@ class PromptTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def stream(self) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self._tokenizer)
+    def stream(self, *, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._tokenizer, skip_special_tokens=skip_special_tokens)
+
+    def json_text(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance and special-token lookups read)."""
+        return str(self._tokenizer.to_str())
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         """One token on its own, for logprobs entries: its text and its exact bytes.
@@ -115,9 +112,11 @@ _BYTE_LEVEL_DECODE = _byte_level_table()
 class IncrementalDetokenizer:
     """Turns one sequence's new token ids into new text, holding incomplete characters back."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        """`skip_special_tokens=False` keeps markers such as Mistral's [TOOL_CALLS] in the text,
+        for an answer parsed for tool calls."""
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         return self._stream.step(self._tokenizer, token_id) or ""
@@ -157,45 +156,3 @@ class StopStringFilter:
         """What was held back, once the sequence ends for another reason."""
         text, self._pending = self._pending, ""
         return text
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
-
-
-class ChatTemplate:
-    """One model's chat template, compiled once in an immutable Jinja2 sandbox."""
-
-    def __init__(self, source: str, *, bos_token: str | None, eos_token: str | None) -> None:
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-        environment.globals["raise_exception"] = _raise_exception
-        environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        try:
-            self._template = environment.from_string(source)
-        except TemplateError as exc:
-            raise ModelRejected(f"chat_template does not compile: {exc}", field="chat_template") from None
-        self._bos = bos_token or ""
-        self._eos = eos_token or ""
-
-    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`; InvalidInput names the message that broke the template."""
-        if not messages:
-            raise InvalidInput("messages: must contain at least one message", field="messages")
-        for index, message in enumerate(messages):
-            role = message.get("role")
-            if role not in CHAT_ROLES:
-                raise InvalidInput(
-                    f"messages[{index}].role: unknown role {role!r} (expected one of {', '.join(sorted(CHAT_ROLES))})",
-                    field=f"messages[{index}].role",
-                )
-        try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos,
-                eos_token=self._eos,
-            )
-        except TemplateError as exc:
-            raise InvalidInput(f"messages: the model's chat template refused them: {exc}", field="messages") from None
-        except (TypeError, ValueError, KeyError) as exc:
-            raise InvalidInput(f"messages: cannot be rendered with the model's chat template: {exc}", field="messages") from None

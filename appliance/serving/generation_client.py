@@ -14,6 +14,8 @@ from typing import Any
 
 from appliance.errors import InvalidInput
 from appliance.generation.engine import GenerationEngine
+from appliance.generation.grammar import CompiledGrammar, Constraint
+from appliance.generation.tool_calls import FunctionSpec, ToolCallFormat, detect_format, function_specs, special_token_ids, tool_format
 from appliance.serving.protocols import GenerationModelInfo, GenerationRequest, SequenceStream
 
 #: Prompt text up to this many characters is rendered and tokenised on the event loop.
@@ -23,8 +25,12 @@ INLINE_PROMPT_CHARS = 16_384
 class LocalGenerationClient:
     """A GenerationClient over a GenerationEngine in this process."""
 
-    def __init__(self, engine: GenerationEngine, *, provider: str | None) -> None:
+    def __init__(self, engine: GenerationEngine, *, provider: str | None, tool_parser: str | None = None) -> None:
+        """`tool_parser`: the format the settings name; None recognises it from the template."""
         self.engine = engine
+        self._tool_format = tool_format(tool_parser or detect_format(engine.manifest.chat_template))
+        #: The tokenizer's special tokens, which tool-call markers must be named by (read on first use).
+        self._special_tokens: dict[str, int] | None = None
         self._info = GenerationModelInfo(
             name=engine.name,
             version=engine.manifest.version,
@@ -32,6 +38,7 @@ class LocalGenerationClient:
             vocab_size=engine.spec.vocab_size,
             max_tokens_limit=engine.settings.max_tokens_limit,
             has_chat_template=engine.chat_template is not None,
+            tool_parser=self._tool_format.name,
             provider=provider,
         )
         self._byte_limit = engine.context_length * engine.tokenizer.max_bytes_per_token
@@ -39,19 +46,46 @@ class LocalGenerationClient:
     def describe(self) -> GenerationModelInfo:
         return self._info
 
-    async def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]:
         template = self.engine.chat_template
         if template is None:
             raise InvalidInput(f"model: {self._info.name!r} has no chat template; use /v1/completions", field="model")
-        chars = sum(len(str(message.get("content") or "")) for message in messages)
-        self._refuse_unfittable(sum(len(str(message.get("content") or "").encode("utf-8")) for message in messages), "messages")
-        if chars <= INLINE_PROMPT_CHARS:
-            return self.engine.tokenizer.encode(template.render(messages), special_text=True)
+        if tools and not template.mentions_tools:
+            messages = self._with_tools_described(messages, tools)
+            tools = None
+        size = sum(len(str(message.get("content") or "").encode("utf-8")) + len(str(message.get("tool_calls") or "")) for message in messages)
+        size += len(str(tools or ""))
+        self._refuse_unfittable(size, "messages")
 
         def render_and_encode() -> list[int]:
-            return self.engine.tokenizer.encode_many([template.render(messages)])[0]
+            return self.engine.tokenizer.encode_many([template.render(messages, tools=tools)])[0]
 
+        if size <= INLINE_PROMPT_CHARS:
+            return self.engine.tokenizer.encode(template.render(messages, tools=tools), special_text=True)
         return await asyncio.to_thread(render_and_encode)
+
+    def _with_tools_described(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A template without a tools section learns the tools from a system message in the
+        model's tool-call format (joined to the conversation's own system message, if any)."""
+        description = self._tool_format.describe_tools(function_specs(tools))
+        if messages and messages[0].get("role") == "system":
+            first = dict(messages[0])
+            first["content"] = f"{first.get('content') or ''}\n\n{description}".strip()
+            return [first, *messages[1:]]
+        return [{"role": "system", "content": description}, *messages]
+
+    async def compile(self, constraint: Constraint) -> CompiledGrammar:
+        return await self.engine.compile(constraint)
+
+    def tool_format(self) -> ToolCallFormat:
+        return self._tool_format
+
+    def tool_grammar(self, functions: list[FunctionSpec], *, parallel: bool, auto: bool = False) -> str | None:
+        if self._special_tokens is None:
+            self._special_tokens = special_token_ids(self.engine.tokenizer.json_text())
+        if auto:
+            return self._tool_format.auto_grammar(functions, parallel=parallel, special_tokens=self._special_tokens)
+        return self._tool_format.grammar(functions, parallel=parallel, special_tokens=self._special_tokens)
 
     async def text_prompts(self, texts: list[str]) -> list[list[int]]:
         for position, text in enumerate(texts):
@@ -81,3 +115,4 @@ class LocalGenerationClient:
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         return self.engine.tokenizer.token_text(token_id)
+

@@ -130,6 +130,11 @@ class ModelLoader:
             queued=lambda: model.batcher.queued,
         )
 
+    def _tool_parser(self, name: str) -> str | None:
+        """The tool-call format the settings name for a model (None: recognise it from its template)."""
+        policy = self.settings.serving.models.get(name)
+        return policy.tool_parser if policy is not None else None
+
     async def _open_generation(self, version: ModelVersion) -> LoadedModel:
         settings = self.settings
         started = time.perf_counter()
@@ -167,7 +172,7 @@ class ModelLoader:
         return LoadedModel(
             family="generation",
             version=version,
-            client=LocalGenerationClient(engine, provider=active),
+            client=LocalGenerationClient(engine, provider=active, tool_parser=self._tool_parser(version.name)),
             provider=active,
             provider_note=engine.placement.note,
             provider_report=report,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from appliance.generation.events import TokenEvent, TokenLogprob
+from appliance.generation.grammar import CompiledGrammar, Constraint
 from appliance.generation.params import (
     PENALTY_ABS_MAX,
     REPETITION_PENALTY_MAX,
@@ -29,10 +30,27 @@ from appliance.generation.params import (
     GenerationRequest,
 )
 from appliance.generation.stream import SequenceStream
+from appliance.generation.tool_calls import (
+    FunctionSpec,
+    ParsedOutput,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFormat,
+    ToolCallStreamer,
+    function_specs,
+)
 from appliance.repository.manifest import EmbeddingSpec, TensorSpec
 
 __all__ = [
     "ClientFields",
+    "CompiledGrammar",
+    "Constraint",
+    "FunctionSpec",
+    "ParsedOutput",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallFormat",
+    "ToolCallStreamer",
     "EmbeddingResult",
     "GenerationClient",
     "GenerationModelInfo",
@@ -50,6 +68,7 @@ __all__ = [
     "TensorResult",
     "TokenEvent",
     "TokenLogprob",
+    "function_specs",
 ]
 
 
@@ -63,6 +82,8 @@ class GenerationModelInfo:
     vocab_size: int
     max_tokens_limit: int
     has_chat_template: bool
+    #: How the model writes tool calls (a tool_calls.py format name).
+    tool_parser: str
     #: Execution provider of the decoder's session ("cpu", "cuda").
     provider: str | None
 
@@ -72,10 +93,20 @@ class GenerationClient(Protocol):
 
     Contract:
     - `describe()` is cheap and never blocks.
-    - `chat_prompt(messages)` / `text_prompts(texts)` render the model's chat template and
-      tokenise, off the event loop when the text is large; a prompt whose byte length alone
-      proves it cannot fit the context is refused before it is tokenised. Errors are
-      InvalidInput naming `messages` / `prompt`.
+    - `chat_prompt(messages, tools=...)` / `text_prompts(texts)` render the model's chat
+      template and tokenise, off the event loop when the text is large; a prompt whose byte
+      length alone proves it cannot fit the context is refused before it is tokenised. Errors
+      are InvalidInput naming `messages` / `prompt`. `tools` (OpenAI tool dicts) reach the
+      template's own tools section, or, for a template without one, a system message in the
+      model's tool-call format describes them.
+    - `compile(constraint)` compiles a structured-output constraint for this model (cached,
+      off the event loop, bounded in time); InvalidInput names `constraint.field`. The result
+      goes into `GenerationRequest.grammar`.
+    - `tool_format()` is the model's tool-call format: parse finished text or a stream into
+      calls. `tool_grammar(functions, parallel=...)` is the grammar (for a "grammar"
+      Constraint) that forces a valid call in that format with this model's tokenizer;
+      `auto=True`: the grammar that allows text but holds a started call to the format (None
+      where the format cannot tell).
     - `submit(prompt_ids, request, ...)` checks the request once (errors name the fields as the
       client sent them, see `ClientFields`) and queues one sequence, raising InvalidInput,
       CapacityExceeded or ShuttingDown at once, before any response is sent. It must be
@@ -89,7 +120,13 @@ class GenerationClient(Protocol):
 
     def describe(self) -> GenerationModelInfo: ...
 
-    async def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    async def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]: ...
+
+    async def compile(self, constraint: Constraint) -> CompiledGrammar: ...
+
+    def tool_format(self) -> ToolCallFormat: ...
+
+    def tool_grammar(self, functions: list[FunctionSpec], *, parallel: bool, auto: bool = False) -> str | None: ...
 
     async def text_prompts(self, texts: list[str]) -> list[list[int]]: ...
 

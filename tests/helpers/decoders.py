@@ -84,7 +84,9 @@ def _write_tokenizer_files(
     return tokenizer.get_vocab_size()
 
 
-def make_tiny_llama(folder: Path, *, seed: int = 0, num_layers: int = 2, tie_embeddings: bool = True) -> Path:
+def make_tiny_llama(
+    folder: Path, *, seed: int = 0, num_layers: int = 2, tie_embeddings: bool = True, context: int = 256
+) -> Path:
     """A random LlamaForCausalLM (GQA: 4 heads, 2 KV heads, head_dim 16) with a chat tokenizer.
 
     BOS is <|im_start|> (id 1) and EOS <|im_end|> (id 2), as in SmolLM2; BOS is not added.
@@ -104,7 +106,7 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, num_layers: int = 2, tie_emb
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         bos_token_id=1,

@@ -1,0 +1,107 @@
+"""Structured output and a full tool round trip with the real default LLM (SmolLM2-135M-Instruct,
+int4; its chat template has no tools section, so tools travel in the generic JSON format) and
+the official openai client, streaming and not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from appliance.repository import ModelRepository
+from tests.helpers.server import RunningServer, running_server
+
+MODEL = "smollm2-135m-instruct"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "Call the get_weather function for Paris."}]
+
+
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population_millions: float = Field(ge=0, le=100)
+
+
+@pytest.fixture(scope="module")
+def client(exported_smollm2: ModelRepository) -> Iterator[openai.OpenAI]:
+    state: Path = exported_smollm2.root.parent
+    with running_server(state, create_keys={"smol-structured": ["infer"]}, generation={"kv_budget_bytes": 512 << 20}) as running:
+        yield openai.OpenAI(base_url=running.url("/v1"), api_key=running.key, max_retries=0)
+
+
+def test_json_object_answers_parse(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Return a JSON object with keys name and age for a cat."}],
+        response_format={"type": "json_object"},
+        max_tokens=120,
+        temperature=0,
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
+
+
+def test_parse_with_a_pydantic_model_returns_a_populated_object(client: openai.OpenAI) -> None:
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    completion = parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give the name, country and population in millions of the capital of France."}],
+        response_format=City,
+        max_tokens=80,
+        temperature=0,
+    )
+    city = completion.choices[0].message.parsed
+    assert isinstance(city, City) and city.name and city.country
+
+
+def _round_trip(client: openai.OpenAI, tool_choice: object, *, stream: bool) -> str:
+    """Ask, get a get_weather call, answer it, and return the model's final text."""
+    if stream:
+        arguments, call_id, name = "", None, None
+        finish = None
+        for chunk in client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=60, temperature=0, stream=True):  # type: ignore[arg-type]
+            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                call_id = delta.id or call_id
+                name = (delta.function.name if delta.function else None) or name
+                arguments += (delta.function.arguments if delta.function else None) or ""
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+    else:
+        message = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=60, temperature=0)  # type: ignore[arg-type]
+        finish = message.choices[0].finish_reason
+        call = (message.choices[0].message.tool_calls or [None])[0]
+        assert call is not None, message.choices[0].message.content
+        call_id, name, arguments = call.id, call.function.name, call.function.arguments  # type: ignore[union-attr]
+    assert finish == "tool_calls" and name == "get_weather" and call_id
+    assert isinstance(json.loads(arguments)["city"], str)
+    conversation = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"city": "Paris", "temperature_c": 21, "sky": "sunny"})},
+    ]
+    final = client.chat.completions.create(model=MODEL, messages=conversation, tools=[WEATHER], max_tokens=48, temperature=0)  # type: ignore[arg-type]
+    assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason in ("stop", "length")
+    return final.choices[0].message.content or ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_full_tool_round_trip(client: openai.OpenAI, tool_choice: object, stream: bool) -> None:
+    answer = _round_trip(client, tool_choice, stream=stream)
+    assert answer.strip()
