@@ -149,6 +149,7 @@ def test_grammar_masks_the_whole_batch_only_where_constrained(engine: Generation
     [
         (Constraint("json_schema", '{"type": "object", "properties": {"a": {"type": "strin"}}}', strict=True), "strin"),
         (Constraint("json_schema", '{"type": "string", "format": "hostname-ish"}', strict=True), "hostname-ish"),
+        (Constraint("json_schema", '{"type": "array", "uniqueItems": true}', strict=True), "uniqueItems"),
         (Constraint("json_schema", "{not json", strict=True), "not valid"),
         (Constraint("regex", "(unclosed", field="structured_outputs.regex"), "regex"),
         (Constraint("json_schema", json.dumps({"enum": ["x" * 100] * (MAX_SOURCE_BYTES // 50)})), f"{MAX_SOURCE_BYTES} bytes"),

@@ -140,6 +140,120 @@
       try { const body = await response.json(); return (body.error && body.error.message) || JSON.stringify(body); }
       catch (e) { return response.statusText; }
     };
+    // An inline message under an editor; empty text hides it.
+    const showError = (id, text) => { const node = $(id); node.textContent = text || ""; node.hidden = !text; };
+    const parseJson = (text) => {
+      try { return { value: JSON.parse(text) }; } catch (e) { return { error: e.message }; }
+    };
+    const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+
+    // The editors are only checked to be JSON of the right shape; the API validates the rest
+    // (a bad schema or tool is its 400, shown like any other error).
+    const readSchema = () => {
+      const parsed = parseJson($("pg-schema").value);
+      if ("error" in parsed) return { error: "The schema is not valid JSON: " + parsed.error };
+      if (!isObject(parsed.value)) return { error: "The schema must be a JSON object, such as {\"type\": \"object\", \"properties\": {…}}." };
+      const name = $("pg-schema-name").value.trim() || "answer";
+      return { value: { type: "json_schema", json_schema: { name: name, schema: parsed.value, strict: $("pg-schema-strict").checked } } };
+    };
+    const readTools = () => {
+      const parsed = parseJson($("pg-tools").value);
+      if ("error" in parsed) return { error: "The tools are not valid JSON: " + parsed.error };
+      const tools = parsed.value;
+      if (!Array.isArray(tools) || tools.length === 0) return { error: "The tools must be a non-empty JSON list of {\"type\": \"function\", \"function\": {…}} objects." };
+      for (let i = 0; i < tools.length; i++) {
+        const fn = isObject(tools[i]) ? tools[i].function : null;
+        if (!isObject(fn) || typeof fn.name !== "string" || !fn.name) {
+          return { error: "tools[" + i + "].function.name is missing: each tool is {\"type\": \"function\", \"function\": {\"name\": …, \"parameters\": {…}}}." };
+        }
+      }
+      return { value: tools };
+    };
+    // tool_choice offers auto / required / none and each function the editor names.
+    const refreshToolChoice = (tools) => {
+      const select = $("pg-tool-choice");
+      const chosen = select.value;
+      select.querySelectorAll("option[data-function]").forEach((option) => option.remove());
+      for (const tool of tools) {
+        const option = document.createElement("option");
+        option.value = "function:" + tool.function.name;
+        option.dataset.function = tool.function.name;
+        option.textContent = "function " + tool.function.name;
+        select.appendChild(option);
+      }
+      if (Array.from(select.options).some((option) => option.value === chosen)) select.value = chosen;
+    };
+    const syncOptions = () => {
+      $("pg-chat-options").hidden = $("pg-kind").value !== "chat";
+      $("pg-schema-box").hidden = $("pg-format").value !== "json_schema";
+      $("pg-tools-box").hidden = !$("pg-tools-on").checked;
+    };
+    ["pg-kind", "pg-format", "pg-tools-on"].forEach((id) => $(id).addEventListener("change", syncOptions));
+    $("pg-schema").addEventListener("input", () => {
+      if (!$("pg-schema-error").hidden) showError("pg-schema-error", readSchema().error);
+    });
+    $("pg-tools").addEventListener("input", () => {
+      const tools = readTools();
+      if (tools.value) refreshToolChoice(tools.value);
+      if (!$("pg-tools-error").hidden) showError("pg-tools-error", tools.error);
+    });
+    const initialTools = readTools();
+    if (initialTools.value) refreshToolChoice(initialTools.value);
+    syncOptions();
+
+    // A tool call is shown as a block of its own: the function's name, its id, its arguments.
+    const callBlocks = [];
+    const callBlock = (index) => {
+      if (!callBlocks[index]) {
+        const block = document.createElement("div");
+        block.className = "tool-call";
+        block.dataset.index = String(index);
+        const head = document.createElement("div");
+        head.className = "tool-call-head";
+        head.appendChild(document.createTextNode("Tool call "));
+        const name = document.createElement("code");
+        name.className = "tool-call-name";
+        const id = document.createElement("span");
+        id.className = "tool-call-id";
+        head.append(name, " ", id);
+        const args = document.createElement("pre");
+        args.className = "tool-call-arguments";
+        const note = document.createElement("p");
+        note.className = "tool-call-note warn";
+        note.hidden = true;
+        block.append(head, args, note);
+        $("pg-calls").appendChild(block);
+        callBlocks[index] = { block: block, name: name, id: id, args: args, note: note, text: "" };
+      }
+      return callBlocks[index];
+    };
+    const addToCall = (index, fragment) => {
+      const call = callBlock(index);
+      if (fragment.id) call.id.textContent = fragment.id;
+      const fn = fragment.function || {};
+      if (fn.name) { call.name.textContent = fn.name; call.block.dataset.name = fn.name; }
+      if (fn.arguments) { call.text += fn.arguments; call.args.textContent = call.text; }
+    };
+    // Once complete, arguments are pretty-printed; text that does not parse (cut by max tokens)
+    // stays as it came, with a note.
+    const finishCalls = () => {
+      for (const call of callBlocks) {
+        if (!call) continue;
+        const parsed = parseJson(call.text);
+        if ("error" in parsed) { call.note.textContent = "The arguments are not valid JSON: " + parsed.error; call.note.hidden = false; }
+        else call.args.textContent = JSON.stringify(parsed.value, null, 2);
+      }
+      return callBlocks.filter((call) => call).length;
+    };
+    const callCount = (n) => n ? n + (n === 1 ? " tool call, " : " tool calls, ") : "";
+    // With a JSON response format, say whether the answer parses.
+    const checkJson = (format, text) => {
+      const check = $("pg-check");
+      if (format === "text" || !text) { check.hidden = true; return; }
+      const parsed = parseJson(text);
+      check.textContent = "error" in parsed ? "The answer is not valid JSON: " + parsed.error : "The answer is valid JSON.";
+      check.hidden = false;
+    };
 
     $("pg-load").addEventListener("click", async () => {
       const response = await fetch("/v1/models", { headers: headers() });
@@ -158,6 +272,9 @@
     $("pg-send").addEventListener("click", async () => {
       const output = $("pg-output");
       output.textContent = "";
+      $("pg-calls").textContent = "";
+      callBlocks.length = 0;
+      $("pg-check").hidden = true;
       const model = $("pg-model").value;
       const text = $("pg-input").value;
       const started = performance.now();
@@ -187,12 +304,36 @@
       if (temperature !== "") request.temperature = parseFloat(temperature);
       const seed = $("pg-seed").value.trim();
       if (seed !== "") request.seed = parseInt(seed, 10);
+      // Response format and tools: editors that are not JSON of the right shape stop the send.
+      const format = $("pg-format").value;
+      showError("pg-schema-error", "");
+      showError("pg-tools-error", "");
+      if (format === "json_object") request.response_format = { type: "json_object" };
+      if (format === "json_schema") {
+        const schema = readSchema();
+        if (schema.error) { showError("pg-schema-error", schema.error); say("Not sent: the schema needs fixing."); return; }
+        request.response_format = schema.value;
+      }
+      if ($("pg-tools-on").checked) {
+        const tools = readTools();
+        if (tools.error) { showError("pg-tools-error", tools.error); say("Not sent: the tools need fixing."); return; }
+        refreshToolChoice(tools.value);
+        const choice = $("pg-tool-choice").value;
+        request.tools = tools.value;
+        request.tool_choice = choice.startsWith("function:") ? { type: "function", function: { name: choice.slice("function:".length) } } : choice;
+      }
+      say("Sending…");
       const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(request) });
       if (!response.ok) { say(response.status + ": " + await errorOf(response)); return; }
       if (!stream) {
         const body = await response.json();
-        output.textContent = body.choices[0].message.content;
-        say((body.usage ? body.usage.completion_tokens + " tokens in " : "") + Math.round(performance.now() - started) + " ms, finish: " + body.choices[0].finish_reason);
+        const message = body.choices[0].message;
+        output.textContent = message.content || "";
+        (message.tool_calls || []).forEach((call, index) => addToCall(index, call));
+        const calls = finishCalls();
+        checkJson(format, output.textContent);
+        say((body.usage ? body.usage.completion_tokens + " tokens in " : "") + Math.round(performance.now() - started) + " ms, "
+          + callCount(calls) + "finish: " + body.choices[0].finish_reason);
         return;
       }
       const reader = response.body.getReader();
@@ -214,16 +355,22 @@
           const choice = chunk.choices && chunk.choices[0];
           if (choice && choice.finish_reason) finish = choice.finish_reason;
           const piece = choice && choice.delta ? choice.delta.content : null;
-          if (piece) {
+          const fragments = choice && choice.delta && choice.delta.tool_calls ? choice.delta.tool_calls : [];
+          if (piece || fragments.length) {
             if (first === null) first = performance.now() - started;
             chunks += 1;
-            output.textContent += piece;
           }
+          if (piece) output.textContent += piece;
+          // Tool calls come as fragments: the first of each index names the function, the
+          // rest add to its arguments.
+          for (const fragment of fragments) addToCall(fragment.index || 0, fragment);
         }
       }
       const total = Math.round(performance.now() - started);
+      const calls = finishCalls();
+      checkJson(format, output.textContent);
       if (failure !== null) { say(chunks + " chunks, then error: " + failure); return; }
-      say(chunks + " chunks, first after " + Math.round(first || 0) + " ms, " + total + " ms total, finish: " + finish);
+      say(chunks + " chunks, first after " + Math.round(first || 0) + " ms, " + total + " ms total, " + callCount(calls) + "finish: " + finish);
     });
   }
 })();
