@@ -120,7 +120,9 @@ def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
         for worker in workers:
             worker.start()
         deadline = time.monotonic() + 30
-        while _inflight(base) < DRAIN_TEST_REQUESTS:  # the metrics request counts itself too
+        # One request in flight besides this metrics request: the others queue behind it (a
+        # loaded box parses the 2.6 MB bodies slowly, so all four are rarely in flight at once).
+        while _inflight(base) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
