@@ -3,10 +3,11 @@
 One run, same machine, SmolLM2-135M-Instruct int4 served by `appliance serve` processes on
 loopback:
 
-1. Decode tokens/s, constrained (a realistic extraction schema) against unconstrained, from 1
+1. Tokens/s, constrained (a realistic extraction schema) against unconstrained, from 1
    and from 8 concurrent streams, on a server that masks only (`skip_forced_tokens` off, no
    speculation): the per-token price of the masks. Target: cost <= 10% (moonshot <= 3%).
-   Unconstrained answers run the same number of tokens as the constrained ones averaged.
+   Unconstrained answers run the same number of tokens as the constrained ones averaged; a
+   round's tokens over its wall time (same prompt, so the same prefill on both sides).
 2. Forced tokens: a schema with long fixed keys, one stream, answer tokens/s with the grammar's
    forced tokens verified in one run (`skip_forced_tokens` on, the default) against one step
    per token.
@@ -15,6 +16,8 @@ loopback:
    builds llguidance's index of the vocabulary).
 4. In-process: compile time of each test schema (tests/helpers/schemas.py) for SmolLM2's
    tokenizer (p50/p99/max), and the time to mask one and eight 49,152-token logits rows.
+5. Part 1's comparison inside one engine, without HTTP (the mask's own price, with less noise
+   from the server and the clients).
 
     .venv/bin/python bench/structured_output.py [--state-dir DIR] [--repeats 5] [--passes 3]
 
@@ -83,7 +86,7 @@ FORM_SCHEMA: dict[str, Any] = {
 }
 FORM_PROMPT = "Patient 4821, cardiology referral, insurance confirmed, 3 visits this year. Fill in the form as JSON."
 MAX_TOKENS = 200
-ROUNDS = {1: 6, 8: 2}
+ROUNDS = {1: 2, 8: 1}
 
 
 def _response_format(schema: dict[str, Any], name: str = "answer") -> dict[str, Any]:
@@ -113,19 +116,17 @@ async def _stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tu
 
 
 async def _decode_rate(url: str, body: dict[str, Any], streams: int) -> tuple[float, float]:
-    """Decode-phase tokens/s over `ROUNDS[streams]` rounds of `streams` concurrent answers, and
-    the mean completion length."""
-    rates, lengths = [], []
+    """Tokens/s of `ROUNDS[streams]` rounds of `streams` concurrent answers (all tokens of a
+    round over its wall time, prefill included: both sides prefill the same prompt), and the
+    mean completion length."""
+    tokens, seconds, lengths = 0, 0.0, []
     async with httpx.AsyncClient(timeout=300) as http:
         for _ in range(ROUNDS[streams]):
             results = await asyncio.gather(*(_stream(http, url, {**body, "seed": n}) for n in range(streams)))
-            start = max(first for _, first, _, _, _ in results)
-            end = max(last for _, _, last, _, _ in results)
-            tokens = sum(count - 1 for _, _, _, count, _ in results)
-            if end > start:
-                rates.append(tokens / (end - start))
+            seconds += max(last for _, _, last, _, _ in results) - min(sent for sent, _, _, _, _ in results)
+            tokens += sum(count for _, _, _, count, _ in results)
             lengths.extend(count for _, _, _, count, _ in results)
-    return statistics.median(rates), statistics.mean(lengths)
+    return tokens / seconds, statistics.mean(lengths)
 
 
 def _chat(prompt: str, **extra: Any) -> dict[str, Any]:
@@ -133,22 +134,22 @@ def _chat(prompt: str, **extra: Any) -> dict[str, Any]:
 
 
 def mask_cost(url: str, passes: int) -> dict[str, Any]:
-    """Part 1: masks only, constrained against unconstrained of the same length."""
+    """Part 1: masks only, constrained against unconstrained answers of the same length, rounds
+    alternating so that the shared machine's drift hits both sides alike."""
     constrained = _chat(EMAIL, max_tokens=MAX_TOKENS, response_format=_response_format(EXTRACTION_SCHEMA))
+    _, length = asyncio.run(_decode_rate(url, constrained, 1))
+    plain = _chat(EMAIL, max_tokens=max(2, round(length)), ignore_eos=True)
     figures: dict[str, Any] = {}
     for streams in (1, 8):
-        on, off, length = [], [], []
+        on, off = [], []
         for _ in range(passes):
-            rate, mean_length = asyncio.run(_decode_rate(url, constrained, streams))
-            on.append(rate)
-            length.append(mean_length)
-            plain = _chat(EMAIL, max_tokens=max(2, round(statistics.mean(length))), ignore_eos=True)
+            on.append(asyncio.run(_decode_rate(url, constrained, streams))[0])
             off.append(asyncio.run(_decode_rate(url, plain, streams))[0])
         figures[f"{streams}_streams"] = {
             "constrained_tok_s": statistics.median(on),
             "unconstrained_tok_s": statistics.median(off),
             "cost": 1 - statistics.median(on) / statistics.median(off),
-            "answer_tokens": statistics.mean(length),
+            "answer_tokens": length,
         }
     return figures
 
@@ -258,6 +259,51 @@ def in_process(state_dir: Path) -> dict[str, Any]:
     }
 
 
+def engine_cost(state_dir: Path, passes: int) -> dict[str, Any]:
+    """Part 5: the same comparison inside one engine, without HTTP: greedy answers of the same
+    length, constrained and not, 1 and 8 at once, alternating; all tokens over wall time."""
+    from appliance.config import GenerationSettings
+    from appliance.generation.engine import GenerationEngine
+    from appliance.generation.grammar import Constraint
+    from appliance.generation.params import GenerationRequest
+    from appliance.repository.store import ModelRepository
+
+    version = ModelRepository(state_dir / "models").get(MODEL)
+    engine = GenerationEngine.from_version(version, GenerationSettings(speculative="off", skip_forced_tokens=False))
+    engine.start()
+    assert engine.chat_template is not None
+    prompt = engine.tokenizer.encode(engine.chat_template.render([{"role": "user", "content": EMAIL}]), special_text=True)
+    grammar = engine.grammars.compile_now(Constraint("json_schema", json.dumps(EXTRACTION_SCHEMA), strict=True))
+
+    async def rate(request: GenerationRequest, streams: int) -> tuple[float, int]:
+        async def one() -> int:
+            return sum(len(event.token_ids) for event in [event async for event in engine.generate(list(prompt), request)])
+
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(one() for _ in range(streams)))
+        return sum(counts) / (time.perf_counter() - started), counts[0]
+
+    try:
+        _, length = asyncio.run(rate(GenerationRequest(max_tokens=MAX_TOKENS, temperature=0.0, grammar=grammar), 1))
+        constrained = GenerationRequest(max_tokens=MAX_TOKENS, temperature=0.0, grammar=grammar)
+        plain = GenerationRequest(max_tokens=length, temperature=0.0, ignore_eos=True)
+        figures: dict[str, Any] = {"answer_tokens": length}
+        for streams in (1, 8):
+            on: list[float] = []
+            off: list[float] = []
+            for _ in range(passes):
+                on.append(asyncio.run(rate(constrained, streams))[0])
+                off.append(asyncio.run(rate(plain, streams))[0])
+            figures[f"{streams}_streams"] = {
+                "constrained_tok_s": statistics.median(on),
+                "unconstrained_tok_s": statistics.median(off),
+                "cost": 1 - statistics.median(on) / statistics.median(off),
+            }
+        return figures
+    finally:
+        engine.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, help="A state directory with SmolLM2 int4 exported (default: export one).")
@@ -273,12 +319,13 @@ def main() -> None:
         export_smollm2_variant(ModelRepository(state_dir / "models"), "int4")
     print(f"machine: {machine()}")
     print(json.dumps({"in_process": in_process(state_dir)}, indent=2), flush=True)
+    print(json.dumps({"engine_cost": engine_cost(state_dir, args.passes)}, indent=2), flush=True)
     plain_steps = {"APPLIANCE_GENERATION__SPECULATIVE": "off", "APPLIANCE_GENERATION__SKIP_FORCED_TOKENS": "false"}
     with Server(state_dir, extra_env=plain_steps) as masks_only:
         print(json.dumps({"mask_cost": mask_cost(masks_only.url, args.passes)}, indent=2), flush=True)
         with Server(state_dir, extra_env={"APPLIANCE_GENERATION__SPECULATIVE": "off"}) as skipping:
-            print(json.dumps({"forced_tokens": forced_gain(skipping.url, masks_only.url, args.passes)}, indent=2), flush=True)
             print(json.dumps({"time_to_first_token": first_token_times(skipping.url, args.repeats)}, indent=2), flush=True)
+            print(json.dumps({"forced_tokens": forced_gain(skipping.url, masks_only.url, args.passes)}, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ compile, or a schema keyword that strict mode cannot honour, is an InvalidInput 
 field the client used.
 
 Each constrained sequence owns a `GrammarState` (a copy of the compiled prototype). On the
-engine thread, `constrain_rows` computes the masks of every constrained row of a step in one
-parallel llguidance call and applies them to the logits with one vectorised unpack, so the
-sampling kernels only ever see allowed tokens; unconstrained rows of the same batch are not
-touched. `constrain_draft` does the same for the rows of a speculative verification (the
-state after each draft token), so speculation stays on for constrained sequences. Tokens the
-grammar forces (`GrammarState.forced`) can be appended without sampling.
+engine thread, `constrain_rows` computes the masks of every constrained row of a step (in one
+parallel llguidance call when there are several, inline when few) and applies them to the
+logits with one vectorised unpack, so the sampling kernels only ever see allowed tokens;
+unconstrained rows of the same batch are not touched. `constrain_draft` does the same for the
+rows of a speculative verification (the state after each draft token), so speculation stays
+on for constrained sequences. Tokens the grammar forces (`GrammarState.forced`) can be
+appended without sampling.
 
 Never imports onnxruntime.
 """
@@ -64,6 +65,10 @@ PARSER_LIMITS = llguidance.LLParserLimits(
 #: JSON as `json.dumps` writes it. Free whitespace lets a model (a small one especially) pad
 #: its answer with blank lines until max_tokens cuts it; one fixed spacing costs no quality.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+#: Fewer constrained rows than this get their masks on the engine thread: a mask takes a few
+#: to tens of microseconds, less than handing it to llguidance's thread pool, whose workers
+#: would then spin beside ONNX Runtime's.
+PARALLEL_MASK_MIN_ROWS = 4
 #: Bits per word of llguidance's token bitmask.
 MASK_WORD_BITS = 32
 
@@ -251,7 +256,11 @@ def constrain_rows(logits: np.ndarray, states: Sequence[tuple[int, GrammarState]
         return
     words = (logits.shape[1] + MASK_WORD_BITS - 1) // MASK_WORD_BITS
     mask = np.zeros((len(states), words), np.int32)
-    llnp.fill_next_token_bitmask_par(_shared_executor(), [(state.matcher, index) for index, (_, state) in enumerate(states)], mask)
+    if len(states) < PARALLEL_MASK_MIN_ROWS:
+        for index, (_, state) in enumerate(states):
+            llnp.fill_next_token_bitmask(state.matcher, mask, index)
+    else:
+        llnp.fill_next_token_bitmask_par(_shared_executor(), [(state.matcher, index) for index, (_, state) in enumerate(states)], mask)
     _apply(logits, np.asarray([row for row, _ in states], np.int64), mask)
 
 
@@ -259,6 +268,14 @@ def constrain_draft(logits: np.ndarray, state: GrammarState, draft: Sequence[int
     """Mask a verification run's rows in place: row j gets the mask after draft[:j] (the
     grammar state is left where it was)."""
     words = (logits.shape[1] + MASK_WORD_BITS - 1) // MASK_WORD_BITS
-    mask = np.full((len(draft) + 1, words), -1, np.int32)  # rows past a rejected token stay open
-    llnp.fill_next_token_bitmask_par_with_draft_tokens(_shared_executor(), [(state.matcher, 0, list(draft))], mask)
+    mask = np.full((len(draft) + 1, words), -1, np.int32)  # rows past a refused token stay open
+    matcher = state.matcher
+    consumed = 0
+    for position in range(len(draft) + 1):
+        llnp.fill_next_token_bitmask(matcher, mask, position)
+        if position == len(draft) or matcher.validate_tokens([draft[position]]) != 1:
+            break  # (a refused token would leave the matcher in its error state for good)
+        matcher.consume_token(draft[position])
+        consumed += 1
+    matcher.rollback(consumed)
     _apply(logits, np.arange(len(draft) + 1), mask)
