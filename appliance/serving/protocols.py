@@ -82,7 +82,7 @@ class GenerationModelInfo:
     vocab_size: int
     max_tokens_limit: int
     has_chat_template: bool
-    #: How the model writes tool calls (a tool_calls.py format name).
+    #: How the model writes tool calls (a format name of appliance/generation/tool_calls).
     tool_parser: str
     #: Execution provider of the decoder's session ("cpu", "cuda").
     provider: str | None
