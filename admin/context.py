@@ -2,7 +2,7 @@
 
 The admin layer sits beside the API layer and may not import it, so the composition root
 passes the shared pieces (settings, database, key store, the ModelService, privacy policy,
-request log) in this one object, kept on `app.state.admin`. The admin's own services (users,
+request log, usage recorder, the folder `appliance bench` writes its figures to) in this one object, kept on `app.state.admin`. The admin's own services (users,
 sessions, audit, deployments, export jobs) are built here from the database. Holds no logic.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.config import Settings
@@ -23,6 +24,7 @@ from appliance.store.export_jobs import ExportJobStore
 from appliance.store.keys import KeyStore
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
+from appliance.store.usage_recorder import UsageRecorder
 
 if TYPE_CHECKING:
     from appliance.admin.dashboard import DashboardSampler
@@ -39,6 +41,9 @@ class AdminContext:
     models: ModelService
     privacy: PrivacyPolicy
     request_log: RequestLog
+    usage: UsageRecorder
+    #: `<state dir>/bench`: the measured throughputs that price usage (usage page).
+    bench_dir: Path
     #: True when the server answers over HTTPS (cookies get the Secure flag).
     tls: bool = False
     started_at: float = field(default_factory=time.time)

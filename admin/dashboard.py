@@ -29,7 +29,6 @@ SAMPLE_INTERVAL_S = 5.0
 SAMPLES_KEPT = 720
 #: Window over which tokens/s is averaged for the cost figure.
 COST_WINDOW_S = 300.0
-HOURS_PER_YEAR = 8766.0
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 
 
@@ -59,15 +58,13 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 def cost_per_1k_tokens(cost: CostSettings, tokens_per_s: float) -> dict[str, Any]:
     """What 1k tokens cost on this box at `tokens_per_s`: amortised hardware plus electricity."""
-    hardware_per_hour = cost.hardware_price / (cost.lifetime_years * HOURS_PER_YEAR)
-    power_per_hour = cost.power_watts / 1000.0 * cost.electricity_price_kwh
-    per_hour = hardware_per_hour + power_per_hour
+    per_hour = cost.per_hour
     per_1k = per_hour / (tokens_per_s * 3.6) if tokens_per_s > 0 else None
     return {
         "currency": cost.currency,
         "per_hour": per_hour,
-        "hardware_per_hour": hardware_per_hour,
-        "power_per_hour": power_per_hour,
+        "hardware_per_hour": cost.amortisation_per_h,
+        "power_per_hour": cost.power_per_h,
         "tokens_per_s": tokens_per_s,
         "per_1k_tokens": per_1k,
         "cloud_per_1k_tokens": cost.cloud_price_per_1k_tokens,

@@ -27,6 +27,7 @@ NAVIGATION = (
     ("dashboard", "/admin", "Dashboard"),
     ("models", "/admin/models", "Models"),
     ("keys", "/admin/keys", "API keys"),
+    ("usage", "/admin/usage", "Usage"),
     ("privacy", "/admin/privacy", "Privacy"),
     ("audit", "/admin/audit", "Audit log"),
     ("playground", "/admin/playground", "Playground"),

@@ -2,9 +2,10 @@
 
 The composition root of the server: it wires the layers and owns their lifetimes. The
 lifespan starts the ModelService (which loads the deployable models that fit its budget in the
-background; readiness says 503 until they settle) and the repository watch, and at shutdown
-lets in-flight work finish within `drain_grace_s`. Refuses to build an app that would listen
-beyond loopback without authentication. Never imports the export stage, torch or transformers.
+background; readiness says 503 until they settle), the repository watch and the usage writer,
+and at shutdown lets in-flight work finish within `drain_grace_s`, then writes the last usage
+counts. Refuses to build an app that would listen beyond loopback without authentication.
+Never imports the export stage, torch or transformers.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from appliance.admin import AdminContext, install_admin
 from appliance.api.context import ServerContext
 from appliance.api.errors import install_error_handlers
 from appliance.api.request_logging import RequestLogMiddleware
+from appliance.api.usage_counting import UsageCounter
 from appliance.api.metrics import ServerMetrics
 from appliance.api.middleware import GuardMiddleware, InflightCounter
+from appliance.benchmark.results import BENCH_DIR
 from appliance.config import Settings
 from appliance.errors import ConfigError
 from appliance.generation.metrics import GenerationMetrics
@@ -48,6 +51,7 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
+from appliance.store.usage_recorder import UsageRecorder
 
 log = logging.getLogger("appliance.server")
 
@@ -123,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     privacy = PrivacyPolicy(settings, database)
     ctx.api_networks, ctx.admin_networks = privacy.api_networks, privacy.admin_networks  # live lists: the UI edits them
     request_log = RequestLog(database)
+    usage = UsageRecorder(database)
     if settings.auth and keys.count_active() == 0:
         log.warning("no API keys yet: every /v1 and /v2 request will get 401; create one with `appliance keys create NAME`")
     watch = RepositoryWatch(models, settings.repository_poll_s)
@@ -130,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await models.start()
+        usage.start()
         watching = asyncio.get_running_loop().create_task(watch.run(), name="repository-watch") if settings.repository_poll_s else None
         try:
             yield
@@ -140,6 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
                     await watching
             ctx.draining = True
             await models.close(grace_s=settings.drain_grace_s)
+            await asyncio.to_thread(usage.close)
             database.close()
 
     app = FastAPI(
@@ -158,9 +165,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_chat_routes.router)
     app.include_router(rerank_routes.router)
     app.include_router(metrics_routes.router)
-    admin = AdminContext(settings, database, keys, models, privacy, request_log, tls=settings.tls_cert is not None)
+    admin = AdminContext(
+        settings, database, keys, models, privacy, request_log, usage, settings.state_dir / BENCH_DIR,
+        tls=settings.tls_cert is not None,
+    )
     install_admin(app, admin)
-    app.add_middleware(RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database))
+    app.add_middleware(
+        RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database),
+        usage=UsageCounter(usage, models, auth=settings.auth),
+    )
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight
     )

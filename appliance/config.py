@@ -30,6 +30,9 @@ DEFAULT_PORT = 8000
 #: The state directory is readable by its owner only.
 STATE_DIR_MODE = 0o700
 SYSTEMD_STATE_DIR = Path("/var/lib/appliance")
+#: Hours in an average year (365.25 days), so leap years are amortised too.
+HOURS_PER_YEAR = 365.25 * 24
+WATTS_PER_KILOWATT = 1000.0
 
 
 def default_state_dir() -> Path:
@@ -192,6 +195,23 @@ class CostSettings(BaseModel):
         0.00002, ge=0, description="A cloud embeddings API's price per 1k input tokens, for comparison."
     )
     currency: str = Field("EUR", min_length=1, max_length=8, description="Currency label for reports.")
+
+    # The box's cost per hour of operation, in one place for the benchmark, the dashboard and
+    # the usage report: amortised hardware plus electricity (the box costs this whether busy or not).
+    @property
+    def amortisation_per_h(self) -> float:
+        """Hardware price spread over its lifetime, per hour."""
+        return self.hardware_price / (self.lifetime_years * HOURS_PER_YEAR)
+
+    @property
+    def power_per_h(self) -> float:
+        """Electricity at the stated power draw, per hour."""
+        return self.power_watts / WATTS_PER_KILOWATT * self.electricity_price_kwh
+
+    @property
+    def per_hour(self) -> float:
+        """What one hour of the box costs: amortisation plus power."""
+        return self.amortisation_per_h + self.power_per_h
 
 
 class Settings(BaseSettings):

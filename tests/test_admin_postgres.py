@@ -4,11 +4,6 @@ the append-only audit log and the request-log purge. Skipped where PostgreSQL is
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,46 +25,10 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog, RequestRecord
-from tests.helpers.server import free_port
+from tests.helpers.postgres import postgres_url  # noqa: F401 - fixture
 
 pytest.importorskip("psycopg")
 ADMIN_TABLES = {"admin_users", "admin_sessions", "deployments", "app_settings", "export_jobs", "audit_events", "request_log"}
-SERVER_USER = "postgres"
-PG_START_TIMEOUT_S = 60
-
-
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server binaries are not installed")
-    as_root = os.geteuid() == 0
-    if as_root and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start PostgreSQL as its own user")
-    prefix = ["runuser", "-u", SERVER_USER, "--"] if as_root else []
-    root = Path(tempfile.mkdtemp(prefix="appliance-pg-"))
-    data = root / "data"
-    if as_root:
-        os.chmod(root, 0o755)
-        shutil.chown(root, SERVER_USER)
-    port = free_port()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "appliance", "--no-sync"], check=True, capture_output=True, timeout=120)
-    options = f"-p {port} -k {root} -c listen_addresses='' -c fsync=off"
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "-t", str(PG_START_TIMEOUT_S), "start"],
-                   check=True, capture_output=True, timeout=PG_START_TIMEOUT_S + 30)
-    try:
-        yield f"postgresql+psycopg://appliance@/postgres?host={root}&port={port}"
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

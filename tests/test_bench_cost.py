@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from appliance.benchmark.compare import frontier, quality_loss, recommend
-from appliance.benchmark.cost import HOURS_PER_YEAR, HourlyCost, cost_per_1k, point_cost
+from appliance.benchmark.cost import HourlyCost, cost_per_1k, point_cost
 from appliance.benchmark.results import PointResult, VariantResult
-from appliance.config import CostSettings
+from appliance.config import HOURS_PER_YEAR, CostSettings
 from appliance.errors import InvalidInput
 
 # A box that costs exactly 1.0 per hour to own (price = hours in one year, 1 year) and 0.5 per

@@ -1,6 +1,6 @@
 """API keys page: create (the key is shown once, on the answer to the create form, never in a
-URL or the audit log), list with last use, revoke. Never stores or logs a key: the key store
-keeps only its hash."""
+URL or the audit log) with an optional group (the team its usage counts toward), list with
+group and last use, revoke. Never stores or logs a key: the key store keeps only its hash."""
 
 from __future__ import annotations
 
@@ -45,13 +45,14 @@ def create_key(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: 
                 expires_days = float(raw_days)
             except ValueError:
                 raise InvalidInput(f"expires_days: {raw_days!r} is not a number of days", field="expires_days") from None
-        key, info = ctx.keys.create(name, scopes, expires_days=expires_days)
+        key, info = ctx.keys.create(name, scopes, expires_days=expires_days, group=form.get("group"))
     except InvalidInput as exc:
         return _page(request, ctx, error=exc.message, status_code=400)
     expiry = f", expires {info.expires_at:%Y-%m-%d}" if info.expires_at else ", no expiry"
+    group = f", group {info.group}" if info.group else ""
     ctx.audit.record(
         "key.create", actor=admin.user_name, address=client_address(request), target=info.name,
-        detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}",
+        detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}{group}",
     )
     return _page(request, ctx, new_key=key, new_name=info.name, status_code=201)
 

@@ -3,7 +3,9 @@
 `InferKeyDep`, `AdminKeyDep` check `Authorization: Bearer <key>` against the key store
 (scopes: `admin` includes the others); `CtxDep` and `ModelsDep` hand over the running server.
 Verified keys are cached for KEY_CACHE_TTL_S so a busy client does not cost a database read per
-request; a revocation therefore takes effect within that time. Never logs a key.
+request; a revocation therefore takes effect within that time. The verified key's public prefix
+is left in the request's ASGI state (`verified_key_id`), so the usage counting middleware
+charges only keys that were checked, never a prefix a client merely sent. Never logs a key.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, Request
+from starlette.types import Scope
 
 from appliance.api.context import ServerContext, in_networks
 from appliance.errors import Forbidden, Unauthorized
@@ -23,6 +26,8 @@ from appliance.store.keys import KeyInfo
 #: Seconds a verified key is trusted without asking the database again.
 KEY_CACHE_TTL_S = 2.0
 KEY_CACHE_MAX_ENTRIES = 1024
+#: Where a request's verified key id is kept in its ASGI scope's state.
+VERIFIED_KEY_STATE = "verified_key_id"
 
 
 async def get_ctx(request: Request) -> ServerContext:
@@ -85,9 +90,16 @@ def require_scope(scope: str):  # noqa: ANN201 - returns a FastAPI dependency
         info = await verified_key(request, ctx)
         if scope not in info.scopes and "admin" not in info.scopes:
             raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
+        setattr(request.state, VERIFIED_KEY_STATE, info.prefix)
         return info
 
     return check
+
+
+def verified_key_id(scope: Scope) -> str | None:
+    """The public prefix of the key `require_scope` accepted for this request, if it did."""
+    state = scope.get("state")
+    return state.get(VERIFIED_KEY_STATE) if isinstance(state, dict) else None
 
 
 InferKeyDep = Annotated[KeyInfo | None, Depends(require_scope("infer"))]

@@ -5,13 +5,15 @@ A pure ASGI middleware around the inference routes (`/v1/chat/completions`, `/v1
 public prefix, status, latency and token counts (read from the response's `usage`, or counted
 from the stream's chunks) and then, by the privacy policy's mode:
 
-- `off`: writes nothing to the database;
+- `off`: writes no request row;
 - `metadata` (default): writes those numbers only, never any text;
 - `full`: also the prompt and completion text, which expire after the retention period.
 
-The live statistics for the dashboard are fed in every mode (numbers only, in memory). Text
-seen while parsing lives only in this request's memory. Never logs prompt or completion text,
-never changes what the client receives, and a failure here never fails the request.
+In every mode, `off` included, the live statistics for the dashboard (in memory) and the usage
+counts per key and model (`usage_counting.py`: numbers aggregated per minute, never text) are
+fed. Text seen while parsing lives only in this request's memory. Never logs prompt or
+completion text, never changes what the client receives, and a failure here never fails the
+request.
 
 It also writes an audit event for every API request refused with 401 or 403 (who: the key's
 public prefix if one was sent; never the key), rate-limited per address.
@@ -30,6 +32,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.api.usage_counting import UsageCounter
 from appliance.store.audit import AuditLog, DeniedAuditLimiter, audit_denied
 from appliance.store.keys import KEY_PATTERN
 from appliance.store.privacy import PrivacyPolicy
@@ -39,14 +42,18 @@ log = logging.getLogger("appliance.api")
 
 LOGGED_PATH = re.compile(
     r"^/v1/(?P<openai>chat/completions|completions|embeddings)$"
-    r"|^/v2/models/(?P<v2model>[^/]+)(?:/versions/[^/]+)?/infer$"
+    r"|^/v2/models/(?P<v2model>[^/]+)(?:/versions/(?P<v2version>[^/]+))?/infer$"
     r"|^(?:/v1|/v2)?/(?P<rerank>rerank)$"
 )
 ADMIN_PREFIX = "/admin"
 #: Request bodies larger than this are not parsed for the model name or prompt.
 REQUEST_CAPTURE_MAX_BYTES = 4 << 20
-#: JSON responses larger than this are not parsed for usage (big embedding batches).
+#: JSON responses larger than this are not parsed whole (big embedding batches); their `usage`
+#: is then read from the last USAGE_TAIL_BYTES, where every route puts it.
 RESPONSE_CAPTURE_MAX_BYTES = 4 << 20
+USAGE_TAIL_BYTES = 4096
+#: A flat `"usage": {...}` object (no nested braces), as the routes write it.
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 
 
 class _ResponseReader:
@@ -56,6 +63,7 @@ class _ResponseReader:
         self.keep_text = keep_text
         self.streaming = False
         self._buffer = bytearray()
+        self._tail = b""
         self._overflow = False
         self._pending_line = b""
         self.text_parts: list[str] = []
@@ -75,10 +83,12 @@ class _ResponseReader:
                 self._event_line(line.strip())
             return
         if self._overflow:
+            self._tail = (self._tail + data)[-USAGE_TAIL_BYTES:]
             return
         self._buffer.extend(data)
         if len(self._buffer) > RESPONSE_CAPTURE_MAX_BYTES:
             self._overflow = True
+            self._tail = bytes(self._buffer[-USAGE_TAIL_BYTES:])
             self._buffer.clear()
 
     def _event_line(self, line: bytes) -> None:
@@ -110,7 +120,10 @@ class _ResponseReader:
             if self._pending_line:
                 self._event_line(self._pending_line.strip())
             return
-        if self._overflow or not self._buffer:
+        if self._overflow:
+            self._usage_from_tail()
+            return
+        if not self._buffer:
             return
         try:
             body = json.loads(bytes(self._buffer))
@@ -130,6 +143,17 @@ class _ResponseReader:
                 piece = message.get("content") if message else choice.get("text")
                 if isinstance(piece, str):
                     self.text_parts.append(piece)
+
+    def _usage_from_tail(self) -> None:
+        matches = USAGE_OBJECT.findall(self._tail)
+        if not matches:
+            return
+        try:
+            usage = json.loads(matches[-1])
+        except ValueError:
+            return
+        if isinstance(usage, dict):
+            self.usage = usage
 
     def tokens(self) -> tuple[int | None, int | None]:
         if self.usage is not None:
@@ -177,11 +201,14 @@ def _key_id(scope: Scope) -> str | None:
 
 
 class RequestLogMiddleware:
-    def __init__(self, app: ASGIApp, *, policy: PrivacyPolicy, request_log: RequestLog, audit: AuditLog) -> None:
+    def __init__(
+        self, app: ASGIApp, *, policy: PrivacyPolicy, request_log: RequestLog, audit: AuditLog, usage: UsageCounter
+    ) -> None:
         self.app = app
         self.policy = policy
         self.request_log = request_log
         self.audit = audit
+        self.usage = usage
         self.denied_limiter = DeniedAuditLimiter()
 
     async def _audit_if_denied(self, scope: Scope, status: int) -> None:
@@ -220,6 +247,7 @@ class RequestLogMiddleware:
             return
         mode = self.policy.mode
         started = time.perf_counter()
+        scope.setdefault("state", {})  # shared with the route, which leaves the verified key there
         kind = match.group("openai") or match.group("rerank")
         body = bytearray()
         status = 500
@@ -274,8 +302,6 @@ class RequestLogMiddleware:
         prompt_tokens, completion_tokens = reader.tokens()
         generated = completion_tokens if kind not in ("embeddings", "rerank") else prompt_tokens
         self.request_log.live.add(latency_s, status, generated or 0)
-        if mode == "off":
-            return
         parsed: dict[str, Any] = {}
         if kind is not None and body and len(body) <= REQUEST_CAPTURE_MAX_BYTES:
             try:
@@ -286,6 +312,12 @@ class RequestLogMiddleware:
                 # the row is still written, with the metadata that is known.
                 parsed = {}
         model = match.group("v2model") or (parsed.get("model") if isinstance(parsed.get("model"), str) else "") or "-"
+        self.usage.count(
+            scope, kind=kind, model=model, path_version=match.group("v2version"), body=parsed, status=status,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        )
+        if mode == "off":
+            return
         record = RequestRecord(
             at=datetime.now(UTC),
             endpoint=scope.get("path", ""),

@@ -14,10 +14,7 @@ from dataclasses import dataclass
 
 from appliance.config import CostSettings
 
-#: Hours in an average year (365.25 days), so leap years are amortised too.
-HOURS_PER_YEAR = 365.25 * 24
 SECONDS_PER_HOUR = 3600.0
-WATTS_PER_KILOWATT = 1000.0
 #: Costs are quoted per this many units (tokens, embedded inputs).
 UNITS_PER_QUOTE = 1000.0
 
@@ -35,10 +32,7 @@ class HourlyCost:
 
     @classmethod
     def from_settings(cls, cost: CostSettings) -> HourlyCost:
-        return cls(
-            amortisation_per_h=cost.hardware_price / (cost.lifetime_years * HOURS_PER_YEAR),
-            power_per_h=cost.power_watts / WATTS_PER_KILOWATT * cost.electricity_price_kwh,
-        )
+        return cls(amortisation_per_h=cost.amortisation_per_h, power_per_h=cost.power_per_h)
 
 
 def cost_per_1k(units_per_s: float, hourly: HourlyCost) -> float | None:

@@ -1,4 +1,4 @@
-"""API keys: creation, lookup, listing, revocation.
+"""API keys: creation, lookup, listing, revocation, and the optional group (team) a key is in.
 
 A key reads `apl_<prefix>_<secret>`: the prefix (48 random bits, not secret) finds the row,
 the secret carries 256 random bits. Only the SHA-256 of the whole key is stored and it is
@@ -32,6 +32,8 @@ SECRET_BYTES = 32
 #: request into a database write.
 LAST_USED_RESOLUTION_S = 60.0
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Group names follow the key names' rule (they appear in reports, CSV files and URLs).
+GROUP_NAME_PATTERN = KEY_NAME_PATTERN
 KEY_PATTERN = re.compile(rf"^{KEY_TAG}_([0-9a-f]{{{PREFIX_BYTES * 2}}})_([A-Za-z0-9_-]{{20,128}})$")
 
 
@@ -46,6 +48,8 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    #: The team the key's usage and cost count toward (None: no group).
+    group: str | None = None
 
     def state(self, now: datetime | None = None) -> str:
         now = now or datetime.now(UTC)
@@ -68,6 +72,7 @@ class KeyInfo:
             "expires_at": iso(self.expires_at),
             "revoked_at": iso(self.revoked_at),
             "last_used_at": iso(self.last_used_at),
+            "group": self.group,
         }
 
 
@@ -80,11 +85,21 @@ def _info(row: ApiKey) -> KeyInfo:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        group=row.group,
     )
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_group(group: str | None) -> str | None:
+    """A valid group name, or None for an empty one (no group); InvalidInput otherwise."""
+    if group is None or not group.strip():
+        return None
+    if not GROUP_NAME_PATTERN.fullmatch(group.strip()):
+        raise InvalidInput(f"group: {group!r} is not a valid group name (1-64 of A-Z a-z 0-9 . _ -)", field="group")
+    return group.strip()
 
 
 class KeyStore:
@@ -94,7 +109,7 @@ class KeyStore:
         self.database = database
 
     def create(
-        self, name: str, scopes: Iterable[str] = ("infer",), *, expires_days: float | None = None
+        self, name: str, scopes: Iterable[str] = ("infer",), *, expires_days: float | None = None, group: str | None = None
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns (the key, shown once; its public info)."""
         if not KEY_NAME_PATTERN.fullmatch(name):
@@ -107,6 +122,7 @@ class KeyStore:
             raise InvalidInput(f"scope: unknown scope {unknown[0]!r}; choose from {', '.join(SCOPES)}", field="scope")
         if expires_days is not None and expires_days <= 0:
             raise InvalidInput("expires: must be a positive number of days", field="expires")
+        group = check_group(group)
         prefix = secrets.token_hex(PREFIX_BYTES)
         key = f"{KEY_TAG}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
         now = datetime.now(UTC)
@@ -117,6 +133,7 @@ class KeyStore:
             scopes=" ".join(chosen),
             created_at=now,
             expires_at=now + timedelta(days=expires_days) if expires_days is not None else None,
+            group=group,
         )
         try:
             with self.database.session() as session:
@@ -136,6 +153,27 @@ class KeyStore:
                 raise NotFound(f"name: no key named {name!r}", field="name")
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
+            return _info(row)
+
+    def set_group(self, name: str, group: str | None) -> KeyInfo:
+        """Put the key in `group` (None or '': in no group). Usage counted from then on goes to
+        the new group; what was counted before stays with the old one."""
+        group = check_group(group)
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                raise NotFound(f"name: no key named {name!r}", field="name")
+            row.group = group
+            return _info(row)
+
+    def find(self, name_or_id: str) -> KeyInfo:
+        """The key with this name, or with this id (its public prefix); NotFound otherwise."""
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.name == name_or_id)) or session.scalar(
+                select(ApiKey).where(ApiKey.prefix == name_or_id)
+            )
+            if row is None:
+                raise NotFound(f"key: no key named {name_or_id!r} or with that id", field="key")
             return _info(row)
 
     def count_active(self) -> int:

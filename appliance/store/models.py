@@ -51,3 +51,6 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    #: The team the key belongs to, for usage and cost per group (None: no group). The column
+    #: is `key_group` because GROUP is an SQL keyword.
+    group: Mapped[str | None] = mapped_column("key_group", String(64), nullable=True)
