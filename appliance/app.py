@@ -30,6 +30,7 @@ from appliance.admin import AdminContext, install_admin
 from appliance.api.context import ServerContext
 from appliance.api.errors import install_error_handlers
 from appliance.api.request_logging import RequestLogMiddleware
+from appliance.api.rate_limit_headers import RateLimitHeaders
 from appliance.api.usage_counting import UsageCounter
 from appliance.api.metrics import ServerMetrics
 from appliance.api.middleware import GuardMiddleware, InflightCounter
@@ -51,6 +52,7 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
+from appliance.store.rate_limits import RateLimiter
 from appliance.store.usage_recorder import UsageRecorder
 
 log = logging.getLogger("appliance.server")
@@ -123,7 +125,10 @@ def create_app(settings: Settings) -> FastAPI:
     )
     metrics.attach(models, inflight)
     keys = KeyStore(database)
-    ctx = ServerContext(settings=settings, database=database, keys=keys, models=models, metrics=metrics)
+    rate_limiter = RateLimiter(database)
+    ctx = ServerContext(
+        settings=settings, database=database, keys=keys, models=models, metrics=metrics, rate_limiter=rate_limiter
+    )
     privacy = PrivacyPolicy(settings, database)
     ctx.api_networks, ctx.admin_networks = privacy.api_networks, privacy.admin_networks  # live lists: the UI edits them
     request_log = RequestLog(database)
@@ -147,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
             ctx.draining = True
             await models.close(grace_s=settings.drain_grace_s)
             await asyncio.to_thread(usage.close)
+            await asyncio.to_thread(rate_limiter.flush)
             database.close()
 
     app = FastAPI(
@@ -172,8 +178,9 @@ def create_app(settings: Settings) -> FastAPI:
     install_admin(app, admin)
     app.add_middleware(
         RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database),
-        usage=UsageCounter(usage, models, auth=settings.auth),
+        usage=UsageCounter(usage, models, auth=settings.auth, rate_limiter=rate_limiter),
     )
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight
     )

@@ -15,6 +15,7 @@ from appliance.admin.context import AdminContext
 from appliance.admin.views import render
 from appliance.errors import InvalidInput, NotFound
 from appliance.store.keys import SCOPES
+from appliance.store.rate_limits import RateLimits
 
 router = APIRouter()
 FormDep = Annotated[dict[str, str], Depends(form_of)]
@@ -45,16 +46,30 @@ def create_key(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: 
                 expires_days = float(raw_days)
             except ValueError:
                 raise InvalidInput(f"expires_days: {raw_days!r} is not a number of days", field="expires_days") from None
-        key, info = ctx.keys.create(name, scopes, expires_days=expires_days, group=form.get("group"))
+        limits = RateLimits(
+            rpm=_whole(form, "rpm"), tpm=_whole(form, "tpm"), tokens_per_day=_whole(form, "tokens_per_day")
+        )
+        key, info = ctx.keys.create(name, scopes, expires_days=expires_days, group=form.get("group"), limits=limits)
     except InvalidInput as exc:
         return _page(request, ctx, error=exc.message, status_code=400)
     expiry = f", expires {info.expires_at:%Y-%m-%d}" if info.expires_at else ", no expiry"
     group = f", group {info.group}" if info.group else ""
+    limited = f", limits {info.limits.as_json()}" if info.limits.any else ""
     ctx.audit.record(
         "key.create", actor=admin.user_name, address=client_address(request), target=info.name,
-        detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}{group}",
+        detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}{group}{limited}",
     )
     return _page(request, ctx, new_key=key, new_name=info.name, status_code=201)
+
+
+def _whole(form: dict[str, str], field: str) -> int | None:
+    """A limit field of the form: empty is no limit; anything but a whole number is a 400."""
+    raw = form.get(field, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise InvalidInput(f"{field}: {raw!r} is not a whole number", field=field)
+    return int(raw)
 
 
 @router.post("/admin/keys/{name}/revoke", include_in_schema=False)

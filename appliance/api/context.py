@@ -15,6 +15,7 @@ from appliance.config import Settings
 from appliance.serving.service import ModelService
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
+from appliance.store.rate_limits import RateLimiter
 
 #: How long a database reachability answer is reused by readiness probes, in seconds.
 DB_CHECK_INTERVAL_S = 2.0
@@ -29,6 +30,8 @@ class ServerContext:
     keys: KeyStore
     models: ModelService
     metrics: Any
+    #: Per-key rate limits (None: not enforced, e.g. a bare context in tests).
+    rate_limiter: RateLimiter | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     _db_ok: bool = True

@@ -5,7 +5,8 @@
 Verified keys are cached for KEY_CACHE_TTL_S so a busy client does not cost a database read per
 request; a revocation therefore takes effect within that time. The verified key's public prefix
 is left in the request's ASGI state (`verified_key_id`), so the usage counting middleware
-charges only keys that were checked, never a prefix a client merely sent. Never logs a key.
+charges only keys that were checked, never a prefix a client merely sent. A key with rate
+limits is counted against them here (store/rate_limits.py): 429 beyond them. Never logs a key.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ from fastapi import Depends, Request
 from starlette.types import Scope
 
 from appliance.api.context import ServerContext, in_networks
-from appliance.errors import Forbidden, Unauthorized
+from appliance.errors import CapacityExceeded, Forbidden, Unauthorized
 from appliance.serving.service import ModelService
 from appliance.store.keys import KeyInfo
+from appliance.store.rate_limits import RateLimiter
 
 #: Seconds a verified key is trusted without asking the database again.
 KEY_CACHE_TTL_S = 2.0
 KEY_CACHE_MAX_ENTRIES = 1024
 #: Where a request's verified key id is kept in its ASGI scope's state.
 VERIFIED_KEY_STATE = "verified_key_id"
+#: Where the rate-limit headers of a limited key's request wait for its response.
+RATE_HEADERS_STATE = "rate_limit_headers"
+#: The key a finished request's tokens are charged to (keys with token limits only).
+RATE_CHARGED_KEY_STATE = "rate_charged_key"
 
 
 async def get_ctx(request: Request) -> ServerContext:
@@ -91,9 +97,23 @@ def require_scope(scope: str):  # noqa: ANN201 - returns a FastAPI dependency
         if scope not in info.scopes and "admin" not in info.scopes:
             raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
         setattr(request.state, VERIFIED_KEY_STATE, info.prefix)
+        if scope == "infer" and info.limits.any and ctx.rate_limiter is not None:
+            await _admit(request, ctx.rate_limiter, info)
         return info
 
     return check
+
+
+async def _admit(request: Request, limiter: RateLimiter, info: KeyInfo) -> None:
+    """Count the request against its key's limits; CapacityExceeded (429) beyond them. The
+    x-ratelimit-* headers go into the request's state, where RateLimitHeaders adds them to the
+    response (a refusal's too); a key with token limits is marked for charging at the end."""
+    decision = await anyio.to_thread.run_sync(limiter.admit, info.prefix, info.limits)
+    setattr(request.state, RATE_HEADERS_STATE, decision.headers)
+    if info.limits.counts_tokens:
+        setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
+    if not decision.allowed:
+        raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
 
 
 def verified_key_id(scope: Scope) -> str | None:

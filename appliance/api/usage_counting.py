@@ -21,9 +21,10 @@ from typing import Any
 
 from starlette.types import Scope
 
-from appliance.api.deps import verified_key_id
+from appliance.api.deps import RATE_CHARGED_KEY_STATE, verified_key_id
 from appliance.errors import ModelNotFound
 from appliance.serving.service import ModelService
+from appliance.store.rate_limits import RateLimiter
 from appliance.store.usage_recorder import UsageEvent, UsageRecorder
 from appliance.store.usage_tables import MODEL_MAX_CHARS, UNKNOWN_MODEL, VERSION_MAX_CHARS
 
@@ -50,10 +51,12 @@ def rerank_documents(body: dict[str, Any]) -> int:
 class UsageCounter:
     """Builds a UsageEvent per request and hands it to the recorder."""
 
-    def __init__(self, recorder: UsageRecorder, models: ModelService, *, auth: bool) -> None:
+    def __init__(self, recorder: UsageRecorder, models: ModelService, *, auth: bool, rate_limiter: RateLimiter | None = None) -> None:
+        """`rate_limiter`: where the tokens of keys with token limits are charged."""
         self.recorder = recorder
         self.models = models
         self.auth = auth
+        self.rate_limiter = rate_limiter
 
     def count(
         self,
@@ -74,6 +77,7 @@ class UsageCounter:
                 return
         else:
             key_id = ""
+        self._charge_tokens(scope, (prompt_tokens or 0) + ((completion_tokens or 0) if kind in GENERATION_KINDS else 0))
         label, version = self._served(model, path_version, status)
         ok = status < 400
         self.recorder.add(
@@ -89,6 +93,13 @@ class UsageCounter:
                 rerank_documents=rerank_documents(body) if ok and kind == "rerank" else 0,
             )
         )
+
+    def _charge_tokens(self, scope: Scope, tokens: int) -> None:
+        """A finished request of a key with token limits: its tokens count toward them."""
+        state = scope.get("state")
+        key_id = state.get(RATE_CHARGED_KEY_STATE) if isinstance(state, dict) else None
+        if key_id and self.rate_limiter is not None:
+            self.rate_limiter.charge(key_id, tokens)
 
     def _served(self, model: str, path_version: str | None, status: int) -> tuple[str, str]:
         """The model's label and the version that served (an explicit V2 version, else the

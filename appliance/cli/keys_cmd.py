@@ -2,8 +2,9 @@
 
 The key is printed once, at creation (`--quiet`: the key alone on stdout, for scripts); only
 its SHA-256 is stored. `--group` puts a key in a team whose usage and cost are summed
-(`appliance usage`, the admin Usage page). The database is migrated first, so these work on a
-fresh state dir.
+(`appliance usage`, the admin Usage page). `--rpm`, `--tpm`, `--tokens-per-day` limit a key
+(429 with Retry-After and OpenAI's x-ratelimit-* headers beyond; 0 removes a limit). The
+database is migrated first, so these work on a fresh state dir.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import typer
 from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, app, console, fail, settings_from
 from appliance.errors import ApplianceError
 from appliance.store.db import Database
-from appliance.store.keys import SCOPES, KeyStore
+from appliance.store.keys import SCOPES, KeyInfo, KeyStore
+from appliance.store.rate_limits import RateLimits, checked_limit
 from appliance.store.migrate import upgrade
 
 keys_app = typer.Typer(help="Create, update, list and revoke API keys.", no_args_is_help=True)
@@ -24,7 +26,20 @@ GroupOption = Annotated[
     str | None,
     typer.Option("--group", help="Team the key's usage and cost count toward (letters, digits, . _ -); '' for none."),
 ]
+RpmOption = Annotated[int | None, typer.Option("--rpm", help="Requests per minute (0: no limit).")]
+TpmOption = Annotated[int | None, typer.Option("--tpm", help="Prompt + completion tokens per minute (0: no limit).")]
+TokensPerDayOption = Annotated[int | None, typer.Option("--tokens-per-day", help="Tokens per day (0: no limit).")]
 app.add_typer(keys_app, name="keys")
+
+
+def _limits_text(info: KeyInfo) -> str:
+    limits = info.limits
+    parts = [
+        f"{value} {unit}"
+        for value, unit in ((limits.rpm, "requests/min"), (limits.tpm, "tokens/min"), (limits.tokens_per_day, "tokens/day"))
+        if value is not None
+    ]
+    return ", ".join(parts) or "no limits"
 
 
 def _store(state_dir: object, config: object) -> KeyStore:
@@ -44,12 +59,16 @@ def create(
     expires: Annotated[float | None, typer.Option("--expires", help="Days until the key expires.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the key.")] = False,
     group: GroupOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    tokens_per_day: TokensPerDayOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Create an API key and print it once."""
+    limits = RateLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
     try:
-        key, info = _store(state_dir, config).create(name, scope or ["infer"], expires_days=expires, group=group)
+        key, info = _store(state_dir, config).create(name, scope or ["infer"], expires_days=expires, group=group, limits=limits)
     except ApplianceError as exc:
         fail(str(exc))
     if quiet:
@@ -57,7 +76,10 @@ def create(
         return
     expiry = info.expires_at.isoformat() if info.expires_at else "never"
     in_group = f", group: {info.group}" if info.group else ""
-    console.print(f"created key {info.name!r} (scopes: {' '.join(info.scopes)}, expires: {expiry}{in_group})", highlight=False)
+    console.print(
+        f"created key {info.name!r} (scopes: {' '.join(info.scopes)}, expires: {expiry}{in_group}, {_limits_text(info)})",
+        highlight=False,
+    )
     console.print("store it now, it is not shown again:", highlight=False)
     typer.echo(key)
 
@@ -66,18 +88,28 @@ def create(
 def update(
     name: Annotated[str, typer.Argument(help="Name of the key to change.")],
     group: GroupOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    tokens_per_day: TokensPerDayOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Change a key's settings; its secret stays the same. Usage counted from now on goes to the
-    new group, what was counted before stays with the old one."""
-    if group is None:
-        fail("nothing to update: give --group TEAM (or --group '' to take the key out of its group)", code=2)
+    """Change a key's group or limits; its secret stays the same. Usage counted from now on goes
+    to the new group, what was counted before stays with the old one; running servers apply new
+    limits within seconds."""
+    if group is None and rpm is None and tpm is None and tokens_per_day is None:
+        fail("nothing to update: give --group TEAM, --rpm N, --tpm N or --tokens-per-day N", code=2)
+    store = _store(state_dir, config)
     try:
-        info = _store(state_dir, config).set_group(name, group)
+        for value, flag in ((rpm, "rpm"), (tpm, "tpm"), (tokens_per_day, "tokens-per-day")):
+            checked_limit(value, flag)  # refuse a bad limit before anything is written
+        info = store.set_group(name, group) if group is not None else store.find(name)
+        if rpm is not None or tpm is not None or tokens_per_day is not None:
+            info = store.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
     except ApplianceError as exc:
         fail(str(exc))
-    console.print(f"key {info.name!r} is now in group {info.group!r}" if info.group else f"key {info.name!r} is in no group", highlight=False)
+    in_group = f"in group {info.group!r}" if info.group else "in no group"
+    console.print(f"key {info.name!r} is {in_group}, {_limits_text(info)}", highlight=False)
 
 
 @keys_app.command("list")
@@ -94,7 +126,7 @@ def list_keys(json_output: JsonOption = False, state_dir: StateDirOption = None,
         data = info.as_json()
         console.print(
             f"{info.name:<24} apl_{info.prefix}_…  {' '.join(info.scopes):<20} {data['state']:<8} "
-            f"group {info.group or '-':<16} "
+            f"group {info.group or '-':<16} {_limits_text(info):<28} "
             f"expires {data['expires_at'] or 'never'}  last used {data['last_used_at'] or 'never'}",
             highlight=False,
         )

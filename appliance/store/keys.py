@@ -1,4 +1,5 @@
-"""API keys: creation, lookup, listing, revocation, and the optional group (team) a key is in.
+"""API keys: creation, lookup, listing, revocation, the optional group (team) a key is in, and
+its rate limits (enforced by rate_limits.py).
 
 A key reads `apl_<prefix>_<secret>`: the prefix (48 random bits, not secret) finds the row,
 the secret carries 256 random bits. Only the SHA-256 of the whole key is stored and it is
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from appliance.errors import InvalidInput, NotFound, Unauthorized
 from appliance.store.db import Database
 from appliance.store.models import ApiKey
+from appliance.store.rate_limits import RateLimits, checked_limit
 
 Scope = Literal["infer", "admin", "metrics"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -50,6 +52,7 @@ class KeyInfo:
     last_used_at: datetime | None
     #: The team the key's usage and cost count toward (None: no group).
     group: str | None = None
+    limits: RateLimits = RateLimits()
 
     def state(self, now: datetime | None = None) -> str:
         now = now or datetime.now(UTC)
@@ -73,6 +76,7 @@ class KeyInfo:
             "revoked_at": iso(self.revoked_at),
             "last_used_at": iso(self.last_used_at),
             "group": self.group,
+            "limits": self.limits.as_json(),
         }
 
 
@@ -86,6 +90,7 @@ def _info(row: ApiKey) -> KeyInfo:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         group=row.group,
+        limits=RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day),
     )
 
 
@@ -109,7 +114,13 @@ class KeyStore:
         self.database = database
 
     def create(
-        self, name: str, scopes: Iterable[str] = ("infer",), *, expires_days: float | None = None, group: str | None = None
+        self,
+        name: str,
+        scopes: Iterable[str] = ("infer",),
+        *,
+        expires_days: float | None = None,
+        group: str | None = None,
+        limits: RateLimits = RateLimits(),
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns (the key, shown once; its public info)."""
         if not KEY_NAME_PATTERN.fullmatch(name):
@@ -123,6 +134,8 @@ class KeyStore:
         if expires_days is not None and expires_days <= 0:
             raise InvalidInput("expires: must be a positive number of days", field="expires")
         group = check_group(group)
+        rpm, tpm = checked_limit(limits.rpm, "rpm"), checked_limit(limits.tpm, "tpm")
+        tokens_per_day = checked_limit(limits.tokens_per_day, "tokens-per-day")
         prefix = secrets.token_hex(PREFIX_BYTES)
         key = f"{KEY_TAG}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
         now = datetime.now(UTC)
@@ -134,6 +147,9 @@ class KeyStore:
             created_at=now,
             expires_at=now + timedelta(days=expires_days) if expires_days is not None else None,
             group=group,
+            rpm=rpm,
+            tpm=tpm,
+            tokens_per_day=tokens_per_day,
         )
         try:
             with self.database.session() as session:
@@ -164,6 +180,24 @@ class KeyStore:
             if row is None:
                 raise NotFound(f"name: no key named {name!r}", field="name")
             row.group = group
+            return _info(row)
+
+    def set_limits(
+        self, name: str, *, rpm: int | None = None, tpm: int | None = None, tokens_per_day: int | None = None
+    ) -> KeyInfo:
+        """Change the limits given (None: unchanged; 0: no limit). Running servers apply them
+        within their key cache's lifetime (seconds)."""
+        changes = {
+            column: checked_limit(value, flag)
+            for column, value, flag in (("rpm", rpm, "rpm"), ("tpm", tpm, "tpm"), ("tokens_per_day", tokens_per_day, "tokens-per-day"))
+            if value is not None
+        }
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                raise NotFound(f"name: no key named {name!r}", field="name")
+            for column, value in changes.items():
+                setattr(row, column, value)
             return _info(row)
 
     def find(self, name_or_id: str) -> KeyInfo:

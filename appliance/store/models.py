@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, Integer, String, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -54,3 +54,7 @@ class ApiKey(Base):
     #: The team the key belongs to, for usage and cost per group (None: no group). The column
     #: is `key_group` because GROUP is an SQL keyword.
     group: Mapped[str | None] = mapped_column("key_group", String(64), nullable=True)
+    #: Rate limits (None: no limit): requests and tokens per minute, tokens per day.
+    rpm: Mapped[int | None] = mapped_column("rate_rpm", BigInteger, nullable=True)
+    tpm: Mapped[int | None] = mapped_column("rate_tpm", BigInteger, nullable=True)
+    tokens_per_day: Mapped[int | None] = mapped_column("rate_tokens_per_day", BigInteger, nullable=True)
