@@ -159,10 +159,13 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_keys_cli_sets_shows_and_clears_limits(tmp_path: Path) -> None:
     created = _cli(tmp_path, "keys", "create", "team-bot", "--rpm", "10", "--tpm", "5000")
     assert created.returncode == 0 and "10 requests/min, 5000 tokens/min" in created.stdout
-    updated = _cli(tmp_path, "keys", "update", "team-bot", "--rpm", "0", "--tokens-per-day", "100000")
-    assert updated.returncode == 0 and "5000 tokens/min, 100000 tokens/day" in updated.stdout
+    updated = _cli(tmp_path, "keys", "update", "team-bot", "--rpm", "0", "--tokens-per-day", "100000", "--priority", "batch")
+    assert updated.returncode == 0 and "5000 tokens/min, 100000 tokens/day, priority batch" in updated.stdout
     listed = json.loads(_cli(tmp_path, "keys", "list", "--json").stdout)
     assert listed[0]["limits"] == {"rpm": None, "tpm": 5000, "tokens_per_day": 100000}
+    assert listed[0]["priority"] == "batch"
+    unknown = _cli(tmp_path, "keys", "update", "team-bot", "--priority", "urgent")
+    assert unknown.returncode != 0 and "priority" in unknown.stderr and "Traceback" not in unknown.stderr
     bad = _cli(tmp_path, "keys", "update", "team-bot", "--rpm", "-5", "--group", "ops")
     assert bad.returncode != 0 and "rpm" in bad.stderr and "Traceback" not in bad.stderr
     settings = load_settings(state_dir=tmp_path)

@@ -14,7 +14,7 @@ from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, client_a
 from appliance.admin.context import AdminContext
 from appliance.admin.views import render
 from appliance.errors import InvalidInput, NotFound
-from appliance.store.keys import SCOPES
+from appliance.store.keys import PRIORITIES, SCOPES
 from appliance.store.rate_limits import RateLimits
 
 router = APIRouter()
@@ -25,7 +25,7 @@ def _page(
     request: Request, ctx: AdminContext, *, new_key: str | None = None, new_name: str | None = None,
     error: str | None = None, status_code: int = 200,
 ) -> Response:
-    values = {"keys": ctx.keys.list(), "scopes": SCOPES, "new_key": new_key, "new_name": new_name}
+    values = {"keys": ctx.keys.list(), "scopes": SCOPES, "priorities": PRIORITIES, "new_key": new_key, "new_name": new_name}
     return render(request, "keys.html", values, page="keys", error=error, status_code=status_code)
 
 
@@ -49,12 +49,16 @@ def create_key(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: 
         limits = RateLimits(
             rpm=_whole(form, "rpm"), tpm=_whole(form, "tpm"), tokens_per_day=_whole(form, "tokens_per_day")
         )
-        key, info = ctx.keys.create(name, scopes, expires_days=expires_days, group=form.get("group"), limits=limits)
+        key, info = ctx.keys.create(
+            name, scopes, expires_days=expires_days, group=form.get("group"), limits=limits,
+            priority=form.get("priority") or "interactive",
+        )
     except InvalidInput as exc:
         return _page(request, ctx, error=exc.message, status_code=400)
     expiry = f", expires {info.expires_at:%Y-%m-%d}" if info.expires_at else ", no expiry"
     group = f", group {info.group}" if info.group else ""
     limited = f", limits {info.limits.as_json()}" if info.limits.any else ""
+    limited += f", priority {info.priority}" if info.priority != "interactive" else ""
     ctx.audit.record(
         "key.create", actor=admin.user_name, address=client_address(request), target=info.name,
         detail=f"prefix {info.prefix}, scopes {' '.join(info.scopes)}{expiry}{group}{limited}",

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
+from appliance.store.keys import KeyInfo
 from appliance.api.errors import error_body
 from appliance.api.inference import until_disconnect
 from appliance.api.openai_chat_schemas import (
@@ -54,6 +55,7 @@ from appliance.errors import ApplianceError, DeadlineExceeded, InvalidInput
 from appliance.serving.tasks import Route
 from appliance.serving.keep_alive import parse_keep_alive
 from appliance.serving.protocols import (
+    PRIORITY_BY_NAME,
     ClientFields,
     CompiledGrammar,
     Constraint,
@@ -96,6 +98,7 @@ def _request(
     logprobs: int,
     choice: int,
     grammar: CompiledGrammar | None,
+    priority: int,
     keep_special_text: bool = False,
 ) -> GenerationRequest:
     """OpenAI's fields as one choice's GenerationRequest (checked by the engine, once)."""
@@ -118,8 +121,14 @@ def _request(
         ignore_eos=body.ignore_eos,
         grammar=grammar,
         skip_special_tokens=not keep_special_text,
+        priority=priority,
         fields=fields,
     )
+
+
+def _priority(key: KeyInfo | None) -> int:
+    """The scheduling priority of the request's key (interactive without keys)."""
+    return PRIORITY_BY_NAME.get(key.priority, 0) if key is not None else 0
 
 
 def _submit_all(
@@ -272,7 +281,7 @@ def _event_stream(events: Any) -> StreamingResponse:
     summary="Chat completion (stream with server-sent events)",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
+    body: ChatCompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, key: InferKeyDep
 ) -> ChatCompletion | StreamingResponse:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs: requires logprobs to be true", field="top_logprobs")
@@ -294,7 +303,10 @@ async def chat_completions(
         max_tokens = body.max_completion_tokens if use_completion_name else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else -1
         requests = [
-            _request(body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i, grammar=grammar, keep_special_text=plan.parse)
+            _request(
+                body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i, grammar=grammar,
+                priority=_priority(key), keep_special_text=plan.parse,
+            )
             for i in range(body.n)
         ]
         streams = _submit_all(client, [prompt_ids] * body.n, requests, ctx.settings.request_timeout_s)
@@ -430,7 +442,7 @@ def _completion_logprobs(client: GenerationClient, entries: list[TokenLogprob], 
     summary="Text completion (stream with server-sent events)",
 )
 async def completions(
-    body: CompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
+    body: CompletionRequest, request: Request, ctx: CtxDep, models: ModelsDep, key: InferKeyDep
 ) -> Completion | StreamingResponse:
     if body.echo:
         raise InvalidInput("echo: is not supported", field="echo")
@@ -451,7 +463,12 @@ async def completions(
             )
             for choice in range(body.n):
                 all_prompts.append(prompt_ids)
-                requests.append(_request(body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice, grammar=grammar))
+                requests.append(
+                    _request(
+                        body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice, grammar=grammar,
+                        priority=_priority(key),
+                    )
+                )
         streams = _submit_all(client, all_prompts, requests, ctx.settings.request_timeout_s)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

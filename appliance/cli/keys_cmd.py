@@ -3,7 +3,8 @@
 The key is printed once, at creation (`--quiet`: the key alone on stdout, for scripts); only
 its SHA-256 is stored. `--group` puts a key in a team whose usage and cost are summed
 (`appliance usage`, the admin Usage page). `--rpm`, `--tpm`, `--tokens-per-day` limit a key
-(429 with Retry-After and OpenAI's x-ratelimit-* headers beyond; 0 removes a limit). The
+(429 with Retry-After and OpenAI's x-ratelimit-* headers beyond; 0 removes a limit);
+`--priority batch` lets a key's work wait behind interactive work (docs/USAGE.md). The
 database is migrated first, so these work on a fresh state dir.
 """
 
@@ -17,7 +18,7 @@ import typer
 from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, app, console, fail, settings_from
 from appliance.errors import ApplianceError
 from appliance.store.db import Database
-from appliance.store.keys import SCOPES, KeyInfo, KeyStore
+from appliance.store.keys import SCOPES, KeyInfo, KeyStore, check_priority
 from appliance.store.rate_limits import RateLimits, checked_limit
 from appliance.store.migrate import upgrade
 
@@ -29,6 +30,10 @@ GroupOption = Annotated[
 RpmOption = Annotated[int | None, typer.Option("--rpm", help="Requests per minute (0: no limit).")]
 TpmOption = Annotated[int | None, typer.Option("--tpm", help="Prompt + completion tokens per minute (0: no limit).")]
 TokensPerDayOption = Annotated[int | None, typer.Option("--tokens-per-day", help="Tokens per day (0: no limit).")]
+PriorityOption = Annotated[
+    str | None,
+    typer.Option("--priority", help="interactive (default) or batch: batch work is admitted after interactive work."),
+]
 app.add_typer(keys_app, name="keys")
 
 
@@ -62,13 +67,16 @@ def create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     tokens_per_day: TokensPerDayOption = None,
+    priority: PriorityOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Create an API key and print it once."""
     limits = RateLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
     try:
-        key, info = _store(state_dir, config).create(name, scope or ["infer"], expires_days=expires, group=group, limits=limits)
+        key, info = _store(state_dir, config).create(
+            name, scope or ["infer"], expires_days=expires, group=group, limits=limits, priority=priority or "interactive"
+        )
     except ApplianceError as exc:
         fail(str(exc))
     if quiet:
@@ -91,25 +99,30 @@ def update(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     tokens_per_day: TokensPerDayOption = None,
+    priority: PriorityOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Change a key's group or limits; its secret stays the same. Usage counted from now on goes
-    to the new group, what was counted before stays with the old one; running servers apply new
-    limits within seconds."""
-    if group is None and rpm is None and tpm is None and tokens_per_day is None:
-        fail("nothing to update: give --group TEAM, --rpm N, --tpm N or --tokens-per-day N", code=2)
+    """Change a key's group, limits or priority; its secret stays the same. Usage counted from
+    now on goes to the new group, what was counted before stays with the old one; running
+    servers apply new limits and priorities within seconds."""
+    if group is None and rpm is None and tpm is None and tokens_per_day is None and priority is None:
+        fail("nothing to update: give --group TEAM, --rpm N, --tpm N, --tokens-per-day N or --priority P", code=2)
     store = _store(state_dir, config)
     try:
         for value, flag in ((rpm, "rpm"), (tpm, "tpm"), (tokens_per_day, "tokens-per-day")):
-            checked_limit(value, flag)  # refuse a bad limit before anything is written
+            checked_limit(value, flag)  # refuse a bad value before anything is written
+        if priority is not None:
+            check_priority(priority)
         info = store.set_group(name, group) if group is not None else store.find(name)
         if rpm is not None or tpm is not None or tokens_per_day is not None:
             info = store.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
+        if priority is not None:
+            info = store.set_priority(name, priority)
     except ApplianceError as exc:
         fail(str(exc))
     in_group = f"in group {info.group!r}" if info.group else "in no group"
-    console.print(f"key {info.name!r} is {in_group}, {_limits_text(info)}", highlight=False)
+    console.print(f"key {info.name!r} is {in_group}, {_limits_text(info)}, priority {info.priority}", highlight=False)
 
 
 @keys_app.command("list")

@@ -45,6 +45,9 @@ from appliance.repository.store import ModelVersion
 
 log = logging.getLogger(__name__)
 
+#: One sequence slot in this many is kept for interactive work (none below this many slots):
+#: with batch work holding every other slot, an interactive request still starts at once.
+INTERACTIVE_SLOT_SHARE_DIVISOR = 8
 #: Share of the KV budget the prefix cache may hold in copies.
 PREFIX_CACHE_SHARE = 0.25
 #: Share of available memory the KV budget takes by default.
@@ -149,6 +152,7 @@ class GenerationEngine:
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             prefix_cache=prefix,
             on_prefix_lookup=self._count_prefix_lookup,
+            reserved_slots=max_slots // INTERACTIVE_SLOT_SHARE_DIVISOR,
         )
         self._ids = itertools.count()
         self._m = LabelledMetrics(self.metrics, name)

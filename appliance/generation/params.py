@@ -27,6 +27,8 @@ TOP_LOGPROBS_MAX = 20
 STOP_STRINGS_MAX = 8
 STOP_STRING_CHARS_MAX = 256
 TOP_K_MAX = 4096
+#: Scheduling priorities (lower is served first): an API key's "interactive" or "batch".
+PRIORITY_BY_NAME: Mapping[str, int] = {"interactive": 0, "batch": 1}
 #: Sampling defaults when neither the request nor the model's manifest names one.
 FALLBACK_DEFAULTS: Mapping[str, float | int] = {
     "temperature": 1.0,
@@ -79,6 +81,8 @@ class GenerationRequest:
     grammar: CompiledGrammar | None = None
     #: False keeps special tokens' text (tool-call markers) in the output, for parsing.
     skip_special_tokens: bool = True
+    #: Scheduling priority (PRIORITY_BY_NAME): lower is admitted first.
+    priority: int = 0
     fields: ClientFields = field(default_factory=ClientFields)
 
 
@@ -116,6 +120,7 @@ class SamplingParams:
     speculate: bool = True
     grammar: CompiledGrammar | None = None
     skip_special_tokens: bool = True
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -144,6 +149,7 @@ def resolve(request: GenerationRequest, prompt_ids: Sequence[int], limits: Model
         speculate=request.speculate,
         grammar=request.grammar,
         skip_special_tokens=request.skip_special_tokens,
+        priority=request.priority,
     )
     _check(0.0 <= params.temperature <= TEMPERATURE_MAX, "temperature", f"must be between 0 and {TEMPERATURE_MAX}")
     _check(0.0 < params.top_p <= 1.0, "top_p", "must be greater than 0 and at most 1")

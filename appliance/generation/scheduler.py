@@ -2,8 +2,9 @@
 
 Contract (one call of each per engine step, on the engine thread only):
 
-* `add(seq)` queues a new sequence (FIFO). It raises CapacityExceeded when the waiting queue is
-  full. (That prompt + max_tokens fits the context and the KV budget was checked once, when
+* `add(seq)` queues a new sequence. When the waiting queue is full it displaces the newest
+  waiting sequence of a lower priority (returned, for the engine to refuse with 429), or raises
+  CapacityExceeded when there is none: under overload batch work is refused first. (That prompt + max_tokens fits the context and the KV budget was checked once, when
   the request was resolved: params.resolve.)
 * `abort(seq_id)` marks a sequence; the next `schedule()` frees its slot and KV reservation, so
   a client that goes away costs at most the step already running.
@@ -11,10 +12,14 @@ Contract (one call of each per engine step, on the engine thread only):
   1. retires aborted and timed-out sequences (slots and reservations freed at once), and
      refuses waiting sequences that have waited longer than their queue deadline (reason
      "rejected": the engine answers them 429, before any of their response was sent);
-  2. admits waiting sequences in arrival order while a slot is free and the KV budget covers
-     their worst case (prompt + max_tokens); the first one that does not fit blocks the queue,
-     so a large request is not starved by small ones. An admitted prompt first takes the
-     longest matching prefix from the prefix cache;
+  2. admits waiting sequences while a slot is free and the KV budget covers their worst case
+     (prompt + max_tokens): interactive before batch (`params.priority`), in arrival order
+     within a priority; a batch sequence that has waited `PRIORITY_AGING_S` ranks as
+     interactive, so batch work is delayed but never starved; the last `reserved_slots` free
+     slots are kept for interactive work, so it never waits for a batch sequence to finish.
+     The next one that does not fit
+     blocks the queue, so a large request is not starved by small ones. An admitted prompt
+     first takes the longest matching prefix from the prefix cache;
   3. keeps running sequences in slots [0, n) (one contiguous decode batch);
   4. plans at most `prefill_chunk_tokens` prompt tokens of ONE prefilling sequence (oldest
      first) plus one decode token for every running sequence. A long prompt is therefore cut
@@ -44,6 +49,9 @@ from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.speculative import SpeculationGate
 from appliance.generation.text import IncrementalDetokenizer, StopStringFilter
+
+#: A sequence that has waited this long is admitted as if it were interactive (aging).
+PRIORITY_AGING_S = 10.0
 
 
 class Status(Enum):
@@ -131,8 +139,12 @@ class Scheduler:
         prefill_chunk_tokens: int,
         prefix_cache: PrefixCache | None,
         on_prefix_lookup: Callable[[int, int], None] | None = None,
+        reserved_slots: int = 0,
     ) -> None:
+        """`reserved_slots`: sequence slots only interactive (or aged) work may take, so an
+        interactive request finds one free even when batch work could fill them all."""
         self.kv = kv
+        self.reserved_slots = reserved_slots
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefix_cache = prefix_cache
@@ -141,13 +153,27 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
+        self._low_waiting = 0
 
     # -- requests ------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence) -> Sequence | None:
+        """Queue `seq`; returns the lower-priority sequence it displaced from a full queue."""
+        displaced = None
         if len(self.waiting) >= self.max_waiting:
-            raise CapacityExceeded(f"{len(self.waiting)} sequences are already waiting", retry_after_s=1.0)
+            displaced = next((other for other in reversed(self.waiting) if other.params.priority > seq.params.priority), None)
+            if displaced is None:
+                raise CapacityExceeded(f"{len(self.waiting)} sequences are already waiting", retry_after_s=1.0)
+            self.finish(displaced, "rejected")
         self.waiting.append(seq)
+        if seq.params.priority > 0:
+            self._low_waiting += 1
         self._by_id[seq.seq_id] = seq
+        return displaced
+
+    @property
+    def low_priority_waiting(self) -> int:
+        """Waiting sequences below the top priority (read by other threads: a plain int)."""
+        return self._low_waiting
 
     def abort(self, seq_id: str) -> None:
         seq = self._by_id.get(seq_id)
@@ -170,7 +196,7 @@ class Scheduler:
                 elif seq.status is Status.WAITING and seq.queue_deadline is not None and now > seq.queue_deadline:
                     self.finish(seq, "rejected")
                     retired.append(seq)
-        admitted = self._admit()
+        admitted = self._admit(now)
         self.kv.compact(self.running)
         prefill = None
         if self.prefilling:
@@ -179,14 +205,16 @@ class Scheduler:
             prefill = PrefillChunk(seq, seq.num_cached, end)
         return StepPlan(prefill=prefill, decode=list(self.running), retired=retired, admitted=admitted)
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, now: float) -> list[Sequence]:
         admitted: list[Sequence] = []
         while self.waiting:
-            seq = self.waiting[0]
+            seq = self._next_waiting(now, low_may_start=self.kv.free_slots > self.reserved_slots)
+            if seq is None:
+                break
             need = len(seq.prompt) + seq.params.max_tokens
             if not self.kv.can_admit(need):
                 break
-            self.waiting.popleft()
+            self._remove_waiting(seq)
             admitted.append(seq)
             self.kv.admit(seq, need)
             seq.status = Status.PREFILLING
@@ -201,6 +229,27 @@ class Scheduler:
                     self._on_prefix_lookup(len(seq.prompt), length)
             self.prefilling.append(seq)
         return admitted
+
+    def _next_waiting(self, now: float, *, low_may_start: bool) -> Sequence | None:
+        """The oldest waiting sequence of the best rank (priority, or 0 once it has aged); a
+        lower-priority one only while more slots are free than are reserved for interactive work."""
+        if not self._low_waiting:
+            return self.waiting[0]
+        best, best_rank = None, None
+        for seq in self.waiting:
+            rank = 0 if now - seq.submitted_at >= PRIORITY_AGING_S else seq.params.priority
+            if rank > 0 and not low_may_start:
+                continue
+            if best_rank is None or rank < best_rank:
+                best, best_rank = seq, rank
+                if rank == 0:
+                    break
+        return best
+
+    def _remove_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        if seq.params.priority > 0:
+            self._low_waiting -= 1
 
     # -- results -------------------------------------------------------------------------
     def prefill_done(self, seq: Sequence) -> None:
@@ -219,7 +268,7 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
         if seq in self.waiting:
-            self.waiting.remove(seq)
+            self._remove_waiting(seq)
         self.kv.release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or reason

@@ -97,7 +97,10 @@ class StepLoop:
         """Hand a new sequence to the thread; CapacityExceeded when the queue is already full
         (the sequences handed in but not yet taken count as waiting)."""
         with self._cv:
-            if len(self._inbox) + len(self._scheduler.waiting) >= self._scheduler.max_waiting:
+            full = len(self._inbox) + len(self._scheduler.waiting) >= self._scheduler.max_waiting
+            # A full queue still takes work that can displace a waiting lower-priority sequence.
+            lower = self._scheduler.low_priority_waiting + sum(1 for other in self._inbox if other.params.priority > 0)
+            if full and not (seq.params.priority == 0 and lower > 0):
                 raise CapacityExceeded("the generation queue is full", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
             self._inbox.append(seq)
             self._cv.notify()
@@ -122,9 +125,12 @@ class StepLoop:
                 aborts, self._aborts = self._aborts, []
             for seq in inbox:
                 try:
-                    self._scheduler.add(seq)
+                    displaced = self._scheduler.add(seq)
                 except ApplianceError as exc:
                     self._emitter.fail(seq, exc)
+                    continue
+                if displaced is not None:
+                    self._emitter.refuse(displaced, time.monotonic())
             for seq_id in aborts:
                 self._scheduler.abort(seq_id)
             try:

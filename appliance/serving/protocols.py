@@ -21,6 +21,7 @@ from appliance.generation.events import TokenEvent, TokenLogprob
 from appliance.generation.grammar import CompiledGrammar, Constraint
 from appliance.generation.params import (
     PENALTY_ABS_MAX,
+    PRIORITY_BY_NAME,
     REPETITION_PENALTY_MAX,
     STOP_STRINGS_MAX,
     TEMPERATURE_MAX,
@@ -57,6 +58,7 @@ __all__ = [
     "GenerationRequest",
     "RerankResult",
     "PENALTY_ABS_MAX",
+    "PRIORITY_BY_NAME",
     "REPETITION_PENALTY_MAX",
     "STOP_STRINGS_MAX",
     "SequenceStream",

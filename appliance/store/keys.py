@@ -27,6 +27,8 @@ from appliance.store.rate_limits import RateLimits, checked_limit
 
 Scope = Literal["infer", "admin", "metrics"]
 SCOPES: tuple[str, ...] = get_args(Scope)
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 KEY_TAG = "apl"
 PREFIX_BYTES = 6
 SECRET_BYTES = 32
@@ -53,6 +55,8 @@ class KeyInfo:
     #: The team the key's usage and cost count toward (None: no group).
     group: str | None = None
     limits: RateLimits = RateLimits()
+    #: "interactive" or "batch" (admitted after interactive work; refused first under overload).
+    priority: str = "interactive"
 
     def state(self, now: datetime | None = None) -> str:
         now = now or datetime.now(UTC)
@@ -77,6 +81,7 @@ class KeyInfo:
             "last_used_at": iso(self.last_used_at),
             "group": self.group,
             "limits": self.limits.as_json(),
+            "priority": self.priority,
         }
 
 
@@ -91,6 +96,7 @@ def _info(row: ApiKey) -> KeyInfo:
         last_used_at=row.last_used_at,
         group=row.group,
         limits=RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day),
+        priority=row.priority or "interactive",
     )
 
 
@@ -107,6 +113,12 @@ def check_group(group: str | None) -> str | None:
     return group.strip()
 
 
+def check_priority(priority: str) -> str:
+    if priority not in PRIORITIES:
+        raise InvalidInput(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}", field="priority")
+    return priority
+
+
 class KeyStore:
     """API keys in the appliance database."""
 
@@ -121,6 +133,7 @@ class KeyStore:
         expires_days: float | None = None,
         group: str | None = None,
         limits: RateLimits = RateLimits(),
+        priority: str = "interactive",
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns (the key, shown once; its public info)."""
         if not KEY_NAME_PATTERN.fullmatch(name):
@@ -134,6 +147,7 @@ class KeyStore:
         if expires_days is not None and expires_days <= 0:
             raise InvalidInput("expires: must be a positive number of days", field="expires")
         group = check_group(group)
+        priority = check_priority(priority)
         rpm, tpm = checked_limit(limits.rpm, "rpm"), checked_limit(limits.tpm, "tpm")
         tokens_per_day = checked_limit(limits.tokens_per_day, "tokens-per-day")
         prefix = secrets.token_hex(PREFIX_BYTES)
@@ -150,6 +164,7 @@ class KeyStore:
             rpm=rpm,
             tpm=tpm,
             tokens_per_day=tokens_per_day,
+            priority=priority,
         )
         try:
             with self.database.session() as session:
@@ -198,6 +213,16 @@ class KeyStore:
                 raise NotFound(f"name: no key named {name!r}", field="name")
             for column, value in changes.items():
                 setattr(row, column, value)
+            return _info(row)
+
+    def set_priority(self, name: str, priority: str) -> KeyInfo:
+        """Make the key's work interactive or batch (running servers: within seconds)."""
+        priority = check_priority(priority)
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                raise NotFound(f"name: no key named {name!r}", field="name")
+            row.priority = priority
             return _info(row)
 
     def find(self, name_or_id: str) -> KeyInfo:

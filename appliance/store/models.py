@@ -58,3 +58,5 @@ class ApiKey(Base):
     rpm: Mapped[int | None] = mapped_column("rate_rpm", BigInteger, nullable=True)
     tpm: Mapped[int | None] = mapped_column("rate_tpm", BigInteger, nullable=True)
     tokens_per_day: Mapped[int | None] = mapped_column("rate_tokens_per_day", BigInteger, nullable=True)
+    #: "interactive" (default) or "batch": the engines admit interactive work first.
+    priority: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")

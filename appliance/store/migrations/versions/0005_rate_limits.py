@@ -1,4 +1,5 @@
-"""Rate limits per API key: the limits on the key, and the shared per-window counts.
+"""Rate limits and priority per API key: the limits and priority on the key, and the shared
+per-window counts.
 
 Revision ID: 0005_rate_limits
 Revises: 0004_usage
@@ -22,6 +23,7 @@ def upgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         for name in LIMIT_COLUMNS:
             batch.add_column(sa.Column(name, sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("priority", sa.String(16), nullable=False, server_default="interactive"))
     op.create_table(
         "rate_windows",
         sa.Column("key_id", sa.String(16), primary_key=True),
@@ -35,5 +37,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("rate_windows")
     with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("priority")
         for name in reversed(LIMIT_COLUMNS):
             batch.drop_column(name)
