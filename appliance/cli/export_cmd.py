@@ -46,7 +46,7 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 QUANT_HELP = (
     "fp32 | fp16 | int8 | int8-static | int4 | int4-exact | auto (auto picks per task and provider; "
-    "int4-exact keeps a Q4_1 GGUF's own 4-bit weights without rounding them again)."
+    "int4-exact keeps a Q4_0 or Q4_1 GGUF's own 4-bit weights without rounding them again)."
 )
 
 

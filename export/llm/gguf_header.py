@@ -48,29 +48,51 @@ _ARRAY = 9
 #: Smallest number of bytes one item of each type occupies (a string: its 8-byte length).
 _MIN_ITEM_BYTES = {**{code: size for code, (_fmt, size) in _SCALAR_FORMATS.items()}, _STRING: 8, _ARRAY: 12}
 
-#: (elements per block, bytes per block) of the GGML tensor types llama.cpp writes.
-GGML_BLOCK_LAYOUT: dict[int, tuple[int, int]] = {
-    0: (1, 4),  # F32
-    1: (1, 2),  # F16
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    9: (32, 40),  # Q8_1
-    10: (256, 84),  # Q2_K
-    11: (256, 110),  # Q3_K
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-    15: (256, 292),  # Q8_K
-    24: (1, 1),  # I8
-    25: (1, 2),  # I16
-    26: (1, 4),  # I32
-    27: (1, 8),  # I64
-    28: (1, 8),  # F64
-    30: (1, 2),  # BF16
+#: GGML tensor type code -> (name, elements per block, bytes per block), for every type
+#: llama.cpp writes (ggml.h's enum ggml_type): the header bounds any of them; which ones the
+#: export can dequantise is the GGUF source's decision (sources/gguf.py).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
 }
+#: (elements per block, bytes per block) of each GGML type code.
+GGML_BLOCK_LAYOUT: dict[int, tuple[int, int]] = {code: (block, size) for code, (_name, block, size) in GGML_TYPES.items()}
+
+
+def ggml_type_name(code: int) -> str:
+    """llama.cpp's name of a GGML tensor type code (e.g. 12 -> "Q4_K"); "type N" if unknown."""
+    entry = GGML_TYPES.get(code)
+    return entry[0] if entry else f"type {code}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,11 @@ class GgufTensorInfo:
     ggml_type: int
     offset_bytes: int
     size_bytes: int
+
+    @property
+    def type_name(self) -> str:
+        """The GGML type's name, e.g. "Q4_K"."""
+        return ggml_type_name(self.ggml_type)
 
 
 @dataclass
@@ -217,7 +244,7 @@ def _parse(view: memoryview, path: Path, size: int) -> GgufHeader:
         offset = cursor.u64(f"offset of tensor {name!r}")
         layout = GGML_BLOCK_LAYOUT.get(ggml_type)
         if layout is None:
-            raise cursor.fail(f"tensor {name!r} has unsupported GGML type {ggml_type}")
+            raise cursor.fail(f"tensor {name!r} has unknown GGML type code {ggml_type}")
         elements = 1
         for dim in dims:
             elements *= dim

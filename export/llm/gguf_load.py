@@ -1,7 +1,8 @@
 """GGUF file -> Hugging Face folder (fp32 safetensors + fixed tokenizer files).
 
-transformers' GGUF loader dequantises the weights (Q4_1 and friends) into float32 and maps the
-llama.cpp tensor names back; the result is saved as an ordinary folder that the model builder
+transformers' GGUF loader dequantises the weights into float32 with the `gguf` package's own
+`gguf.quants.dequantize` (every type the GGUF source accepts: sources/gguf.py's
+SUPPORTED_GGML_TYPES, checked before this runs) and maps the llama.cpp tensor names back; the result is saved as an ordinary folder that the model builder
 and the PyTorch reference both read. The tokenizer is then rewritten from the GGUF header
 (gguf_tokenizer.py) because the converter gets BOS/EOS wrong, and generation_config.json and
 config.json get the header's special token ids.

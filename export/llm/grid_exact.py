@@ -1,7 +1,7 @@
-"""Lossless 4-bit storage for weights that already sit on a GGUF Q4_1 grid.
+"""Lossless 4-bit storage for weights that already sit on a GGUF Q4_1 or Q4_0 grid.
 
 A Q4_1 GGUF stores every block of 32 weights as ``d * q + m`` (q in 0..15, one scale d and one
-minimum m per block). Dequantised to fp32 and quantised again by ONNX Runtime's quantiser, each
+minimum m per block); a Q4_0 GGUF as ``d * (q - 8)``, the same grid with ``m = -8 d``. Dequantised to fp32 and quantised again by ONNX Runtime's quantiser, each
 weight is rounded a second time onto a different grid: on SmolLM2-135M that second rounding
 alone costs +20% perplexity, which is why the plain int4 recipe has to keep half its MatMuls in
 8 bits. Re-encoding the original grid instead costs nothing.
@@ -52,21 +52,41 @@ class GridBlocks:
 def recover_grid(weight: np.ndarray, block_size: int) -> GridBlocks | None:
     """The 4-bit grid a [K, N] MatMul weight sits on, or None when any block is off-grid.
 
-    Each block's lowest value is its minimum (code 0) and its step is (max - min) / 15, which
-    is how Q4_1 picks them; a block whose codes do not reach both ends is caught by the check.
+    Each block is tried two ways. As Q4_1 picks its grid: the lowest value is the minimum
+    (code 0) and the step is (max - min) / 15. As Q4_0 does: the step is the largest magnitude
+    / 8, which sits at code 0 when negative (codes span -8..7 steps) or at code 15 when
+    positive (the scale is negative; read as -7..8 steps). A block on neither grid, or whose
+    codes do not reach the ends the guess assumed, fails the check.
     """
     k_dim, n_dim = weight.shape
     if k_dim % block_size or block_size % 2:
         return None
     blocks = weight.T.reshape(n_dim, k_dim // block_size, block_size).astype(np.float64)
-    low = blocks.min(axis=-1)
-    step = (blocks.max(axis=-1) - low) / (GRID_LEVELS - 1)
+    high = blocks.max(axis=-1)
+    low_q4_1 = blocks.min(axis=-1)
+    step_q4_1 = (high - low_q4_1) / (GRID_LEVELS - 1)
+    step_q4_0 = np.maximum(high, -low_q4_1) / (GRID_LEVELS // 2)
+    low_q4_0 = np.where(-low_q4_1 >= high, -8.0, -7.0) * step_q4_0
+    codes_q4_1, error_q4_1 = _codes(blocks, low_q4_1, step_q4_1)
+    codes_q4_0, error_q4_0 = _codes(blocks, low_q4_0, step_q4_0)
+    use_q4_1 = error_q4_1 <= error_q4_0
+    error = np.where(use_q4_1, error_q4_1, error_q4_0)
+    if float(error.max()) > ON_GRID_TOLERANCE:
+        return None
+    codes = np.where(use_q4_1[..., None], codes_q4_1, codes_q4_0)
+    step = np.where(use_q4_1, step_q4_1, step_q4_0)
+    low = np.where(use_q4_1, low_q4_1, low_q4_0)
+    return GridBlocks(codes=codes.astype(np.uint8), scales=step.astype(np.float32), mins=low.astype(np.float32))
+
+
+def _codes(blocks: np.ndarray, low: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of `blocks` on the grid `low + step * code`, and each block's largest distance
+    from it in steps (infinite where a code falls outside 0..15)."""
     safe_step = np.where(step > 0, step, 1.0)
     codes = np.rint((blocks - low[..., None]) / safe_step[..., None])
     error = np.abs(codes * step[..., None] + low[..., None] - blocks).max(axis=-1) / safe_step
-    if float(error.max()) > ON_GRID_TOLERANCE:
-        return None
-    return GridBlocks(codes=codes.astype(np.uint8), scales=step.astype(np.float32), mins=low.astype(np.float32))
+    in_range = ((codes >= 0) & (codes < GRID_LEVELS)).all(axis=-1)
+    return np.clip(codes, 0, GRID_LEVELS - 1), np.where(in_range, error, np.inf)
 
 
 def grid_exact_candidates(model: onnx.ModelProto, names: list[str], block_size: int) -> dict[str, GridBlocks]:

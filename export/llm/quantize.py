@@ -58,7 +58,7 @@ class WeightOnlyRecipe:
     #: 4 = int8 activations inside MatMulNBits (the fast CPU kernel; accuracy_level 0 ran
     #: 8-bit weights at 8.7 tok/s against 58 tok/s).
     accuracy_level: int = 4
-    #: Store every layer MatMul on the 4-bit grid its fp32 weights already sit on (a Q4_1 GGUF
+    #: Store every layer MatMul on the 4-bit grid its fp32 weights already sit on (a Q4_0 or Q4_1 GGUF
     #: source) instead of rounding them again: see grid_exact.py. A weight off any such grid
     #: is an ExportError, not a silent fallback. The LM head and embedding follow the fields
     #: above.
@@ -279,7 +279,7 @@ def _grid_exact_layers(model: onnx.ModelProto, recipe: WeightOnlyRecipe, lm_head
     grids = grid_exact_candidates(model, names, recipe.block_size)
     if not names or len(grids) != len(names):
         raise ExportError(
-            f"quant: int4-exact needs weights that already sit on a 4-bit grid (a Q4_1 GGUF source); "
+            f"quant: int4-exact needs weights that already sit on a 4-bit grid (a Q4_0 or Q4_1 GGUF source); "
             f"{len(names) - len(grids)} of {len(names)} MatMuls do not in blocks of {recipe.block_size}, so use int4",
             field="quant",
         )

@@ -26,9 +26,16 @@ from appliance.offline import enforce_offline
 
 GraphKind = Literal["genai", "optimum"]
 
-#: Architectures the model builder (0.15.2) writes, which we route through it. Not OLMo: the
-#: builder writes a graph whose logits differ from PyTorch's by 5-11 (no prompt continues
-#: right; the export's gate rejects it), so it is refused by name instead.
+#: Architectures the model builder (0.15.2) writes, which we route through it. Each (and
+#: GPT-2 below) is proven on a tiny random model with its own config features: exported, served
+#: and continuing as transformers' `generate` does (tests/test_export_llm_architectures.py).
+#: Not OLMo: the builder writes a graph whose logits differ from PyTorch's by 5-11 (no prompt
+#: continues right; the export's gate rejects it), so it is refused by name instead.
+#: Phi-3 needs `fit_config_for_builder`. Phi-3 with LongRoPE factors (Phi-3.5-mini, Phi-4-mini)
+#: is not proven: when a sequence that began within `original_max_position_embeddings` grows
+#: past it, transformers recomputes the whole KV cache with the long factors and the engine
+#: keeps the cached keys (measured on a tiny one switching at 64 tokens: it parts from PyTorch
+#: there and the gate rejects it; real models switch at 4,096, beyond the shipped prompts).
 GENAI_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -66,6 +73,29 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def fit_config_for_builder(config: object) -> list[str]:
+    """Correct, in the builder's in-memory copy of config.json, what the builder misreads;
+    returns what was changed (the weights and the PyTorch reference are untouched).
+
+    Phi-3: the builder picks its LongRoPE graph whenever `max_position_embeddings` differs from
+    `original_max_position_embeddings`, and that graph needs the LongRoPE factors
+    (`rope_scaling.short_factor/long_factor`); a config without them (a context-trimmed or
+    fine-tuned Phi-3, or Phi3Config's default 4096 with a shorter context) failed with
+    `KeyError: 'multi_cache'`. Transformers uses plain rotary embeddings there and ignores the
+    original length, so the builder is told the same: original = max, its plain Phi-3 graph.
+    """
+    changed: list[str] = []
+    architectures = getattr(config, "architectures", None) or []
+    if "Phi3ForCausalLM" in architectures:
+        rope = getattr(config, "rope_scaling", None) or {}
+        longrope = isinstance(rope, dict) and "short_factor" in rope and "long_factor" in rope
+        context = getattr(config, "max_position_embeddings", None)
+        if not longrope and getattr(config, "original_max_position_embeddings", context) != context:
+            config.original_max_position_embeddings = context  # type: ignore[attr-defined]
+            changed.append(f"original_max_position_embeddings={context} (no LongRoPE factors)")
+    return changed
+
+
 def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "fp32", provider: str = "cpu") -> Path:
     """Run the model builder on a local folder; returns out_dir/model.onnx.
 
@@ -83,6 +113,7 @@ def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             builder.check_extra_options(None, str(hf_dir), str(scratch), precision, provider, str(cache_dir), options)
             options["hf_details"] = builder.get_hf_details(None, str(hf_dir), str(cache_dir), options)
+            fit_config_for_builder(options["hf_details"]["hf_config"])  # type: ignore[index]
             builder.create_model(None, str(hf_dir), str(scratch), precision, provider, str(cache_dir), **options)
     except Exception as exc:  # noqa: BLE001 - the builder raises bare Exceptions and asserts
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else _last_line(captured.getvalue())

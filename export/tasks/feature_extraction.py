@@ -2,8 +2,11 @@
 into the graph as a `sentence_embedding` output.
 
 Pooling and normalisation are what the sentence-transformers files declare
-(1_Pooling/config.json, a Normalize entry in modules.json); a plain encoder folder without them
-gets mean pooling and normalisation, and the report says so. Quality is cosine similarity to
+(modules.json naming a Pooling module whose folder holds config.json, usually 1_Pooling/, and a
+Normalize entry): mean, CLS, max or last-token pooling. A plain encoder folder without
+modules.json gets the default, mean pooling and normalisation. Every variant's report says which
+pooling was used and where it came from (`details.pooling`, `details.pooling_from`), and the
+manifest's `embedding` carries it to the server. Quality is cosine similarity to
 the PyTorch reference (transformers AutoModel plus the same pooling in torch) over the shipped
 sentences, and whether each sentence's nearest neighbour stays the same. Imports torch only
 inside methods.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -22,7 +25,7 @@ from onnx import TensorProto, helper
 from appliance.errors import ExportError
 from appliance.export import onnx_tools
 from appliance.export.tasks.base import Artifact, Evaluation, ManifestFields, register_task
-from appliance.export.tasks.encoder import EVAL_BATCH_SIZE, SUPPORTED_ENCODERS, EncoderExporter
+from appliance.export.tasks.encoder import EMBEDDING_ONLY_ENCODERS, EVAL_BATCH_SIZE, SUPPORTED_ENCODERS, EncoderExporter
 from appliance.kernels.pooling import PoolingMode, pooling_piece
 from appliance.repository import EmbeddingSpec
 from appliance.repository.manifest import ProviderHints
@@ -37,8 +40,30 @@ POOLING_FLAGS: dict[str, PoolingMode] = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_lasttoken": "last",
 }
+#: sentence-transformers pooling flags the fused graph cannot reproduce (refused by name).
+UNSUPPORTED_POOLING_FLAGS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
 #: sentence-transformers modules this export understands (others, e.g. Dense, are refused).
 KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+#: What a folder without sentence-transformers files gets (what sentence-transformers itself
+#: does with a plain transformers model is mean pooling; we also normalise, for cosine search).
+DEFAULT_POOLING: PoolingMode = "mean"
+DEFAULT_NORMALIZE = True
+DEFAULT_ORIGIN = "default: no sentence-transformers modules.json"
+
+
+class DeclaredPooling(NamedTuple):
+    """The pooling an export fuses, and where it was read."""
+
+    mode: PoolingMode
+    normalize: bool
+    #: Whether the folder declared it (False: the default).
+    declared: bool
+    #: The file it came from, or DEFAULT_ORIGIN.
+    origin: str
+
+    def details(self) -> dict[str, Any]:
+        """For report.json's `details`."""
+        return {"pooling": self.mode, "normalize": self.normalize, "pooling_from": self.origin}
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,15 +72,18 @@ def _read_json(path_text: str) -> Any:
         return json.load(handle)
 
 
-def declared_pooling(folder: Any) -> tuple[PoolingMode, bool, bool]:
-    """(mode, normalize, declared) from the sentence-transformers files of `folder`."""
+def declared_pooling(folder: Any) -> DeclaredPooling:
+    """The pooling the sentence-transformers files of `folder` declare (the default without
+    modules.json); ExportError names what it cannot reproduce."""
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
-        return "mean", True, False
+        return DeclaredPooling(DEFAULT_POOLING, DEFAULT_NORMALIZE, False, DEFAULT_ORIGIN)
     try:
         modules = _read_json(str(modules_path))
     except json.JSONDecodeError:
         raise ExportError("source: modules.json is not valid JSON", field="source") from None
+    if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
+        raise ExportError("source: modules.json is not a list of modules", field="source")
     kinds = [str(entry.get("type", "")).rsplit(".", 1)[-1] for entry in modules]
     unknown = [kind for kind in kinds if kind not in KNOWN_MODULES]
     if unknown:
@@ -67,20 +95,26 @@ def declared_pooling(folder: Any) -> tuple[PoolingMode, bool, bool]:
     normalize = "Normalize" in kinds
     pooling_entry = next((entry for entry, kind in zip(modules, kinds) if kind == "Pooling"), None)
     if pooling_entry is None:
-        return "mean", normalize, True
-    config_path = folder / str(pooling_entry.get("path", "")) / "config.json"
+        return DeclaredPooling(DEFAULT_POOLING, normalize, True, "modules.json (no Pooling module: mean)")
+    relative = f"{str(pooling_entry.get('path', '')).strip('/') or '.'}/config.json"
+    config_path = folder / relative
     try:
         config = _read_json(str(config_path))
     except (OSError, json.JSONDecodeError):
-        raise ExportError(f"source: pooling config {config_path.name} is missing or invalid", field="source") from None
+        raise ExportError(f"source: pooling config {relative} is missing or invalid", field="source") from None
     modes = [mode for flag, mode in POOLING_FLAGS.items() if config.get(flag)]
-    if config.get("pooling_mode_mean_sqrt_len_tokens") or config.get("pooling_mode_weightedmean_tokens"):
-        raise ExportError("source: pooling mode mean_sqrt_len / weighted mean is not supported", field="source")
+    unsupported = [flag for flag in UNSUPPORTED_POOLING_FLAGS if config.get(flag)]
+    if unsupported:
+        raise ExportError(
+            f"source: pooling mode {unsupported[0].removeprefix('pooling_mode_')} ({relative}) is not supported "
+            f"(supported: {', '.join(flag.removeprefix('pooling_mode_') for flag in POOLING_FLAGS)})",
+            field="source",
+        )
     if len(modes) != 1:
         raise ExportError(
             f"source: expected exactly one pooling mode, found {', '.join(modes) or 'none'}", field="source"
         )
-    return modes[0], normalize, True
+    return DeclaredPooling(modes[0], normalize, True, relative)
 
 
 def fuse_pooling(model: onnx.ModelProto, mode: PoolingMode, normalize: bool) -> onnx.ModelProto:
@@ -141,6 +175,7 @@ def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
 class FeatureExtractionExporter(EncoderExporter):
     task = "feature-extraction"
     optimum_task = "feature-extraction"
+    encoders = {**SUPPORTED_ENCODERS, **EMBEDDING_ONLY_ENCODERS}
     default_max_quality_loss = 0.02
     quality_metric = "1 - cosine_min (cosine to the PyTorch reference, worst sentence)"
 
@@ -150,10 +185,10 @@ class FeatureExtractionExporter(EncoderExporter):
             return False
         if (source.path / "modules.json").is_file() or (source.path / "sentence_bert_config.json").is_file():
             return True
-        return any(arch in SUPPORTED_ENCODERS.values() for arch in source.architectures)
+        return any(arch in cls.encoders.values() for arch in source.architectures)
 
     @functools.cached_property
-    def pooling(self) -> tuple[PoolingMode, bool, bool]:
+    def pooling(self) -> DeclaredPooling:
         return declared_pooling(self.source.path)
 
     def check_source(self) -> None:
@@ -167,23 +202,27 @@ class FeatureExtractionExporter(EncoderExporter):
 
     def export_reference(self) -> Artifact:
         raw = self.export_optimum()
-        mode, normalize, declared = self.pooling
+        mode, normalize = self.pooling.mode, self.pooling.normalize
         self.ctx.progress.step(f"fusing {mode} pooling{' + L2 normalisation' if normalize else ''} into the graph")
         model = fuse_pooling(onnx.load(str(raw)), mode, normalize)
         out = self.ctx.subdir("reference")
         onnx.save_model(model, str(out / "model.onnx"))
-        notes = [] if declared else ["no sentence-transformers files: mean pooling + L2 normalisation assumed"]
-        return Artifact(
-            directory=out,
-            variant="fp32",
-            quantization="fp32",
-            details={"exporter": "optimum-onnx", "pooling": mode, "normalize": normalize},
-            notes=notes,
-        )
+        return self._with_pooling(Artifact(directory=out, variant="fp32", quantization="fp32", details={"exporter": "optimum-onnx"}))
+
+    def make_variant(self, name: str, reference: Artifact) -> Artifact:
+        return self._with_pooling(super().make_variant(name, reference))
+
+    def _with_pooling(self, artifact: Artifact) -> Artifact:
+        """Every variant's report says which pooling its graph computes and where it came from."""
+        artifact.details = {**artifact.details, **self.pooling.details()}
+        note = "no sentence-transformers files: mean pooling + L2 normalisation assumed"
+        if not self.pooling.declared and note not in artifact.notes:
+            artifact.notes.append(note)
+        return artifact
 
     @functools.cached_property
     def reference_embeddings(self) -> np.ndarray:
-        mode, normalize, _ = self.pooling
+        mode, normalize = self.pooling.mode, self.pooling.normalize
         return self.torch_reference(
             self.read_lines("sentences.txt"),
             lambda output, batch: torch_pool(output.last_hidden_state, batch["attention_mask"], mode, normalize),
@@ -207,7 +246,7 @@ class FeatureExtractionExporter(EncoderExporter):
 
     def manifest_fields(self, candidate: Artifact) -> ManifestFields:
         inputs, outputs = onnx_tools.signature(candidate.model_path)
-        mode, normalize, _ = self.pooling
+        mode, normalize = self.pooling.mode, self.pooling.normalize
         dimension = int((self.source.config or {}).get("hidden_size") or outputs[0].shape[-1])
         return ManifestFields(
             inputs=inputs,
@@ -228,4 +267,4 @@ def _provider_hints(candidate: Artifact) -> ProviderHints:
     return ProviderHints()
 
 
-__all__ = ["FeatureExtractionExporter", "fuse_pooling", "torch_pool"]
+__all__ = ["DeclaredPooling", "FeatureExtractionExporter", "declared_pooling", "fuse_pooling", "torch_pool"]

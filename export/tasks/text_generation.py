@@ -134,6 +134,12 @@ class TextGenerationExporter(TaskExporter):
 
     def resolve_variant(self, requested: str) -> str:
         name = super().resolve_variant(requested)
+        if name == "int4-exact" and self.source.format == "gguf":
+            # Refused from the header, before the weights are dequantised, naming the types.
+            from appliance.export.llm.gguf_header import read_gguf_header
+            from appliance.export.sources.gguf import check_grid_exact_types
+
+            check_grid_exact_types(read_gguf_header(self.source.path))
         # The pipeline reads the budget from this attribute; decoders budget per variant.
         self.default_max_quality_loss = VARIANT_BUDGETS[name]
         return name

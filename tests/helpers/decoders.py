@@ -1,4 +1,5 @@
-"""Tiny random decoder models (Llama-like and GPT-2) as Hugging Face folders, for tests.
+"""Tiny random decoder models (Llama-like, GPT-2 and one of every other architecture the
+export accepts) as Hugging Face folders, for tests.
 
 Each folder is what a user would bring: config.json, model.safetensors, generation_config.json
 and a real byte-level BPE tokenizer trained with `tokenizers` on a few sentences (so token ids
@@ -11,6 +12,7 @@ seconds. Used by the export tests and the generation engine's tests; never downl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,142 @@ def make_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+# -- one tiny model per accepted architecture ---------------------------------------------
+
+#: Llama 3's rope scaling (its own "llama3" rope type), scaled down to the tiny model: with
+#: head_dim 16 and an original context of 64, the low-frequency half of the rotary dimensions
+#: is divided by `factor` and the band between is smoothed, as in Llama 3.1/3.2.
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def _make_tiny_decoder(
+    folder: Path, *, config_class: str, model_class: str, seed: int, context: int = 256, **fields: object
+) -> Path:
+    """A random `model_class` (2 layers, hidden 64) with the tiny chat tokenizer; `fields` are
+    the architecture's own config features. BOS <|im_start|> (not added), EOS <|im_end|>."""
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _write_tokenizer_files(folder, bos_token=IM_START, eos_token=IM_END, add_bos_token=False, vocab_size=TINY_VOCAB_SIZE)
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=context,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=[model_class],
+        initializer_range=TINY_INIT_STD,
+        **fields,
+    )
+    torch.manual_seed(seed)
+    getattr(transformers, model_class)(config).eval().save_pretrained(folder, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_llama3(folder: Path, *, seed: int = 0) -> Path:
+    """A random Llama with Llama 3's rope scaling, untied embeddings and GQA (4 heads, 2 KV)."""
+    return _make_tiny_decoder(
+        folder, config_class="LlamaConfig", model_class="LlamaForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=10000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING), tie_word_embeddings=False,
+    )
+
+
+def make_tiny_mistral(folder: Path, *, seed: int = 0) -> Path:
+    """A random Mistral: GQA (4 heads, 2 KV), untied embeddings, no sliding window (v0.3)."""
+    return _make_tiny_decoder(
+        folder, config_class="MistralConfig", model_class="MistralForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+    )
+
+
+def make_tiny_qwen2(folder: Path, *, seed: int = 0) -> Path:
+    """A random Qwen2 (Qwen2.5): GQA (4 heads, 2 KV), q/k/v biases, tied embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="Qwen2Config", model_class="Qwen2ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=True,
+    )
+
+
+def make_tiny_qwen3(folder: Path, *, seed: int = 0) -> Path:
+    """A random Qwen3: q/k RMS norms, head_dim 32 != hidden / heads (as in Qwen3), GQA
+    (4 heads, 2 KV), tied embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="Qwen3Config", model_class="Qwen3ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=True,
+    )
+
+
+def make_tiny_gemma(folder: Path, *, seed: int = 0) -> Path:
+    """A random Gemma: embeddings scaled by sqrt(hidden), GeGLU (gelu_pytorch_tanh), (1 + w)
+    RMS norms, multi-query attention (4 heads, 1 KV, as Gemma 2B), tied embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="GemmaConfig", model_class="GemmaForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+
+
+def make_tiny_granite(folder: Path, *, seed: int = 0) -> Path:
+    """A random Granite (3.x): embedding, residual and attention multipliers (0.2, not
+    1/sqrt(head_dim)) and logits scaling all away from 1, GQA (4 heads, 2 KV), tied embeddings.
+
+    Not Granite 3's own values (12, 0.22, 1/64, 8): with random weights the scaled embedding
+    then swamps the residual stream and greedy repeats the last token, which proves little."""
+    return _make_tiny_decoder(
+        folder, config_class="GraniteConfig", model_class="GraniteForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, embedding_multiplier=2.0, residual_multiplier=0.6, attention_multiplier=0.2,
+        logits_scaling=2.0, tie_word_embeddings=True,
+    )
+
+
+def make_tiny_phi3(folder: Path, *, seed: int = 0) -> Path:
+    """A random Phi-3: fused qkv_proj and gate_up_proj, GQA (4 heads, 2 KV, as Phi-4-mini),
+    untied embeddings, full rotary dimension, no rope scaling.
+
+    `original_max_position_embeddings` keeps Phi3Config's default (4096) while the context is
+    256, as in a model whose context was trimmed: without LongRoPE factors transformers
+    ignores it, and the model builder once took its LongRoPE path on it and failed
+    (`KeyError: 'multi_cache'`; export/llm/routes.py)."""
+    return _make_tiny_decoder(
+        folder, config_class="Phi3Config", model_class="Phi3ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+    )
+
+
+#: One tiny model per case, for every architecture the export accepts (a test checks that
+#: the architectures here are exactly export/llm/routes.py's lists): case -> (architecture,
+#: builder). Llama twice: the plain tied one and the Llama 3 rope-scaled, untied one.
+TINY_DECODER_CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "llama": ("LlamaForCausalLM", make_tiny_llama),
+    "llama3-rope": ("LlamaForCausalLM", make_tiny_llama3),
+    "mistral": ("MistralForCausalLM", make_tiny_mistral),
+    "qwen2": ("Qwen2ForCausalLM", make_tiny_qwen2),
+    "qwen3": ("Qwen3ForCausalLM", make_tiny_qwen3),
+    "gemma": ("GemmaForCausalLM", make_tiny_gemma),
+    "granite": ("GraniteForCausalLM", make_tiny_granite),
+    "phi3": ("Phi3ForCausalLM", make_tiny_phi3),
+    "gpt2": ("GPT2LMHeadModel", make_tiny_gpt2),
+}
+
+
 # -- GGUF ---------------------------------------------------------------------------------
 
 
@@ -207,12 +345,18 @@ def write_tiny_gguf(
     add_bos_token: bool = False,
     chat_template: str | None = CHAT_TEMPLATE,
     quantized: bool = False,
+    tensor_type=None,  # noqa: ANN001 - Callable[[str, np.ndarray], gguf.GGMLQuantizationType | None]
+    encode=None,  # noqa: ANN001 - Callable[[np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
+    file_type=None,  # noqa: ANN001 - gguf.LlamaFileType | None
 ) -> Path:
     """Write the tiny Llama in `hf_folder` as a GGUF, tokenizer and chat template included.
 
     The header states the special tokens the way llama.cpp's converter does, so the GGUF
     source's tokenizer fix can be checked against it. `quantized`: the layer weights in Q4_1
     and the token embedding in Q8_0, as in the SmolLM2 GGUF the appliance ships; F32 otherwise.
+    `tensor_type(gguf_name, data)`, when given, picks each tensor's GGML type instead (None:
+    F32); `encode(data, type)` writes its blocks (default `gguf.quants.quantize`, which has no
+    K-quant encoder); `file_type` is the header's general.file_type.
     """
     import gguf
     from safetensors.numpy import load_file
@@ -233,7 +377,12 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quantized else gguf.LlamaFileType.ALL_F32)
+    if file_type is None:
+        file_type = gguf.LlamaFileType.MOSTLY_Q4_1 if quantized else gguf.LlamaFileType.ALL_F32
+    writer.add_file_type(file_type)
+    if tensor_type is None and quantized:
+        tensor_type = _gguf_type
+    encode = encode or gguf.quants.quantize
 
     vocab: dict[str, int] = tokenizer["model"]["vocab"]
     for added in tokenizer["added_tokens"]:
@@ -285,11 +434,11 @@ def write_tiny_gguf(
             data = _permute_for_gguf(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
             data = _permute_for_gguf(data, n_kv_head)
-        kind = _gguf_type(name_map[hf_name], data) if quantized else None
+        kind = tensor_type(name_map[hf_name], data) if tensor_type is not None else None
         if kind is None:
             writer.add_tensor(name_map[hf_name], data)
         else:
-            writer.add_tensor(name_map[hf_name], gguf.quants.quantize(data, kind), raw_dtype=kind)
+            writer.add_tensor(name_map[hf_name], encode(data, kind), raw_dtype=kind)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
