@@ -19,6 +19,7 @@ from typing import Literal, get_args
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from appliance.errors import InvalidInput, NotFound, Unauthorized
 from appliance.store.db import Database
@@ -113,6 +114,14 @@ def check_group(group: str | None) -> str | None:
     return group.strip()
 
 
+def _named(session: Session, name: str) -> ApiKey:
+    """The key row called `name`, or NotFound naming it."""
+    row = session.scalar(select(ApiKey).where(ApiKey.name == name))
+    if row is None:
+        raise NotFound(f"name: no key named {name!r}", field="name")
+    return row
+
+
 def check_priority(priority: str) -> str:
     if priority not in PRIORITIES:
         raise InvalidInput(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}", field="priority")
@@ -179,9 +188,7 @@ class KeyStore:
 
     def revoke(self, name: str) -> KeyInfo:
         with self.database.session() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
-            if row is None:
-                raise NotFound(f"name: no key named {name!r}", field="name")
+            row = _named(session, name)
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
             return _info(row)
@@ -191,9 +198,7 @@ class KeyStore:
         the new group; what was counted before stays with the old one."""
         group = check_group(group)
         with self.database.session() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
-            if row is None:
-                raise NotFound(f"name: no key named {name!r}", field="name")
+            row = _named(session, name)
             row.group = group
             return _info(row)
 
@@ -208,9 +213,7 @@ class KeyStore:
             if value is not None
         }
         with self.database.session() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
-            if row is None:
-                raise NotFound(f"name: no key named {name!r}", field="name")
+            row = _named(session, name)
             for column, value in changes.items():
                 setattr(row, column, value)
             return _info(row)
@@ -219,9 +222,7 @@ class KeyStore:
         """Make the key's work interactive or batch (running servers: within seconds)."""
         priority = check_priority(priority)
         with self.database.session() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.name == name))
-            if row is None:
-                raise NotFound(f"name: no key named {name!r}", field="name")
+            row = _named(session, name)
             row.priority = priority
             return _info(row)
 

@@ -70,27 +70,7 @@ def build_tiny_encoder(folder: Path, *, pooling: str = "mean", normalize: bool =
     model.save_pretrained(str(folder), safe_serialization=True)
     _save_tokenizer(folder, TINY_MAX_POSITIONS)
     if sentence_transformers:
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "modules.json").write_text(json.dumps(modules))
-        (folder / "1_Pooling").mkdir(exist_ok=True)
-        (folder / "1_Pooling" / "config.json").write_text(
-            json.dumps(
-                {
-                    "word_embedding_dimension": TINY_HIDDEN_SIZE,
-                    "pooling_mode_cls_token": pooling == "cls",
-                    "pooling_mode_mean_tokens": pooling == "mean",
-                    "pooling_mode_max_tokens": pooling == "max",
-                    "pooling_mode_mean_sqrt_len_tokens": False,
-                    "pooling_mode_lasttoken": pooling == "last",
-                }
-            )
-        )
-        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+        write_sentence_transformers_files(folder, pooling=pooling, normalize=normalize, dimension=TINY_HIDDEN_SIZE)
     return folder
 
 
