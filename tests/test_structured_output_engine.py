@@ -167,3 +167,23 @@ def test_compiled_grammars_are_cached_per_schema(engine: GenerationEngine) -> No
     hits = engine.grammars.cache_hits
     assert run(engine.compile(constraint)) is first
     assert engine.grammars.cache_hits == hits + 1
+
+
+def test_the_thread_pool_and_the_engine_thread_compute_the_same_masks(engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big boxes hand many rows to llguidance's pool; the masks must be those computed inline."""
+    from appliance.generation import grammar as grammar_module
+
+    states = []
+    for number, schema in enumerate(TEST_SCHEMAS[:6]):
+        state = engine.grammars.compile_now(Constraint("json_schema", json.dumps(schema), strict=True)).start()
+        for token in state.forced(3 + number):
+            assert state.consume(token)
+        states.append(state)
+    logits = np.random.default_rng(1).standard_normal((len(states) + 2, engine.spec.vocab_size)).astype(np.float32)
+    rows = [(row + 1, state) for row, state in enumerate(states)]
+    inline, pooled = logits.copy(), logits.copy()
+    monkeypatch.setattr(grammar_module, "PARALLEL_MASK_MIN_CPUS", 10**6)
+    grammar_module.constrain_rows(inline, rows)
+    monkeypatch.setattr(grammar_module, "PARALLEL_MASK_MIN_CPUS", 0)
+    grammar_module.constrain_rows(pooled, rows)
+    assert np.array_equal(inline, pooled) and not np.array_equal(inline, logits)

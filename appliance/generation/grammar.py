@@ -12,9 +12,9 @@ field the client used.
 
 Each constrained sequence owns a `GrammarState` (a copy of the compiled prototype). On the
 engine thread, `constrain_rows` computes the masks of every constrained row of a step (in one
-parallel llguidance call when there are several, inline when few) and applies them to the
-logits with one vectorised unpack, so the sampling kernels only ever see allowed tokens;
-unconstrained rows of the same batch are not touched. `constrain_draft` does the same for the
+parallel llguidance call when there are many and cores to spare, inline otherwise) and
+applies them to the logits with one vectorised unpack, so the sampling kernels only ever see
+allowed tokens; unconstrained rows of the same batch are not touched. `constrain_draft` does the same for the
 rows of a speculative verification (the state after each draft token), so speculation stays
 on for constrained sequences. Tokens the grammar forces (`GrammarState.forced`) can be
 appended without sampling.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -65,10 +66,13 @@ PARSER_LIMITS = llguidance.LLParserLimits(
 #: JSON as `json.dumps` writes it. Free whitespace lets a model (a small one especially) pad
 #: its answer with blank lines until max_tokens cuts it; one fixed spacing costs no quality.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-#: Fewer constrained rows than this get their masks on the engine thread: a mask takes a few
-#: to tens of microseconds, less than handing it to llguidance's thread pool, whose workers
-#: would then spin beside ONNX Runtime's.
+#: Masks go to llguidance's thread pool only for this many constrained rows or more, and only
+#: on a box with more than PARALLEL_MASK_MIN_CPUS cores; otherwise the engine thread computes
+#: them (a few to tens of microseconds each). On 2 cores the pool's workers spin beside ONNX
+#: Runtime's: 8 constrained streams cost 5-11% of decode speed with the pool, 3-7% without
+#: (docs/BENCHMARKS.md).
 PARALLEL_MASK_MIN_ROWS = 4
+PARALLEL_MASK_MIN_CPUS = 4
 #: Bits per word of llguidance's token bitmask.
 MASK_WORD_BITS = 32
 
@@ -256,7 +260,7 @@ def constrain_rows(logits: np.ndarray, states: Sequence[tuple[int, GrammarState]
         return
     words = (logits.shape[1] + MASK_WORD_BITS - 1) // MASK_WORD_BITS
     mask = np.zeros((len(states), words), np.int32)
-    if len(states) < PARALLEL_MASK_MIN_ROWS:
+    if len(states) < PARALLEL_MASK_MIN_ROWS or (os.cpu_count() or 1) <= PARALLEL_MASK_MIN_CPUS:
         for index, (_, state) in enumerate(states):
             llnp.fill_next_token_bitmask(state.matcher, mask, index)
     else:
