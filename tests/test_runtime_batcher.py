@@ -213,3 +213,48 @@ def test_text_jobs_group_rows_by_length_and_pad_each_batch_once(embed_runner: Te
         for row, index in enumerate(indices):
             np.testing.assert_allclose(result["sentence_embedding"][row], embed_reference(table, rows[index]), rtol=1e-5, atol=1e-6)
     assert [len(indices) for indices, _job in embed_runner.text_jobs(rows[:1] * 5, max_rows=2)] == [2, 2, 1]
+
+
+class OrderRecorder(Recorder):
+    """Also records which jobs each batch ran, by their input value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+
+    def __call__(self, jobs: list[InferenceJob]) -> list:
+        self.values.extend(float(job.inputs["x"][0, 0]) for job in jobs)
+        return super().__call__(jobs)
+
+
+def _priority_order(aging_s: float, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A batch job holds the model; another batch job, then an interactive one queue behind it."""
+    from appliance.runtime import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "PRIORITY_AGING_S", aging_s)
+
+    async def scenario() -> list[float]:
+        recorder = OrderRecorder()
+        recorder.release.clear()
+        batcher = DynamicBatcher("m", recorder, BatchPolicy(max_batch_size=1, max_queue_delay_us=0))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(_job(1.0), 5, priority=1))
+        await asyncio.to_thread(recorder.entered.wait, 5)
+        later = [asyncio.ensure_future(batcher.submit(_job(2.0), 5, priority=1))]
+        await asyncio.sleep(0.01)
+        later.append(asyncio.ensure_future(batcher.submit(_job(3.0), 5, priority=0)))
+        await asyncio.sleep(0.01)
+        recorder.release.set()
+        await asyncio.gather(first, *later)
+        await batcher.close()
+        return recorder.values
+
+    return asyncio.run(scenario())
+
+
+def test_interactive_jobs_run_before_waiting_batch_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _priority_order(10.0, monkeypatch) == [1.0, 3.0, 2.0]
+
+
+def test_aged_batch_jobs_run_in_arrival_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _priority_order(0.0, monkeypatch) == [1.0, 2.0, 3.0]

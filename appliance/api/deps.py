@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from appliance.api.context import ServerContext, in_networks
 from appliance.errors import CapacityExceeded, Forbidden, Unauthorized
+from appliance.serving.protocols import PRIORITY_BY_NAME
 from appliance.serving.service import ModelService
 from appliance.store.keys import KeyInfo
 from appliance.store.rate_limits import RateLimiter
@@ -114,6 +115,11 @@ async def _admit(request: Request, limiter: RateLimiter, info: KeyInfo) -> None:
         setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
     if not decision.allowed:
         raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
+
+
+def key_priority(key: KeyInfo | None) -> int:
+    """The scheduling priority of a request's key (interactive when auth is off)."""
+    return PRIORITY_BY_NAME.get(key.priority, 0) if key is not None else 0
 
 
 def verified_key_id(scope: Scope) -> str | None:

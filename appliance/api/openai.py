@@ -14,7 +14,7 @@ import json
 
 from fastapi import APIRouter, Request, Response
 
-from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
+from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep, key_priority
 from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.openai_schemas import (
     MAX_EMBEDDING_INPUTS,
@@ -76,7 +76,7 @@ def _normalise_inputs(body: EmbeddingsRequest) -> tuple[list[str] | None, list[l
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS, summary="Create embeddings")
 async def create_embeddings(
-    body: EmbeddingsRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep
+    body: EmbeddingsRequest, request: Request, ctx: CtxDep, models: ModelsDep, key: InferKeyDep
 ) -> Response:
     async with RequestTimer(ctx, body.model) as timer:
         texts, ids = _normalise_inputs(body)
@@ -85,7 +85,7 @@ async def create_embeddings(
             timer.version = lease.version
             client: TensorClient = lease.client
             result = await until_disconnect(
-                request, client.embed(texts, ids, dimensions=body.dimensions, timeout_s=ctx.settings.request_timeout_s)
+                request, client.embed(texts, ids, dimensions=body.dimensions, timeout_s=ctx.settings.request_timeout_s, priority=key_priority(key))
             )
     timer.success(result.queue_us, result.compute_us)
     if body.encoding_format == "base64":

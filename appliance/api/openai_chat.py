@@ -25,8 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
-from appliance.store.keys import KeyInfo
+from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep, key_priority
 from appliance.api.errors import error_body
 from appliance.api.inference import until_disconnect
 from appliance.api.openai_chat_schemas import (
@@ -55,7 +54,6 @@ from appliance.errors import ApplianceError, DeadlineExceeded, InvalidInput
 from appliance.serving.tasks import Route
 from appliance.serving.keep_alive import parse_keep_alive
 from appliance.serving.protocols import (
-    PRIORITY_BY_NAME,
     ClientFields,
     CompiledGrammar,
     Constraint,
@@ -124,11 +122,6 @@ def _request(
         priority=priority,
         fields=fields,
     )
-
-
-def _priority(key: KeyInfo | None) -> int:
-    """The scheduling priority of the request's key (interactive without keys)."""
-    return PRIORITY_BY_NAME.get(key.priority, 0) if key is not None else 0
 
 
 def _submit_all(
@@ -305,7 +298,7 @@ async def chat_completions(
         requests = [
             _request(
                 body, fields, max_tokens=max_tokens, logprobs=logprobs, choice=i, grammar=grammar,
-                priority=_priority(key), keep_special_text=plan.parse,
+                priority=key_priority(key), keep_special_text=plan.parse,
             )
             for i in range(body.n)
         ]
@@ -466,7 +459,7 @@ async def completions(
                 requests.append(
                     _request(
                         body, fields, max_tokens=body.max_tokens, logprobs=logprobs, choice=choice, grammar=grammar,
-                        priority=_priority(key),
+                        priority=key_priority(key),
                     )
                 )
         streams = _submit_all(client, all_prompts, requests, ctx.settings.request_timeout_s)

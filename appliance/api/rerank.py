@@ -13,7 +13,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep
+from appliance.api.deps import CtxDep, InferKeyDep, ModelsDep, key_priority
 from appliance.api.errors import is_openai_path
 from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.openai_schemas import OpenAIError
@@ -29,7 +29,7 @@ ERROR_CODES = (400, 401, 403, 404, 413, 429, 503, 504)
 PATHS = ("/v1/rerank", "/v2/rerank", "/rerank")
 
 
-async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: ModelsDep, _key: InferKeyDep) -> RerankResponse:
+async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: ModelsDep, key: InferKeyDep) -> RerankResponse:
     """Score every document against the query; results sorted by relevance, best first."""
     async with RequestTimer(ctx, body.model) as timer:
         if not body.documents:
@@ -41,7 +41,10 @@ async def rerank(body: RerankRequest, request: Request, ctx: CtxDep, models: Mod
             client: TensorClient = lease.client
             result = await until_disconnect(
                 request,
-                client.rerank(body.query, documents, max_tokens_per_doc=body.max_tokens_per_doc, timeout_s=ctx.settings.request_timeout_s),
+                client.rerank(
+                    body.query, documents, max_tokens_per_doc=body.max_tokens_per_doc, timeout_s=ctx.settings.request_timeout_s,
+                    priority=key_priority(key),
+                ),
             )
     timer.success(result.queue_us, result.compute_us)
     order = sorted(range(len(documents)), key=lambda index: -result.scores[index])

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from appliance import __version__
 from appliance.api.context import ServerContext
-from appliance.api.deps import AdminKeyDep, CtxDep, InferKeyDep, ModelsDep
+from appliance.api.deps import AdminKeyDep, CtxDep, InferKeyDep, ModelsDep, key_priority
 from appliance.api.inference import RequestTimer, until_disconnect
 from appliance.api.v2_schemas import (
     ErrorResponse,
@@ -284,7 +284,7 @@ def build_response(model: TensorModelInfo, request: InferenceRequest, outputs: d
     )
 
 
-async def _infer(ctx: ServerContext, name: str, version: str | None, request: Request) -> Response:
+async def _infer(ctx: ServerContext, name: str, version: str | None, request: Request, priority: int) -> Response:
     async with RequestTimer(ctx, name) as timer:
         if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             raise InvalidInput("Content-Encoding is not supported; send the body uncompressed", field="Content-Encoding")
@@ -296,7 +296,7 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
             parsed, tail = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
             inputs = decode_inputs(info, parsed, tail)
             order, binary = _wanted_outputs(info, parsed)
-            result = await until_disconnect(request, client.infer(inputs, order, ctx.settings.request_timeout_s))
+            result = await until_disconnect(request, client.infer(inputs, order, ctx.settings.request_timeout_s, priority=priority))
     timer.success(result.queue_us, result.compute_us)
     return build_response(info, parsed, result.outputs, order, binary)
 
@@ -308,8 +308,8 @@ async def _infer(ctx: ServerContext, name: str, version: str | None, request: Re
     openapi_extra=INFER_BODY,
     summary="Run inference",
 )
-async def infer(name: str, request: Request, ctx: CtxDep, _key: InferKeyDep) -> Response:
-    return await _infer(ctx, name, None, request)
+async def infer(name: str, request: Request, ctx: CtxDep, key: InferKeyDep) -> Response:
+    return await _infer(ctx, name, None, request, key_priority(key))
 
 
 @router.post(
@@ -319,8 +319,8 @@ async def infer(name: str, request: Request, ctx: CtxDep, _key: InferKeyDep) -> 
     openapi_extra=INFER_BODY,
     summary="Run inference on a version",
 )
-async def infer_version(name: str, version: str, request: Request, ctx: CtxDep, _key: InferKeyDep) -> Response:
-    return await _infer(ctx, name, version, request)
+async def infer_version(name: str, version: str, request: Request, ctx: CtxDep, key: InferKeyDep) -> Response:
+    return await _infer(ctx, name, version, request, key_priority(key))
 
 
 # -- repository extension (admin) -------------------------------------------------------------

@@ -7,9 +7,11 @@ event loop only queues, waits and wakes. The batcher never imports onnxruntime.
 
 Batch formation, per model:
 - a batch starts when an execution instance is free and a job waits;
-- it takes jobs of the oldest job's bucket (same trailing shapes; for text, the same length
-  bucket, which limits padding) until `max_batch_size` rows or a preferred size is reached,
-  or until the oldest job has waited `max_queue_delay_us`;
+- it takes jobs of one bucket (same priority and trailing shapes; for text, the same length
+  bucket, which limits padding): the bucket whose oldest job ranks best, interactive before
+  batch (a batch job that has waited `PRIORITY_AGING_S` ranks as interactive), then oldest
+  first; until `max_batch_size` rows or a preferred size is reached, or until that job has
+  waited `max_queue_delay_us`;
 - jobs whose deadline passed or whose client went away are dropped before running.
 """
 
@@ -35,6 +37,8 @@ log = logging.getLogger("appliance.runtime")
 MIN_RETRY_AFTER_S = 1.0
 #: Shortest wait for running batches when a batcher closes, in seconds.
 MIN_CLOSE_WAIT_S = 0.05
+#: A lower-priority job that has waited this long ranks as interactive (aging), in seconds.
+PRIORITY_AGING_S = 10.0
 
 
 class SessionPoisoned(Exception):
@@ -61,6 +65,8 @@ class InferenceJob:
     deadline_s: float = math.inf
     future: asyncio.Future[JobResult] | None = None
     queue_ns: int = 0
+    #: Scheduling priority (0 interactive, 1 batch): lower runs first.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,9 @@ class DynamicBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
 
-    async def submit(self, job: InferenceJob, timeout_s: float) -> JobResult:
-        """Queue `job` and wait for its result; DeadlineExceeded drops it when time runs out.
+    async def submit(self, job: InferenceJob, timeout_s: float, *, priority: int = 0) -> JobResult:
+        """Queue `job` at `priority` and wait for its result; DeadlineExceeded drops it when
+        time runs out.
 
         Cancelling the awaiting task (client disconnect) cancels the job too: a cancelled
         job is skipped when its batch is formed.
@@ -149,7 +156,8 @@ class DynamicBatcher:
         job.future = loop.create_future()
         job.deadline_s = time.monotonic() + timeout_s
         job.enqueued_ns = time.perf_counter_ns()
-        self._buckets.setdefault(job.bucket, deque()).append(job)
+        job.priority = priority
+        self._buckets.setdefault((priority, job.bucket), deque()).append(job)
         self._queued += 1
         self._wakeup.set()
         try:
@@ -207,11 +215,18 @@ class DynamicBatcher:
                     break
 
     def _oldest_bucket(self) -> Hashable | None:
-        best: tuple[int, Hashable] | None = None
+        """The bucket whose head ranks best: (priority, or 0 once aged), then the oldest."""
+        now_ns = time.perf_counter_ns()
+        aging_ns = PRIORITY_AGING_S * 1e9
+        best: tuple[int, int, Hashable] | None = None
         for key, bucket in self._buckets.items():
-            if bucket and (best is None or bucket[0].enqueued_ns < best[0]):
-                best = (bucket[0].enqueued_ns, key)
-        return None if best is None else best[1]
+            if not bucket:
+                continue
+            head = bucket[0]
+            rank = 0 if now_ns - head.enqueued_ns >= aging_ns else head.priority
+            if best is None or (rank, head.enqueued_ns) < best[:2]:
+                best = (rank, head.enqueued_ns, key)
+        return None if best is None else best[2]
 
     def _rows_in(self, key: Hashable) -> int:
         return sum(job.rows for job in self._buckets.get(key, ()) if not (job.future and job.future.done()))

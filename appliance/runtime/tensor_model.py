@@ -115,19 +115,27 @@ class TensorModel:
     def manifest(self) -> Any:
         return self.version.manifest
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float) -> JobResult:
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, *, priority: int = 0
+    ) -> JobResult:
         job = self.runner.make_job(inputs, outputs)
-        return await self.batcher.submit(job, timeout_s)
+        return await self.batcher.submit(job, timeout_s, priority=priority)
 
     async def infer_text(
-        self, rows: Sequence[Sequence[int]], outputs: list[str], timeout_s: float, *, types: Sequence[Sequence[int]] | None = None
+        self,
+        rows: Sequence[Sequence[int]],
+        outputs: list[str],
+        timeout_s: float,
+        *,
+        types: Sequence[Sequence[int]] | None = None,
+        priority: int = 0,
     ) -> list[tuple[list[int], JobResult]]:
         """Run token-id rows (with token types for sentence pairs) as text jobs, one per
         length bucket and batch; the rows' indices with each job's result."""
         jobs = self.runner.text_jobs(rows, self.batcher.policy.max_batch_size, types)
         for _indices, job in jobs:
             job.outputs = outputs
-        results = await asyncio.gather(*(self.batcher.submit(job, timeout_s) for _indices, job in jobs))
+        results = await asyncio.gather(*(self.batcher.submit(job, timeout_s, priority=priority) for _indices, job in jobs))
         return [(indices, result) for (indices, _job), result in zip(jobs, results, strict=True)]
 
     async def close(self, grace_s: float) -> None:

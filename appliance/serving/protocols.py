@@ -194,6 +194,8 @@ class TensorClient(Protocol):
 
     Contract:
     - `metadata()` is cheap and never blocks.
+    - `priority` (PRIORITY_BY_NAME, on every call): lower-priority jobs run after waiting
+      interactive ones, until they have aged (runtime/batcher.py).
     - `infer(inputs, outputs, timeout_s)` queues one request on the model's dynamic batcher
       (it may share a session run with others); inputs must already match `metadata().inputs`
       (the caller checks names, datatypes and shapes). Errors: InvalidInput (400),
@@ -213,12 +215,20 @@ class TensorClient(Protocol):
 
     def metadata(self) -> TensorModelInfo: ...
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float) -> TensorResult: ...
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, *, priority: int = 0
+    ) -> TensorResult: ...
 
     async def embed(
-        self, texts: list[str] | None, token_ids: list[list[int]] | None, *, dimensions: int | None, timeout_s: float
+        self,
+        texts: list[str] | None,
+        token_ids: list[list[int]] | None,
+        *,
+        dimensions: int | None,
+        timeout_s: float,
+        priority: int = 0,
     ) -> EmbeddingResult: ...
 
     async def rerank(
-        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float
+        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float, priority: int = 0
     ) -> RerankResult: ...

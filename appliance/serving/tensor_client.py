@@ -46,12 +46,20 @@ class LocalTensorClient:
     def metadata(self) -> TensorModelInfo:
         return self._info
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float) -> TensorResult:
-        result = await self.model.infer(inputs, outputs, timeout_s)
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, *, priority: int = 0
+    ) -> TensorResult:
+        result = await self.model.infer(inputs, outputs, timeout_s, priority=priority)
         return TensorResult(result.outputs, result.queue_us, result.compute_us)
 
     async def embed(
-        self, texts: list[str] | None, token_ids: list[list[int]] | None, *, dimensions: int | None, timeout_s: float
+        self,
+        texts: list[str] | None,
+        token_ids: list[list[int]] | None,
+        *,
+        dimensions: int | None,
+        timeout_s: float,
+        priority: int = 0,
     ) -> EmbeddingResult:
         spec = self._info.embedding
         tokenizer = self.model.tokenizer
@@ -65,7 +73,7 @@ class LocalTensorClient:
                 encoded = await asyncio.to_thread(tokenizer.encode_batch, texts)
         else:
             encoded = _checked_ids(tokenizer, token_ids or [])
-        runs = await self.model.infer_text([item.ids for item in encoded], [spec.output], timeout_s)
+        runs = await self.model.infer_text([item.ids for item in encoded], [spec.output], timeout_s, priority=priority)
         vectors = np.empty((len(encoded), spec.dimension), dtype=np.float32)
         for indices, result in runs:
             vectors[indices] = result.outputs[spec.output]
@@ -78,7 +86,7 @@ class LocalTensorClient:
         )
 
     async def rerank(
-        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float
+        self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float, priority: int = 0
     ) -> RerankResult:
         manifest = self.model.manifest
         tokenizer = self.model.tokenizer
@@ -90,7 +98,7 @@ class LocalTensorClient:
         else:
             pairs = await asyncio.to_thread(tokenizer.encode_pairs, query, documents, max_document_tokens=max_tokens_per_doc)
         runs = await self.model.infer_text(
-            [pair.ids for pair in pairs], [scoring.output], timeout_s, types=[pair.type_ids for pair in pairs]
+            [pair.ids for pair in pairs], [scoring.output], timeout_s, types=[pair.type_ids for pair in pairs], priority=priority
         )
         scores = np.empty(len(pairs), dtype=np.float64)
         for indices, result in runs:
