@@ -36,7 +36,8 @@ from appliance.store.usage_recorder import UsageRecorder
 from appliance.store.usage_report import CSV_COLUMNS, ERRORS_ONLY_BASIS, build_report
 from appliance.store.usage_rollup import roll_up
 from appliance.store.usage_tables import COUNTER_COLUMNS, DAY_S, HOUR_S, IDENTITY_COLUMNS, MINUTE_S, UsageCount
-from appliance.store.usage_writes import Counters, UsageIdentity, check_dialect
+from appliance.store.upsert import check_dialect
+from appliance.store.usage_writes import Counters, UsageIdentity
 from tests.helpers.postgres import postgres_url  # noqa: F401 - fixture
 from tests.helpers.usage import COMPLETION_TOKENS, PROMPT_TOKENS, event, flush_rounds
 

@@ -4,7 +4,8 @@ server process on one database.
 The counts live in `rate_windows`, one row per (key, window length, window start): a minute row
 for requests and tokens, a day row for tokens. Admitting a request is one transaction: an atomic
 `INSERT ... ON CONFLICT DO UPDATE SET requests = requests + 1 RETURNING ...` on the minute row
-and a read of the day row, so several processes or replicas never lose each other's counts.
+and a read of the day row (upsert.py), so several processes or replicas never lose each
+other's counts.
 
 The rule for tokens (written in docs/USAGE.md): a request is admitted while the key's tokens in
 the current minute (and day) are below its limits; its prompt and completion tokens are charged
@@ -23,15 +24,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import BigInteger, Integer, String, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from appliance.errors import InvalidInput
 from appliance.store.db import Database
 from appliance.store.models import Base
+from appliance.store.upsert import upsert_insert
 
 MINUTE_S = 60
 DAY_S = 86_400
@@ -41,9 +41,6 @@ KEEP_WINDOWS_S = 2 * DAY_S
 CHARGE_FLUSH_S = 1.0
 #: Largest limit accepted (a typo guard, not a policy).
 LIMIT_MAX = 10**12
-
-_UPSERT_INSERTS: dict[str, Callable[[Any], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
-
 
 class RateWindow(Base):
     """One key's counts in one window (a minute or a day, by its start in epoch seconds)."""
@@ -109,7 +106,7 @@ class RateLimiter:
     def __init__(self, database: Database, *, clock: Callable[[], float] = time.time) -> None:
         self.database = database
         self._clock = clock
-        self._insert = _UPSERT_INSERTS.get(database.engine.dialect.name, sqlite.insert)
+        self._dialect = database.engine.dialect.name
         #: Tokens not yet written, by (key, minute start, day start) of the moment they were charged.
         self._pending: dict[tuple[str, int, int], int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -123,7 +120,7 @@ class RateLimiter:
         with self.database.session() as session:
             self._write_pending(session, now)
             statement = (
-                self._insert(RateWindow)
+                upsert_insert(self._dialect, RateWindow)
                 .values(key_id=key_id, window_s=MINUTE_S, window_start=minute, requests=1, tokens=0)
                 .on_conflict_do_update(
                     index_elements=["key_id", "window_s", "window_start"], set_={"requests": RateWindow.requests + 1}
@@ -192,7 +189,7 @@ class RateLimiter:
         for (key_id, minute, day), tokens in sorted(pending.items()):
             for window_s, start in ((MINUTE_S, minute), (DAY_S, day)):
                 session.execute(
-                    self._insert(RateWindow)
+                    upsert_insert(self._dialect, RateWindow)
                     .values(key_id=key_id, window_s=window_s, window_start=start, requests=0, tokens=tokens)
                     .on_conflict_do_update(
                         index_elements=["key_id", "window_s", "window_start"], set_={"tokens": RateWindow.tokens + tokens}

@@ -29,7 +29,8 @@ from appliance.store.db import Database
 from appliance.store.models import ApiKey
 from appliance.store.usage_rollup import ROLLUP_INTERVAL_S, bucket_start, roll_up
 from appliance.store.usage_tables import HOUR_S, MINUTE_S
-from appliance.store.usage_writes import Counters, UsageIdentity, check_dialect, increment
+from appliance.store.upsert import check_dialect
+from appliance.store.usage_writes import Counters, UsageIdentity, increment
 
 log = logging.getLogger("appliance.store")
 

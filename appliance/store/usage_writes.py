@@ -6,30 +6,21 @@ write is one `INSERT ... ON CONFLICT (identity) DO UPDATE SET n = n + excluded.n
 database applies atomically per row. Rows are written in a fixed order so two PostgreSQL
 transactions touching the same rows take their row locks in the same order (no deadlock).
 
-The upsert is dialect syntax: SQLite and PostgreSQL are supported (the databases the appliance
-is tested on); any other database is refused with a ConfigError naming it. Never imports the
-runtime or the APIs.
+The upsert is dialect syntax (upsert.py: SQLite and PostgreSQL; any other database is refused
+with a ConfigError naming it). Never imports the runtime or the APIs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from appliance.errors import ConfigError
+from appliance.store.upsert import upsert_insert
 from appliance.store.usage_tables import COUNTER_COLUMNS, IDENTITY_COLUMNS, UsageCount
-
-#: The INSERT construct with ON CONFLICT support, per SQLAlchemy dialect name.
-_UPSERT_INSERTS: dict[str, Callable[[Any], Any]] = {
-    "sqlite": sqlite.insert,
-    "postgresql": postgresql.insert,
-}
-
 
 @dataclass(frozen=True, order=True)
 class UsageIdentity:
@@ -68,14 +59,6 @@ class Counters:
         return cls(**{name: int(getattr(row, name) or 0) for name in COUNTER_COLUMNS})
 
 
-def check_dialect(dialect_name: str) -> None:
-    """ConfigError unless usage counts can be written atomically on this database."""
-    if dialect_name not in _UPSERT_INSERTS:
-        raise ConfigError(
-            f"database_url: usage accounting needs SQLite or PostgreSQL, not {dialect_name!r}", field="database_url"
-        )
-
-
 def increment(session: Session, counts: Mapping[UsageIdentity, Counters] | Iterable[tuple[UsageIdentity, Counters]]) -> int:
     """Add `counts` to their rows (created at zero when missing) in `session`'s transaction;
     returns the number of rows touched."""
@@ -83,9 +66,8 @@ def increment(session: Session, counts: Mapping[UsageIdentity, Counters] | Itera
     if not items:
         return 0
     dialect = session.get_bind().dialect.name
-    check_dialect(dialect)
     table = UsageCount.__table__
-    statement = _UPSERT_INSERTS[dialect](table)
+    statement = upsert_insert(dialect, table)
     statement = statement.on_conflict_do_update(
         index_elements=[table.c[name] for name in IDENTITY_COLUMNS],
         set_={name: table.c[name] + statement.excluded[name] for name in COUNTER_COLUMNS},

@@ -39,7 +39,7 @@ class _Json(enum.Enum):
     AFTER_VALUE = enum.auto()  # "," or the container's close
     STRING = enum.auto()
     ESCAPE = enum.auto()  # after a backslash
-    UNICODE = enum.auto()  # inside \uXXXX
+    UNICODE = enum.auto()  # inside a \u escape (four hex digits)
     NUMBER = enum.auto()
     LITERAL = enum.auto()  # true, false, null
     DONE = enum.auto()
