@@ -28,6 +28,7 @@ STATE_CHANGING_ROUTES = [
     "/admin/logout",
     "/admin/cost",
     "/admin/keys",
+    "/admin/keys/test/group",
     "/admin/keys/test/revoke",
     "/admin/privacy/logging",
     "/admin/privacy/networks",

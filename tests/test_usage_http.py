@@ -1,15 +1,17 @@
 """Usage and cost per key on a real server with tiny real models (a Llama chat model, an
 embedder, a cross-encoder reranker, a KServe V2 adder): the counts equal the sum of the `usage`
-fields the clients received, in logging mode `metadata` and in `off`; errors count as errors,
-refused keys not at all; `appliance usage` prints the same numbers as JSON and CSV; the admin
-Usage page shows the key's numbers, its chart and cost in the real browser, and the privacy page
-says usage is counted in every mode."""
+fields the clients received, in logging mode `metadata` and in `off`, and so do the per-key
+counters on /metrics; errors count as errors, refused keys not at all; `appliance usage` prints
+the same numbers as JSON and CSV; the admin Usage page shows the key's numbers, its chart and
+cost in the real browser, and the privacy page says usage is counted in every mode; a key's
+group set, changed and cleared on the admin Keys page is where its usage is summed from then on."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import httpx
 import openai
 import pytest
 from click.testing import Result
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from appliance.api.request_logging import RESPONSE_CAPTURE_MAX_BYTES, _ResponseReader
@@ -31,6 +34,7 @@ from appliance.cli.bench_cmd import RUNS_DIR
 from appliance.config import load_settings
 from appliance.export.pipeline import ExportRequest, run_export
 from appliance.repository.store import ModelRepository
+from appliance.store.audit import AuditFilter
 from appliance.store.keys import KeyStore
 from appliance.store.usage_queries import UsageFilter, usage_totals
 from appliance.store.usage_report import format_cost
@@ -293,7 +297,7 @@ def test_a_key_created_on_the_admin_keys_page_gets_its_group(server: RunningServ
         csrf = sign_in(client, server.base_url)
         created = client.post(server.url("/admin/keys"), data={"csrf_token": csrf, "name": "carol", "scope_infer": "on", "group": "team-c"})
         assert created.status_code == 201
-        assert '<td data-role="group">team-c</td>' in created.text
+        assert _group_shown(created.text, "carol") == "team-c"
         refused = client.post(server.url("/admin/keys"), data={"csrf_token": csrf, "name": "dave", "group": "no spaces"})
         assert refused.status_code == 400 and "not a valid group name" in refused.text
     assert KeyStore(server.ctx.database).find("carol").group == "team-c"
@@ -307,3 +311,98 @@ def test_the_usage_page_refuses_a_period_or_dimension_it_does_not_know(server: R
         chart = client.get(server.url("/admin/usage/chart.png?by=colour"))
         assert chart.status_code == 400 and "by: must be one of key, group, model" in chart.text
         assert client.get(server.url("/admin/usage.csv?period=month&by=model")).status_code == 200
+
+
+def _group_shown(page: str, key_name: str) -> str:
+    """The group the admin Keys page shows for the key."""
+    row = page.split(f'data-key="{key_name}"')[1].split("</tr>")[0]
+    return row.split('data-role="group-name">')[1].split("<")[0]
+
+
+def _requests_per_group(client: httpx.Client, server: RunningServer) -> dict[str, int]:
+    """The Usage page's "Per group" table (the page writes pending counts before it reads)."""
+    page = client.get(server.url("/admin/usage?period=day"))
+    assert page.status_code == 200, page.text
+    table = page.text.split('id="usage-by-group"')[1].split("</table>")[0]
+    return {name: int(requests) for name, requests in re.findall(r'<tr data-name="([^"]*)"><td>[^<]*</td><td>(\d+)</td>', table)}
+
+
+def _embed(server: RunningServer, key: str, times: int) -> None:
+    for _ in range(times):
+        answer = httpx.post(server.url("/v1/embeddings"), headers={"Authorization": f"Bearer {key}"}, timeout=30, json={"model": EMBED, "input": "x"})
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_keys_group_is_changed_and_cleared_on_the_admin_keys_page_and_its_usage_follows(server: RunningServer) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, server.base_url)
+        created = client.post(server.url("/admin/keys"), data={"csrf_token": csrf, "name": "erin", "scope_infer": "on", "group": "team-e"})
+        assert created.status_code == 201 and _group_shown(created.text, "erin") == "team-e"
+        key = created.text.split('id="new-key">')[1].split("<")[0]
+        _embed(server, key, 2)
+        ungrouped_before = _requests_per_group(client, server).get("(no group)", 0)
+
+        moved = client.post(server.url("/admin/keys/erin/group"), data={"csrf_token": csrf, "group": "team-f"})
+        assert moved.status_code == 303
+        page = client.get(server.url(moved.headers["location"])).text
+        assert _group_shown(page, "erin") == "team-f" and "Group saved" in page
+        _embed(server, key, 3)
+        assert _requests_per_group(client, server)["team-f"] == 3
+
+        cleared = client.post(server.url("/admin/keys/erin/group"), data={"csrf_token": csrf, "group": ""})
+        assert cleared.status_code == 303
+        assert _group_shown(client.get(server.url("/admin/keys")).text, "erin") == "—"
+        _embed(server, key, 1)
+
+        refused = client.post(server.url("/admin/keys/erin/group"), data={"csrf_token": csrf, "group": "no spaces"})
+        assert refused.status_code == 400
+        assert "group: &#39;no spaces&#39; is not a valid group name" in refused.text
+        unknown = client.post(server.url("/admin/keys/nobody/group"), data={"csrf_token": csrf, "group": "team-f"})
+        assert unknown.status_code == 404 and "no key named" in unknown.text
+
+        per_group = _requests_per_group(client, server)
+    assert per_group["team-e"] == 2 and per_group["team-f"] == 3
+    assert per_group["(no group)"] == ungrouped_before + 1
+    assert KeyStore(server.ctx.database).find("erin").group is None
+    changes = server.app.state.admin.audit.query(AuditFilter(action="key.update"))
+    assert sorted(event.detail.split(", ")[1] for event in changes if event.target == "erin") == [
+        "group team-e -> team-f", "group team-f -> (none)",
+    ]
+
+
+def _key_counters(server: RunningServer) -> tuple[str, dict[tuple[str, ...], float]]:
+    """/metrics as its text and the per-key samples: (name, key, model, class or kind) -> value."""
+    text = httpx.get(server.url("/metrics"), timeout=30).text
+    samples: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("appliance_key_requests_total", "appliance_key_tokens_total"):
+                labels = sample.labels
+                detail = labels["status_class"] if sample.name == "appliance_key_requests_total" else labels["kind"]
+                samples[(sample.name, labels["key"], labels["model"], detail)] = sample.value
+    return text, samples
+
+
+def test_metrics_count_each_keys_requests_and_tokens_as_the_clients_were_told(server: RunningServer) -> None:
+    alice, bob = server.keys["alice"], server.keys["bob"]
+    _, before = _key_counters(server)
+    expected = _traffic(server, alice)
+    text, after = _key_counters(server)
+    changed = {labels: value - before.get(labels, 0.0) for labels, value in after.items() if value != before.get(labels, 0.0)}
+    alice_id = alice.split("_")[1]
+    wanted: dict[tuple[str, ...], float] = {}
+    for model, counters in expected.per_model.items():
+        errors = counters.errors_4xx + counters.errors_5xx
+        for labels, value in (
+            (("appliance_key_requests_total", alice_id, model, "2xx"), counters.requests - errors),
+            (("appliance_key_requests_total", alice_id, model, "4xx"), counters.errors_4xx),
+            (("appliance_key_requests_total", alice_id, model, "5xx"), counters.errors_5xx),
+            (("appliance_key_tokens_total", alice_id, model, "prompt"), counters.prompt_tokens),
+            (("appliance_key_tokens_total", alice_id, model, "completion"), counters.completion_tokens),
+        ):
+            if value:
+                wanted[labels] = float(value)
+    assert changed == wanted
+    assert wanted[("appliance_key_requests_total", alice_id, UNKNOWN_MODEL, "4xx")] == 1
+    assert bob.split("_")[1] not in {labels[1] for labels in changed}
+    assert alice.split("_", 2)[2] not in text and bob.split("_", 2)[2] not in text  # ids only, never a secret

@@ -1,6 +1,8 @@
 """API keys page: create (the key is shown once, on the answer to the create form, never in a
 URL or the audit log) with an optional group (the team its usage counts toward), list with
-group and last use, revoke. Never stores or logs a key: the key store keeps only its hash."""
+group and last use, move a key to another group or none, revoke. Group names are checked by
+the key store, as `appliance keys create|update --group` checks them. Never stores or logs a
+key: the key store keeps only its hash."""
 
 from __future__ import annotations
 
@@ -74,6 +76,22 @@ def _whole(form: dict[str, str], field: str) -> int | None:
     if not raw.isdigit():
         raise InvalidInput(f"{field}: {raw!r} is not a whole number", field=field)
     return int(raw)
+
+
+@router.post("/admin/keys/{name}/group", include_in_schema=False)
+def set_key_group(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Move the key into the form's group (empty: into no group). Usage counted from now on
+    goes to the new group; what was counted before stays with the old one."""
+    try:
+        before = ctx.keys.find(name)
+        info = ctx.keys.set_group(name, form.get("group", ""))
+    except (InvalidInput, NotFound) as exc:
+        return _page(request, ctx, error=exc.message, status_code=exc.status_code)
+    ctx.audit.record(
+        "key.update", actor=admin.user_name, address=client_address(request), target=info.name,
+        detail=f"prefix {info.prefix}, group {before.group or '(none)'} -> {info.group or '(none)'}",
+    )
+    return RedirectResponse("/admin/keys?done=key-group-set", status_code=303)
 
 
 @router.post("/admin/keys/{name}/revoke", include_in_schema=False)

@@ -18,6 +18,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from appliance.api.deps import MetricsAccessDep
 from appliance.serving.service import ModelService
 from appliance.serving.states import ServingState
+from appliance.store.usage_recorder import UsageEvent
+from appliance.store.usage_report import NO_KEY_LABEL
 
 # The `_created` timestamp series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -71,6 +73,39 @@ class _BatchObserver:
         self._batch.observe(rows)
 
 
+class KeyUsageMetrics:
+    """Per-key usage as Prometheus counters, beside (never instead of) the usage table:
+    `appliance_key_requests_total{key,model,status_class}` and
+    `appliance_key_tokens_total{key,model,kind}` (kind: prompt, completion).
+
+    `key` is the key's public prefix (its id, never the secret; "(no key)" while auth is off),
+    not its group: the group is looked up in the database when counts are written, and a
+    request must never wait on the database; the Usage page sums per group. The cardinality
+    is bounded: only keys that `require_scope` verified are counted and keys are created by an
+    admin; a model the server does not serve is counted as "(unknown)"; `status_class` is one
+    of 1xx-5xx. A revoked key's series stay until the process restarts, as Prometheus expects
+    of a counter. Token series appear with the first token counted (a tensor model never has
+    them).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "appliance_key_requests", "Inference requests per API key (its id), model and status class",
+            ["key", "model", "status_class"], registry=registry,
+        )
+        self.tokens = Counter(
+            "appliance_key_tokens", "Tokens per API key (its id) and model, as the client's usage reported them",
+            ["key", "model", "kind"], registry=registry,
+        )
+
+    def count(self, event: UsageEvent) -> None:
+        key = event.key_id or NO_KEY_LABEL
+        self.requests.labels(key, event.model, f"{event.status // 100}xx").inc()
+        for kind, tokens in (("prompt", event.prompt_tokens), ("completion", event.completion_tokens)):
+            if tokens:
+                self.tokens.labels(key, event.model, kind).inc(tokens)
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -90,6 +125,7 @@ class ServerMetrics:
         )
         self.batch_size = Histogram("nv_inference_batch_size", "Rows per executed batch", labels, buckets=BATCH_BUCKETS, registry=self.registry)
         self.inflight = Gauge("appliance_http_inflight_requests", "HTTP requests being served", registry=self.registry)
+        self.key_usage = KeyUsageMetrics(self.registry)
 
     def attach(self, models: ModelService, inflight: Any) -> None:
         """Read model states and the in-flight count from their owners at scrape time."""

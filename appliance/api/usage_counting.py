@@ -5,7 +5,8 @@ model, status and `usage` (in every privacy mode), once the answer is complete. 
 numbers only — requests, 4xx/5xx errors, prompt and completion tokens as the client's `usage`
 said (a stream without `include_usage` is counted by its content chunks and has no prompt
 count), embedding inputs and rerank documents of successful requests — handed to the
-in-memory `UsageRecorder`, so counting never waits on the database.
+in-memory `UsageRecorder`, so counting never waits on the database. The same event feeds the
+per-key Prometheus counters (`KeyUsageMetrics`), so /metrics and the usage table agree.
 
 Only a key that `require_scope` verified is charged; a request refused before its key was
 checked (401/403, which are audited instead, a body that is not JSON, one over the size limit)
@@ -22,6 +23,7 @@ from typing import Any
 from starlette.types import Scope
 
 from appliance.api.deps import RATE_CHARGED_KEY_STATE, verified_key_id
+from appliance.api.metrics import KeyUsageMetrics
 from appliance.errors import ModelNotFound
 from appliance.serving.service import ModelService
 from appliance.store.rate_limits import RateLimiter
@@ -51,12 +53,17 @@ def rerank_documents(body: dict[str, Any]) -> int:
 class UsageCounter:
     """Builds a UsageEvent per request and hands it to the recorder."""
 
-    def __init__(self, recorder: UsageRecorder, models: ModelService, *, auth: bool, rate_limiter: RateLimiter | None = None) -> None:
-        """`rate_limiter`: where the tokens of keys with token limits are charged."""
+    def __init__(
+        self, recorder: UsageRecorder, models: ModelService, *, auth: bool, rate_limiter: RateLimiter | None = None,
+        key_metrics: KeyUsageMetrics | None = None,
+    ) -> None:
+        """`rate_limiter`: where the tokens of keys with token limits are charged;
+        `key_metrics`: the server's per-key Prometheus counters (None: not exported)."""
         self.recorder = recorder
         self.models = models
         self.auth = auth
         self.rate_limiter = rate_limiter
+        self.key_metrics = key_metrics
 
     def count(
         self,
@@ -80,19 +87,20 @@ class UsageCounter:
         self._charge_tokens(scope, (prompt_tokens or 0) + ((completion_tokens or 0) if kind in GENERATION_KINDS else 0))
         label, version = self._served(model, path_version, status)
         ok = status < 400
-        self.recorder.add(
-            UsageEvent(
-                at=datetime.now(UTC),
-                key_id=key_id,
-                model=label,
-                version=version,
-                status=status,
-                prompt_tokens=prompt_tokens or 0,
-                completion_tokens=(completion_tokens or 0) if kind in GENERATION_KINDS else 0,
-                embedding_inputs=embedding_inputs(body) if ok and kind == "embeddings" else 0,
-                rerank_documents=rerank_documents(body) if ok and kind == "rerank" else 0,
-            )
+        event = UsageEvent(
+            at=datetime.now(UTC),
+            key_id=key_id,
+            model=label,
+            version=version,
+            status=status,
+            prompt_tokens=prompt_tokens or 0,
+            completion_tokens=(completion_tokens or 0) if kind in GENERATION_KINDS else 0,
+            embedding_inputs=embedding_inputs(body) if ok and kind == "embeddings" else 0,
+            rerank_documents=rerank_documents(body) if ok and kind == "rerank" else 0,
         )
+        self.recorder.add(event)
+        if self.key_metrics is not None:
+            self.key_metrics.count(event)
 
     def _charge_tokens(self, scope: Scope, tokens: int) -> None:
         """A finished request of a key with token limits: its tokens count toward them."""
