@@ -26,6 +26,10 @@ from appliance.api import openai as openai_routes
 from appliance.api import openai_chat as openai_chat_routes
 from appliance.api import rerank as rerank_routes
 from appliance.api import v2 as v2_routes
+from appliance.api import batches as batch_routes
+from appliance.api import files as file_routes
+from appliance.api.batch_runner import BatchRunner
+from appliance.api.batch_state import BatchApi
 from appliance.admin import AdminContext, install_admin
 from appliance.api.context import ServerContext
 from appliance.api.errors import install_error_handlers
@@ -46,6 +50,8 @@ from appliance.serving.loaders import ModelLoader
 from appliance.serving.metrics import ServingMetrics
 from appliance.serving.watch import RepositoryWatch
 from appliance.store.audit import AuditLog
+from appliance.store.batch_files import FileStore
+from appliance.store.batch_store import BatchStore
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.keys import KeyStore
@@ -137,10 +143,14 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("no API keys yet: every /v1 and /v2 request will get 401; create one with `appliance keys create NAME`")
     watch = RepositoryWatch(models, settings.repository_poll_s)
 
+    batch_api: BatchApi | None = None
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await models.start()
         usage.start()
+        if batch_api is not None:
+            batch_api.runner.start()
         watching = asyncio.get_running_loop().create_task(watch.run(), name="repository-watch") if settings.repository_poll_s else None
         try:
             yield
@@ -149,6 +159,8 @@ def create_app(settings: Settings) -> FastAPI:
                 watching.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watching
+            if batch_api is not None:
+                await batch_api.runner.stop(grace_s=settings.drain_grace_s)
             ctx.draining = True
             await models.close(grace_s=settings.drain_grace_s)
             await asyncio.to_thread(usage.close)
@@ -171,6 +183,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_chat_routes.router)
     app.include_router(rerank_routes.router)
     app.include_router(metrics_routes.router)
+    if settings.batch_api.enabled:
+        files = FileStore(database, settings.batch_files_dir)
+        batches = BatchStore(database)
+        runner = BatchRunner(
+            app, settings=settings.batch_api, files=files, batches=batches, privacy=privacy, work_dir=settings.batch_work_dir
+        )
+        batch_api = BatchApi(settings.batch_api, files, batches, privacy, runner)
+        app.state.batch_api = batch_api
+        app.include_router(file_routes.router)
+        app.include_router(batch_routes.router)
     admin = AdminContext(
         settings, database, keys, models, privacy, request_log, usage, settings.state_dir / BENCH_DIR,
         tls=settings.tls_cert is not None,
@@ -178,11 +200,12 @@ def create_app(settings: Settings) -> FastAPI:
     install_admin(app, admin)
     app.add_middleware(
         RequestLogMiddleware, policy=privacy, request_log=request_log, audit=AuditLog(database),
-        usage=UsageCounter(usage, models, auth=settings.auth, rate_limiter=rate_limiter),
+        usage=UsageCounter(usage, models, auth=settings.auth, rate_limiter=rate_limiter, key_metrics=metrics.key_usage),
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(
-        GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, draining=lambda: ctx.draining, counter=inflight,
+        upload_limits={file_routes.UPLOAD_PATH: settings.batch_api.max_file_bytes} if settings.batch_api.enabled else None,
     )
     _complete_openapi(app)
     return app

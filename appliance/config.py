@@ -181,6 +181,22 @@ class ServingSettings(BaseModel):
         return value
 
 
+class BatchApiSettings(BaseModel):
+    """The OpenAI Files and Batch API: bulk work run at the lowest priority in idle capacity."""
+
+    enabled: bool = Field(True, description="Serve /v1/files and /v1/batches and run batches.")
+    max_file_bytes: int = Field(
+        200 << 20, ge=1024, le=1 << 34, description="Largest file one upload may hold (413 beyond)."
+    )
+    max_lines: int = Field(50_000, ge=1, le=1_000_000, description="Most request lines in one batch input file.")
+    lines_in_flight: int = Field(
+        16, ge=1, le=1024, description="Lines of a batch sent to the engines at once (fills continuous batching)."
+    )
+    max_completion_window_h: int = Field(
+        168, ge=1, le=8760, description="Longest completion_window a batch may ask for, in hours (OpenAI's is 24h)."
+    )
+
+
 class CostSettings(BaseModel):
     """Hardware cost model for cost per 1k tokens (dashboard and `appliance bench`)."""
 
@@ -264,6 +280,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
+    batch_api: BatchApiSettings = Field(default_factory=BatchApiSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -310,6 +327,16 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def batch_files_dir(self) -> Path:
+        """Files API contents (batch inputs and outputs: prompt and answer text)."""
+        return self.state_dir / "batch-files"
+
+    @property
+    def batch_work_dir(self) -> Path:
+        """Running batches' progress files."""
+        return self.state_dir / "batch-work"
 
     @property
     def trt_cache_dir(self) -> Path:

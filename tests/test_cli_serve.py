@@ -4,15 +4,12 @@ when it cannot start (port taken, auth off beyond loopback, bad config)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,44 +17,12 @@ import numpy as np
 import pytest
 
 from appliance.repository.store import ModelRepository
-from tests.helpers.server import create_key, free_port
+from tests.helpers.server import create_key, free_port, process_env as _env, serving_process as serving
 from tests.helpers.tiny_models import publish_adder, publish_heavy
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60
 DRAIN_TEST_REQUESTS = 4
-
-
-def _env(state_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env["APPLIANCE_STATE_DIR"] = str(state_dir)
-    env.update(extra)
-    return env
-
-
-@contextmanager
-def serving(state_dir: Path, port: int, **extra: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", str(port)],
-        cwd=ROOT, env=_env(state_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from typing import Annotated
 
 import anyio
@@ -20,7 +21,8 @@ from fastapi import Depends, Request
 from starlette.types import Scope
 
 from appliance.api.context import ServerContext, in_networks
-from appliance.errors import CapacityExceeded, Forbidden, Unauthorized
+from appliance.api.local_call import batch_key_id
+from appliance.errors import CapacityExceeded, Forbidden, NotFound, Unauthorized
 from appliance.serving.protocols import PRIORITY_BY_NAME
 from appliance.serving.service import ModelService
 from appliance.store.keys import KeyInfo
@@ -29,6 +31,10 @@ from appliance.store.rate_limits import RateLimiter
 #: Seconds a verified key is trusted without asking the database again.
 KEY_CACHE_TTL_S = 2.0
 KEY_CACHE_MAX_ENTRIES = 1024
+#: Cache entries of batch owners' keys are filed under this prefix plus the key id.
+BATCH_CACHE_PREFIX = "batch:"
+#: The priority every batch line runs at, whatever its key's own.
+BATCH_PRIORITY = "batch"
 #: Where a request's verified key id is kept in its ASGI scope's state.
 VERIFIED_KEY_STATE = "verified_key_id"
 #: Where the rate-limit headers of a limited key's request wait for its response.
@@ -90,6 +96,9 @@ def _client_host(request: Request) -> str | None:
 
 def require_scope(scope: str):  # noqa: ANN201 - returns a FastAPI dependency
     async def check(request: Request, ctx: CtxDep) -> KeyInfo | None:
+        owner = batch_key_id(request.scope)
+        if owner is not None:
+            return await _batch_line_key(request, ctx, owner, scope)
         if not in_networks(_client_host(request), ctx.api_networks):
             raise Forbidden("this network may not use the API")
         if not ctx.settings.auth:
@@ -115,6 +124,36 @@ async def _admit(request: Request, limiter: RateLimiter, info: KeyInfo) -> None:
         setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
     if not decision.allowed:
         raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
+
+
+async def _batch_line_key(request: Request, ctx: ServerContext, key_id: str, scope: str) -> KeyInfo | None:
+    """The key of an in-process batch line: the batch's owner, still active and scoped, at the
+    batch priority whatever its own. Per-minute limits do not apply (batch work yields to
+    interactive work by priority instead); the daily token budget does (429: the runner waits)."""
+    if not ctx.settings.auth:
+        return None
+    cache: dict[str, tuple[KeyInfo, float]] = request.app.state.key_cache
+    now = time.monotonic()
+    hit = cache.get(BATCH_CACHE_PREFIX + key_id)
+    if hit is not None and hit[1] > now:
+        info = hit[0]
+    else:
+        try:
+            info = await anyio.to_thread.run_sync(ctx.keys.by_id, key_id)
+        except NotFound:
+            raise Unauthorized("the API key that created this batch no longer exists") from None
+        cache[BATCH_CACHE_PREFIX + key_id] = (info, now + KEY_CACHE_TTL_S)
+    if info.state() != "active":
+        raise Unauthorized(f"the API key that created this batch is {info.state()}")
+    if scope not in info.scopes and "admin" not in info.scopes:
+        raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
+    setattr(request.state, VERIFIED_KEY_STATE, info.prefix)
+    if ctx.rate_limiter is not None and info.limits.counts_tokens:
+        decision = await anyio.to_thread.run_sync(ctx.rate_limiter.day_budget, info.prefix, info.limits)
+        setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
+        if not decision.allowed:
+            raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
+    return replace(info, priority=BATCH_PRIORITY)
 
 
 def key_priority(key: KeyInfo | None) -> int:

@@ -2,6 +2,7 @@
 
 - Request bodies are counted as they stream in; Content-Length is only a first hint (a lying
   or absent one, e.g. chunked, is caught by counting). Over the cap: 413, whatever the route.
+  Upload routes (the Files API) have their own, larger cap (`upload_limits`, by exact path).
 - While the server drains (after SIGTERM), new requests get 503 (liveness still answers).
 - An unexpected exception becomes a 500 with one log line, never a traceback.
 Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnect detection work.
@@ -10,7 +11,7 @@ Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnect detecti
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api.errors import error_bytes, error_headers
@@ -36,9 +37,13 @@ class InflightCounter:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, draining: Callable[[], bool], counter: InflightCounter) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, draining: Callable[[], bool], counter: InflightCounter,
+        upload_limits: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_limits = dict(upload_limits or {})
         self.draining = draining
         self.counter = counter
 
@@ -50,9 +55,10 @@ class GuardMiddleware:
         if self.draining() and not path.startswith(DRAIN_EXEMPT):
             await _answer(send, path, 503, "the server is shutting down")
             return
+        limit = self.upload_limits.get(path, self.max_body_bytes) if scope.get("method") == "POST" else self.max_body_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await _answer(send, path, 413, f"request body of {declared} bytes is over the limit of {self.max_body_bytes}")
+        if declared is not None and declared > limit:
+            await _answer(send, path, 413, f"request body of {declared} bytes is over the limit of {limit}")
             return
         received = 0
         overflow = False
@@ -63,9 +69,9 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     overflow = True
-                    raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes")
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -88,8 +94,8 @@ class GuardMiddleware:
         finally:
             self.counter.dec()
         if overflow and not started:
-            log.info("%s %s -> 413 body over %d bytes", scope.get("method"), path, self.max_body_bytes)
-            await _answer(send, path, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
+            log.info("%s %s -> 413 body over %d bytes", scope.get("method"), path, limit)
+            await _answer(send, path, 413, f"request body is over the limit of {limit} bytes")
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.api.deps import verified_key_id
 from appliance.api.usage_counting import UsageCounter
 from appliance.store.audit import AuditLog, DeniedAuditLimiter, audit_denied
 from appliance.store.keys import KEY_PATTERN
@@ -322,7 +323,7 @@ class RequestLogMiddleware:
             at=datetime.now(UTC),
             endpoint=scope.get("path", ""),
             model=model,
-            key_id=_key_id(scope),
+            key_id=verified_key_id(scope) or _key_id(scope),
             status=status,
             latency_s=latency_s,
             prompt_tokens=prompt_tokens,

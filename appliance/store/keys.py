@@ -236,6 +236,15 @@ class KeyStore:
                 raise NotFound(f"key: no key named {name_or_id!r} or with that id", field="key")
             return _info(row)
 
+    def by_id(self, key_id: str) -> KeyInfo:
+        """The key whose public prefix is `key_id` (batch lines run as the key that created
+        the batch, known by its id only); NotFound otherwise."""
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.prefix == key_id))
+            if row is None:
+                raise NotFound(f"key: no key with id {key_id!r}", field="key")
+            return _info(row)
+
     def count_active(self) -> int:
         now = datetime.now(UTC)
         return sum(1 for info in self.list() if info.state(now) == "active")

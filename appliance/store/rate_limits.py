@@ -163,6 +163,24 @@ class RateLimiter:
             )
         return RateDecision(True, headers)
 
+    def day_budget(self, key_id: str, limits: RateLimits) -> RateDecision:
+        """Whether the key's tokens-per-day budget has room, without counting a request: batch
+        lines are exempt from the per-minute limits but not from the daily budget."""
+        if limits.tokens_per_day is None:
+            return RateDecision(True, {})
+        now = self._clock()
+        day = int(now // DAY_S) * DAY_S
+        with self.database.session() as session:
+            self._write_pending(session, now)
+            used = session.scalar(
+                select(RateWindow.tokens).where(
+                    RateWindow.key_id == key_id, RateWindow.window_s == DAY_S, RateWindow.window_start == day
+                )
+            ) or 0
+        if used >= limits.tokens_per_day:
+            return RateDecision(False, {}, day + DAY_S - now, f"rate limit: {limits.tokens_per_day} tokens per day for this key")
+        return RateDecision(True, {})
+
     def charge(self, key_id: str, tokens: int) -> None:
         """Add a finished request's tokens to its key's windows (soon: see the module docstring)."""
         if tokens <= 0:

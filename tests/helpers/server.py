@@ -7,11 +7,16 @@ Settings are the appliance's own (keyword overrides, nested ones as dicts); by d
 key with every scope is created first and exposed as `server.key`. The server waits until
 every model has settled (loaded or failed) before the block starts. Reused by the generation
 and admin tests.
+
+`serving_process` runs `appliance serve` as a real process instead (for signals and kill -9).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -31,6 +37,7 @@ from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
 
 START_TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -125,3 +132,43 @@ def running_server(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def process_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without APPLIANCE_* settings, plus the state dir and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_STATE_DIR"] = str(state_dir)
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serving_process(state_dir: Path, port: int, *, output: Path | None = None, **extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`appliance serve` on `port` until ready; killed at the end if still running. `output`:
+    a file for its stdout and stderr (else pipes, read by the caller)."""
+    sink = output.open("a") if output is not None else None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port)],
+        cwd=ROOT, env=process_env(state_dir, **extra), text=True,
+        stdout=sink or subprocess.PIPE, stderr=sink or subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                told = proc.stderr.read() if proc.stderr else output.read_text() if output else ""
+                raise AssertionError(f"server exited early: {told}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        if sink is not None:
+            sink.close()

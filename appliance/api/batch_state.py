@@ -1,0 +1,68 @@
+"""What the Files and Batch API routes share: the stores, the privacy policy, the runner.
+
+One `BatchApi` per server, on `app.state.batch_api`, reached by the routes through
+`BatchApiDep`. The rules that span files and batches live here: text is stored only when the
+privacy mode allows it, and a file an unfinished batch still reads cannot be deleted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from appliance.config import BatchApiSettings
+from appliance.errors import Forbidden, InvalidInput
+from appliance.store.batch_files import FileInfo, FileStore
+from appliance.store.batch_store import BatchInfo, BatchStore
+from appliance.store.keys import KeyInfo
+from appliance.store.privacy import PrivacyPolicy
+
+if TYPE_CHECKING:
+    from appliance.api.batch_runner import BatchRunner
+
+#: The privacy mode in which no text may be stored (and the Batch API refuses work).
+TEXT_FORBIDDEN_MODE = "off"
+
+
+def owner_id(key: KeyInfo | None) -> str:
+    """The owner recorded on files and batches: the key's public prefix ('' when auth is off)."""
+    return key.prefix if key is not None else ""
+
+
+@dataclass
+class BatchApi:
+    settings: BatchApiSettings
+    files: FileStore
+    batches: BatchStore
+    privacy: PrivacyPolicy
+    runner: BatchRunner
+
+    def refuse_if_text_forbidden(self) -> None:
+        if self.privacy.mode == TEXT_FORBIDDEN_MODE:
+            raise Forbidden(
+                "the privacy mode is 'off': batch input and output files are prompt and answer text, which this box "
+                "may not store; an admin can choose 'metadata' or 'full' on /admin/privacy"
+            )
+
+    def delete_file(self, file_id: str, key_id: str | None) -> FileInfo:
+        if file_id in self.batches.open_input_files():
+            self.files.get(file_id, key_id)  # 404 for a file the caller does not own
+            raise InvalidInput(f"file_id: {file_id} is the input of a batch that has not finished; cancel it first", field="file_id")
+        return self.files.delete(file_id, key_id)
+
+    def delete_batch(self, batch_id: str) -> BatchInfo:
+        """Forget a finished batch and delete its input, output and error files (admin UI)."""
+        in_use = self.batches.open_input_files()
+        files = [file_id for file_id in self.batches.files_of(batch_id) if file_id not in in_use]
+        info = self.batches.delete(batch_id)
+        self.files.delete_many(files)
+        return info
+
+
+async def get_batch_api(request: Request) -> BatchApi:
+    return request.app.state.batch_api
+
+
+BatchApiDep = Annotated[BatchApi, Depends(get_batch_api)]
