@@ -10,10 +10,14 @@ Time to first token of a short interactive chat (median of `--repeats`):
 3. under the same load, the interactive key switched to priority batch (plain arrival order:
    what the box did before priorities).
 
-Target: (2) within 1.5x of (1). Interactive requests refused with 429 (they waited past the
-queue limit) are counted, not timed.
+4. with `--batch-api-lines N`: while a Batch API batch of N chat lines (256 tokens each) of the
+   batch key runs, with the interactive key back at priority interactive; also the batch's
+   generated tokens per second during the measurement and on its own before it.
 
-    .venv/bin/python bench/priority.py --state-dir DIR [--batch-streams 32] [--repeats 15]
+Target: (2) and (4) within 1.5x of (1). Interactive requests refused with 429 (they waited past
+the queue limit) are counted, not timed.
+
+    .venv/bin/python bench/priority.py --state-dir DIR [--batch-streams 32] [--repeats 15] [--batch-api-lines 2000]
 """
 
 from __future__ import annotations
@@ -88,6 +92,43 @@ async def _ttft(http: httpx.AsyncClient, url: str, key: str, max_tokens: int) ->
         return first
 
 
+def _batch_tokens(http: httpx.Client, url: str, key: str, batch_id: str) -> int:
+    batch = http.get(f"{url}/v1/batches/{batch_id}", headers={"Authorization": f"Bearer {key}"}).json()
+    return int(batch["usage"]["output_tokens"])
+
+
+def _measure_under_batch_api(url: str, interactive: str, batch_key: str, lines: int, repeats: int) -> dict[str, float]:
+    """Interactive TTFT while a Batch API batch runs, and the batch's tokens/s alone and beside it."""
+    content = "".join(
+        json.dumps(
+            {
+                "custom_id": f"line-{n}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": f"Write about river {n}."}], "max_tokens": BATCH_TOKENS, "ignore_eos": True},
+            }
+        )
+        + "\n"
+        for n in range(lines)
+    )
+    headers = {"Authorization": f"Bearer {batch_key}"}
+    with httpx.Client(timeout=120) as http:
+        upload = http.post(f"{url}/v1/files", headers=headers, files={"file": ("bench.jsonl", content.encode())}, data={"purpose": "batch"})
+        upload.raise_for_status()
+        created = http.post(
+            f"{url}/v1/batches", headers=headers, json={"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"}
+        )
+        created.raise_for_status()
+        batch_id = created.json()["id"]
+        time.sleep(5.0)  # the batch fills the engine
+        start_tokens, started = _batch_tokens(http, url, batch_key, batch_id), time.monotonic()
+        time.sleep(10.0)
+        alone = (_batch_tokens(http, url, batch_key, batch_id) - start_tokens) / (time.monotonic() - started)
+        start_tokens, started = _batch_tokens(http, url, batch_key, batch_id), time.monotonic()
+        result = asyncio.run(_measure(url, interactive, None, 0, repeats))
+        beside = (_batch_tokens(http, url, batch_key, batch_id) - start_tokens) / (time.monotonic() - started)
+        http.post(f"{url}/v1/batches/{batch_id}/cancel", headers=headers).raise_for_status()
+    return {**result, "batch_tokens_per_s_alone": alone, "batch_tokens_per_s_beside_interactive": beside}
+
+
 async def _measure(url: str, interactive: str, batch: str | None, streams: int, repeats: int) -> dict[str, float]:
     """Median TTFT of the interactive requests that were admitted, and how many were refused (429)."""
     stop = asyncio.Event()
@@ -123,6 +164,7 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, required=True, help="A state directory with SmolLM2 int4 exported.")
     parser.add_argument("--batch-streams", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch-api-lines", type=int, default=0, help="Also measure beside a Batch API batch of this many lines.")
     args = parser.parse_args()
     interactive = _key(args.state_dir, "bench-interactive", "interactive")
     batch = _key(args.state_dir, "bench-batch", "batch")
@@ -149,6 +191,11 @@ def main() -> None:
         _set_priority(args.state_dir, interactive, "batch")
         time.sleep(3.0)  # the server's key cache
         arrival_order = asyncio.run(_measure(url, interactive, batch, args.batch_streams, args.repeats))
+        batch_api = None
+        if args.batch_api_lines:
+            _set_priority(args.state_dir, interactive, "interactive")
+            time.sleep(3.0)
+            batch_api = _measure_under_batch_api(url, interactive, batch, args.batch_api_lines, args.repeats)
         print(
             json.dumps(
                 {
@@ -157,6 +204,8 @@ def main() -> None:
                     "under_batch_interactive_priority": prioritised,
                     "under_batch_same_priority": arrival_order,
                     "ratio_to_idle": prioritised["ttft_ms"] / idle["ttft_ms"],
+                    "under_batch_api": batch_api,
+                    "batch_api_ratio_to_idle": batch_api["ttft_ms"] / idle["ttft_ms"] if batch_api else None,
                 },
                 indent=2,
             )

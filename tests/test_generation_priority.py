@@ -1,18 +1,22 @@
 """Priorities in the generation engine: interactive work is admitted before batch work that
 waits, a full queue displaces batch work for interactive work (429 for the batch sequence),
-and aging admits a batch sequence that has waited long enough in arrival order."""
+aging admits a batch sequence that has waited long enough in arrival order, and an interactive
+prompt is prefilled first and without the batch decode rows (never two steps in a row)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from appliance.errors import CapacityExceeded
 from appliance.generation import scheduler
 from appliance.generation.engine import GenerationEngine
-from appliance.generation.params import PRIORITY_BY_NAME, GenerationRequest
+from appliance.generation.kv_cache import KvCacheManager
+from appliance.generation.model_runner import KvGeometry, KvStore
+from appliance.generation.params import PRIORITY_BY_NAME, GenerationRequest, SamplingParams
 from tests.helpers.generation import PROMPTS, make_engine, tiny_decoders  # noqa: F401 - fixture
 
 BATCH = PRIORITY_BY_NAME["batch"]
@@ -121,3 +125,38 @@ def test_batch_work_leaves_a_reserved_slot_for_interactive_work(tiny_decoders) -
         assert order.index("batch-7") == 8, "the eighth batch sequence waited for a batch slot"
     finally:
         engine.stop()
+
+
+def _sequence(name: str, priority: int, prompt_len: int) -> scheduler.Sequence:
+    return scheduler.Sequence(
+        seq_id=name, prompt=list(range(1, prompt_len + 1)), params=SamplingParams(max_tokens=8, priority=priority),
+        sink=lambda _event: None, detokenizer=None,  # type: ignore[arg-type] - the scheduler never detokenises
+    )
+
+
+def test_an_interactive_prompt_is_prefilled_first_and_alone_but_batch_decode_never_sits_out_twice() -> None:
+    """Scheduler only: two batch sequences decode; an interactive prompt arrives behind a batch
+    prompt. Its prefill goes first and runs without the batch decode rows; the next step
+    decodes the batch rows again even though more interactive prompt is left."""
+    geometry = KvGeometry(num_layers=1, num_kv_heads=1, head_dim=2, dtype=np.dtype(np.float32))
+    store = KvStore(geometry, max_slots=4, max_len=64)
+    kv = KvCacheManager([store], budget_bytes=1 << 20, bytes_per_token=geometry.bytes_per_token)
+    plan_of = scheduler.Scheduler(kv, max_waiting=8, prefill_chunk_tokens=4, prefix_cache=None)
+    running = [_sequence(f"batch-{n}", BATCH, 4) for n in range(2)]
+    for seq in running:
+        plan_of.add(seq)
+    for _ in range(2):
+        step = plan_of.schedule()
+        plan_of.prefill_done(step.prefill.seq)
+        step.prefill.seq.num_cached = 4
+    plan_of.add(_sequence("batch-late", BATCH, 4))
+    plan_of.add(_sequence("interactive", INTERACTIVE, 8))  # two chunks of 4
+
+    first = plan_of.schedule()
+    assert first.prefill is not None and first.prefill.seq.seq_id == "interactive"
+    assert first.decode == [], "the batch rows sit this step out"
+    first.prefill.seq.num_cached = first.prefill.end
+
+    second = plan_of.schedule()
+    assert second.prefill is not None and second.prefill.seq.seq_id == "interactive"
+    assert {seq.seq_id for seq in second.decode} == {"batch-0", "batch-1"}, "never two steps in a row"

@@ -21,9 +21,13 @@ Contract (one call of each per engine step, on the engine thread only):
      blocks the queue, so a large request is not starved by small ones. An admitted prompt
      first takes the longest matching prefix from the prefix cache;
   3. keeps running sequences in slots [0, n) (one contiguous decode batch);
-  4. plans at most `prefill_chunk_tokens` prompt tokens of ONE prefilling sequence (oldest
-     first) plus one decode token for every running sequence. A long prompt is therefore cut
-     into chunks that alternate with everybody else's decode steps (chunked prefill).
+  4. plans at most `prefill_chunk_tokens` prompt tokens of ONE prefilling sequence (the oldest
+     of the best priority) plus one decode token for every running sequence. A long prompt is
+     therefore cut into chunks that alternate with everybody else's decode steps (chunked
+     prefill). While batch-priority sequences run, a chunk of an interactive prompt runs
+     alone: the decode batch sits that step out, so the interactive time to first token does
+     not pay for a dozen batch rows — but never two steps in a row, so running batch streams
+     always progress (at worst every other step).
 * `finish(seq, reason)` (called by the engine when a stop condition is met) retires the
   sequence and frees its KV at once.
 
@@ -154,6 +158,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
         self._low_waiting = 0
+        #: The last step ran an interactive prefill without the decode batch (see schedule 4).
+        self._decode_sat_out = False
 
     # -- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> Sequence | None:
@@ -199,11 +205,15 @@ class Scheduler:
         admitted = self._admit(now)
         self.kv.compact(self.running)
         prefill = None
+        decode = list(self.running)
         if self.prefilling:
-            seq = self.prefilling[0]
+            seq = min(self.prefilling, key=lambda candidate: candidate.params.priority)  # the oldest of the best
             end = min(len(seq.prompt), seq.num_cached + self.prefill_chunk_tokens)
             prefill = PrefillChunk(seq, seq.num_cached, end)
-        return StepPlan(prefill=prefill, decode=list(self.running), retired=retired, admitted=admitted)
+            if seq.params.priority == 0 and not self._decode_sat_out and any(other.params.priority > 0 for other in decode):
+                decode = []
+        self._decode_sat_out = prefill is not None and not decode and bool(self.running)
+        return StepPlan(prefill=prefill, decode=decode, retired=retired, admitted=admitted)
 
     def _admit(self, now: float) -> list[Sequence]:
         admitted: list[Sequence] = []
