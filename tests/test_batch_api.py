@@ -246,3 +246,51 @@ def test_an_upload_over_the_file_limit_is_a_413(tmp_path: Path) -> None:
         )
         assert response.status_code == 413
         assert not list(small.settings.batch_files_dir.glob("*.jsonl"))
+
+
+def _slow_batch(api: openai.OpenAI, name: str) -> str:
+    lines = [chat_line(i, max_tokens=48, ignore_eos=True) for i in range(LINES)]
+    upload = api.files.create(file=(f"{name}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return api.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id
+
+
+def _wait_for_progress(api: openai.OpenAI, batch_id: str) -> None:
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    while api.batches.retrieve(batch_id).request_counts.completed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error_file(server: RunningServer) -> None:
+    from sqlalchemy import update
+
+    from appliance.store.batch_tables import Batch
+
+    api = client(server)
+    busy = _slow_batch(api, "keeps-the-runner-busy")  # one batch at a time: the next one waits
+    _wait_for_progress(api, busy)
+    waiting = _slow_batch(api, "expiring")
+    with server.ctx.database.session() as session:  # its window ends before it gets its turn
+        session.execute(update(Batch).where(Batch.id == waiting).values(expires_at=datetime.now(UTC)))
+    api.batches.cancel(busy)
+    batch = wait_final(api, waiting)
+    assert batch.status == "expired" and batch.expired_at is not None and batch.output_file_id is None
+    errors = read_lines(api, batch.error_file_id)
+    assert sorted(line["custom_id"] for line in errors) == sorted(f"req-{i}" for i in range(LINES)), "every unrun line"
+    assert all(line["error"]["code"] == "batch_expired" and line["response"] is None for line in errors)
+
+
+def test_a_running_batch_fails_and_its_answers_are_deleted_when_the_privacy_mode_becomes_off(server: RunningServer) -> None:
+    api = client(server)
+    batch_id = _slow_batch(api, "private")
+    _wait_for_progress(api, batch_id)
+    privacy = server.app.state.batch_api.privacy
+    saved = privacy.mode
+    privacy.mode = "off"
+    try:
+        batch = wait_final(api, batch_id)
+    finally:
+        privacy.mode = saved
+    assert batch.status == "failed" and batch.errors.data[0].code == "privacy_mode_off"
+    assert batch.output_file_id is None and batch.error_file_id is None
+    assert not (server.settings.batch_work_dir / batch_id).exists(), "partial answers deleted"

@@ -113,13 +113,14 @@ class _Run:
         store, owner = self.runner.batches, self.runner.owner
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            status = await anyio.to_thread.run_sync(store.heartbeat, self.batch.id, owner)
-            if status is None:
+            now = await anyio.to_thread.run_sync(store.heartbeat, self.batch.id, owner)
+            if now is None:
                 log.warning("batch %s: another process took it over; stopping here", self.batch.id)
                 self.lost = True
                 self.disconnect.set()
                 return
-            if status == "cancelling":
+            self.batch = now
+            if now.status == "cancelling":
                 self.cancelled = True
 
     def should_stop_sending(self) -> bool:

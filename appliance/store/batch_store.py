@@ -182,11 +182,18 @@ class BatchStore:
                 raise NotFound(f"batch {batch_id!r} not found", field="batch_id")
             return _info(row)
 
-    def list(self, key_id: str | None, *, limit: int = 20, after: str | None = None) -> list[BatchInfo]:
-        """Newest first; `after` is the last id of the previous page."""
+    def list(
+        self, key_id: str | None, *, limit: int = 20, after: str | None = None, status: str | None = None
+    ) -> list[BatchInfo]:
+        """Newest first; `after` is the last id of the previous page; `status` keeps only
+        batches in that status (the admin page's filter)."""
         statement = select(Batch)
         if key_id is not None:
             statement = statement.where(Batch.key_id == key_id)
+        if status is not None:
+            if status not in BATCH_STATUSES:
+                raise InvalidInput(f"status: must be one of {', '.join(BATCH_STATUSES)}, got {status[:32]!r}", field="status")
+            statement = statement.where(Batch.status == status)
         with self.database.session() as session:
             if after is not None:
                 anchor = session.get(Batch, after)
@@ -241,15 +248,17 @@ class BatchStore:
                     return _info(row)
         return None
 
-    def heartbeat(self, batch_id: str, owner: str) -> str | None:
-        """Refresh the claim; the batch's status now, or None when another process took it."""
+    def heartbeat(self, batch_id: str, owner: str) -> BatchInfo | None:
+        """Refresh the claim; the batch as it is now (a cancel made by another process shows in
+        its status), or None when another process took it."""
         with self.database.session() as session:
             taken = session.execute(
                 update(Batch).where(Batch.id == batch_id, Batch.owner == owner).values(heartbeat_at=datetime.now(UTC))
             ).rowcount
             if taken != 1:
                 return None
-            return session.scalar(select(Batch.status).where(Batch.id == batch_id))
+            row = session.get(Batch, batch_id)
+            return _info(row) if row is not None else None
 
     def start(self, batch_id: str, owner: str, progress: Progress) -> None:
         """The runner begins (or resumes) with the counters its progress files hold."""
