@@ -25,7 +25,7 @@ from appliance.admin.auth import AdminHTTPError, LoginRequired
 from appliance.admin.context import AdminContext
 from appliance.admin.dashboard import SAMPLE_INTERVAL_S, DashboardSampler
 from appliance.admin.exports import ExportRunner
-from appliance.admin.pages import audit, auth, dashboard, keys, models, playground, privacy, usage
+from appliance.admin.pages import audit, auth, batches, dashboard, keys, models, playground, privacy, usage
 from appliance.admin.security import AdminGuardMiddleware, LoginThrottle
 from appliance.admin.setup_token import SETUP_TOKEN_TTL_S, SetupToken
 from appliance.admin.views import STATIC_DIR, render
@@ -109,7 +109,7 @@ def install_admin(
     app.state.admin = ctx
 
     router = APIRouter(lifespan=_lifespan(ctx))
-    for page in (auth, dashboard, models, keys, usage, privacy, audit, playground):
+    for page in (auth, dashboard, models, keys, usage, batches, privacy, audit, playground):
         router.include_router(page.router)
     app.include_router(router)
     app.mount("/admin/static", StaticFiles(directory=STATIC_DIR), name="admin-static")

@@ -28,6 +28,7 @@ NAVIGATION = (
     ("models", "/admin/models", "Models"),
     ("keys", "/admin/keys", "API keys"),
     ("usage", "/admin/usage", "Usage"),
+    ("batches", "/admin/batches", "Batches"),
     ("privacy", "/admin/privacy", "Privacy"),
     ("audit", "/admin/audit", "Audit log"),
     ("playground", "/admin/playground", "Playground"),
@@ -52,6 +53,8 @@ NOTICES = {
     "networks-saved": "Client networks saved.",
     "purged": "Request log purged.",
     "cost-saved": "Cost model saved.",
+    "batch-cancelled": "Cancel requested: the lines in flight finish, the rest do not run; the batch keeps what it did.",
+    "batch-deleted": "Batch deleted with its input, output and error files (an input another unfinished batch reads is kept).",
     "welcome": "Welcome: you are signed in.",
     "signed-out": "Signed out.",
 }
@@ -66,7 +69,7 @@ def _utc(value: datetime | float | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
 
 
-def _size(value: int | None) -> str:
+def format_size(value: int | None) -> str:
     if value is None:
         return "—"
     size = float(value)
@@ -78,7 +81,7 @@ def _size(value: int | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
-templates.env.filters["size"] = _size
+templates.env.filters["size"] = format_size
 
 
 def render(

@@ -183,9 +183,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_chat_routes.router)
     app.include_router(rerank_routes.router)
     app.include_router(metrics_routes.router)
+    # The stores exist with the Batch API off too: files kept from when it was on stay
+    # listed and deletable on the admin's Privacy page.
+    files = FileStore(database, settings.batch_files_dir)
+    batches = BatchStore(database)
     if settings.batch_api.enabled:
-        files = FileStore(database, settings.batch_files_dir)
-        batches = BatchStore(database)
         runner = BatchRunner(
             app, settings=settings.batch_api, files=files, batches=batches, privacy=privacy, work_dir=settings.batch_work_dir
         )
@@ -195,7 +197,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(batch_routes.router)
     admin = AdminContext(
         settings, database, keys, models, privacy, request_log, usage, settings.state_dir / BENCH_DIR,
-        tls=settings.tls_cert is not None,
+        tls=settings.tls_cert is not None, files=files, batches=batches,
+        cancel_batch=batch_api.runner.cancel if batch_api is not None else None,
     )
     install_admin(app, admin)
     app.add_middleware(

@@ -1,8 +1,9 @@
 """What the Files and Batch API routes share: the stores, the privacy policy, the runner.
 
 One `BatchApi` per server, on `app.state.batch_api`, reached by the routes through
-`BatchApiDep`. The rules that span files and batches live here: text is stored only when the
-privacy mode allows it, and a file an unfinished batch still reads cannot be deleted.
+`BatchApiDep`. Text is stored only when the privacy mode allows it (checked here); which
+files a deletion may remove (never one an unfinished batch still reads) is the store's rule
+(store/batch_cleanup.py), shared with the admin UI.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from appliance.config import BatchApiSettings
-from appliance.errors import Forbidden, InvalidInput
+from appliance.errors import Forbidden
+from appliance.store import batch_cleanup
 from appliance.store.batch_files import FileInfo, FileStore
 from appliance.store.batch_store import BatchInfo, BatchStore
 from appliance.store.keys import KeyInfo
@@ -47,17 +49,12 @@ class BatchApi:
             )
 
     def delete_file(self, file_id: str, key_id: str | None) -> FileInfo:
-        if file_id in self.batches.open_input_files():
-            self.files.get(file_id, key_id)  # 404 for a file the caller does not own
-            raise InvalidInput(f"file_id: {file_id} is the input of a batch that has not finished; cancel it first", field="file_id")
-        return self.files.delete(file_id, key_id)
+        return batch_cleanup.delete_file(self.batches, self.files, file_id, key_id)
 
     def delete_batch(self, batch_id: str) -> BatchInfo:
-        """Forget a finished batch and delete its input, output and error files (admin UI)."""
-        in_use = self.batches.open_input_files()
-        files = [file_id for file_id in self.batches.files_of(batch_id) if file_id not in in_use]
-        info = self.batches.delete(batch_id)
-        self.files.delete_many(files)
+        """Forget a finished batch and delete its input, output and error files (the store's
+        rule, which the admin UI's Batches page uses too)."""
+        info, _deleted = batch_cleanup.delete_batch(self.batches, self.files, batch_id)
         return info
 
 

@@ -18,7 +18,7 @@ from appliance.api.batch_state import BatchApiDep, owner_id
 from appliance.api.deps import CtxDep, InferKeyDep
 from appliance.api.openai import ERRORS
 from appliance.api.upload import receive_upload
-from appliance.errors import InvalidInput
+from appliance.errors import InvalidInput, NotFound
 from appliance.store.batch_files import FILE_PURPOSES, UPLOAD_PURPOSES, FileInfo
 
 router = APIRouter(tags=["files"])
@@ -107,7 +107,10 @@ async def get_file(file_id: str, batch_api: BatchApiDep, key: InferKeyDep) -> Fi
 )
 async def file_content(file_id: str, batch_api: BatchApiDep, key: InferKeyDep) -> FileResponse:
     info = await anyio.to_thread.run_sync(batch_api.files.get, file_id, owner_id(key))
-    return FileResponse(batch_api.files.path(info.id), media_type=JSONL_MEDIA_TYPE, filename=info.filename)
+    path = batch_api.files.path(info.id)
+    if not path.exists():  # deleted (or purged) since the row was read
+        raise NotFound(f"file {file_id!r} not found", field="file_id")
+    return FileResponse(path, media_type=JSONL_MEDIA_TYPE, filename=info.filename)
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=ERRORS, summary="Delete a file and its text")

@@ -36,7 +36,7 @@ INCOMING_DIR = ".incoming"
 #: Files and folders in the state directory are readable by the service user only.
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-#: Longest page of a file listing.
+#: Longest page of a file listing (one more row is read to tell whether there are more).
 LIST_LIMIT_MAX = 10_000
 
 
@@ -197,8 +197,13 @@ class FileStore:
                         (BatchFile.created_at > anchor.created_at)
                         | ((BatchFile.created_at == anchor.created_at) & (BatchFile.id > anchor.id))
                     )
-            rows = session.scalars(statement.order_by(*order).limit(min(limit, LIST_LIMIT_MAX))).all()
+            rows = session.scalars(statement.order_by(*order).limit(min(limit, LIST_LIMIT_MAX + 1))).all()
             return [_info(row) for row in rows]
+
+    def ids(self) -> list[str]:
+        """Every file's id (the privacy page's "delete every batch file")."""
+        with self.database.session() as session:
+            return list(session.scalars(select(BatchFile.id).order_by(BatchFile.created_at, BatchFile.id)).all())
 
     def delete(self, file_id: str, key_id: str | None) -> FileInfo:
         """Forget the row, then remove the text (a crash in between leaves an orphan that the
