@@ -130,6 +130,7 @@ def test_a_200_line_embeddings_batch_completes(server: RunningServer) -> None:
     output = read_lines(api, batch.output_file_id)
     assert sorted(line["custom_id"] for line in output) == sorted(f"emb-{i}" for i in range(LINES))
     assert all(len(line["response"]["body"]["data"]) == 2 for line in output)
+    assert server.app.state.batch_api.batches.get(batch.id, None).inputs == 2 * LINES, "inputs counted for pricing"
     assert batch.usage.input_tokens == sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in output)
 
 

@@ -2,8 +2,8 @@
 price of a batch, on a real SQLite database and real files: a finished batch goes with its
 input, output and error files but never an input an unfinished batch reads; "delete every
 batch file" keeps exactly those inputs and counts files and bytes; an unfinished batch is not
-deleted; a batch is priced by its completion tokens at the version served now, and a model
-priced per embedding input or without a figure says why it has no batch cost."""
+deleted; a batch is priced by its completion tokens (or its embedding inputs) at the version
+served now, and a model without a figure says why it has no batch cost."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _info(**counts: int) -> BatchInfo:
     base = BatchInfo(
         id="batch_1", key_id="k1", endpoint="/v1/chat/completions", model="llm", input_file_id="file-1", completion_window="24h",
         status="completed", created_at=None, expires_at=None, times={}, total=10, completed=0, failed=0, prompt_tokens=0,  # type: ignore[arg-type]
-        completion_tokens=0, output_file_id=None, error_file_id=None, errors=None, metadata=None,
+        completion_tokens=0, inputs=0, output_file_id=None, error_file_id=None, errors=None, metadata=None,
     )
     return replace(base, **counts)
 
@@ -121,7 +121,8 @@ def test_a_batch_is_priced_by_its_completion_tokens_at_the_version_served_now() 
     plain = batch_cost(batch, prices, None)  # the model serves no version now: the plain-run figure
     assert plain.cost == pytest.approx(3.0) and "no version of the model is served now" in plain.basis
     assert batch_cost(replace(batch, completed=0), prices, 2) == type(at_v2)(0.0, "EUR", NOTHING_RAN_BASIS)
-    embeddings = batch_cost(replace(batch, model="emb", endpoint="/v1/embeddings"), prices, 1)
-    assert embeddings.cost is None and "per embedding inputs" in embeddings.basis and "Usage page" in embeddings.basis
+    embeddings = batch_cost(replace(batch, model="emb", endpoint="/v1/embeddings", inputs=4000), prices, None)
+    assert embeddings.cost == pytest.approx(4000 / 1000 * (1000 / 100 / 3600 * ROUND_COST.per_hour))
+    assert "4000 embedding inputs" in embeddings.basis
     unmeasured = batch_cost(replace(batch, model="other"), prices, 1)
     assert unmeasured.cost is None and "appliance bench --model other" in unmeasured.basis

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.api.usage_counting import embedding_inputs, rerank_documents
 from appliance.errors import InvalidInput
 
 #: Longest custom_id (OpenAI's limit is not published; 512 covers every id scheme seen).
@@ -126,6 +127,27 @@ def plan_batch(path: Path, endpoint: str) -> BatchPlan:
     if plan.problems > len(plan.errors):
         plan.errors.append({"code": "more_errors", "message": f"{plan.problems - len(plan.errors)} more problems not listed", "param": None, "line": None})
     return plan
+
+
+def inputs_of(endpoint: str, body: dict[str, Any]) -> int:
+    """Embedding inputs or rerank documents in a line's body (what such lines are priced per)."""
+    if endpoint == "/v1/embeddings":
+        return embedding_inputs(body)
+    if endpoint == "/v1/rerank":
+        return rerank_documents(body)
+    return 0
+
+
+def count_inputs(path: Path, endpoint: str, custom_ids: set[str]) -> int:
+    """The inputs of the lines with these custom ids (a resumed batch's succeeded lines)."""
+    if endpoint not in ("/v1/embeddings", "/v1/rerank") or not custom_ids:
+        return 0
+    total = 0
+    for _number, raw in _json_lines(path):
+        value = json.loads(raw)
+        if value.get("custom_id") in custom_ids:
+            total += inputs_of(endpoint, value["body"])
+    return total
 
 
 def read_lines(path: Path, skip: set[str]) -> Iterator[BatchLine]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp
 
-from appliance.api.batch_input import BatchLine, read_lines
+from appliance.api.batch_input import BatchLine, count_inputs, inputs_of, read_lines
 from appliance.api.local_call import LocalResponse, call_local
 from appliance.config import BatchApiSettings
 from appliance.errors import NotFound
@@ -151,16 +153,19 @@ class _Run:
         delta = Progress(
             completed=0 if error else 1, failed=1 if error else 0,
             prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0),
+            inputs=0 if error else inputs_of(self.batch.endpoint, json.loads(line.body)),
         )
         await anyio.to_thread.run_sync(runner.batches.add_progress, self.batch.id, runner.owner, delta)
 
     async def run(self) -> None:
         runner = self.runner
         recovered = await anyio.to_thread.run_sync(self.progress.recover)
-        await anyio.to_thread.run_sync(runner.batches.start, self.batch.id, runner.owner, recovered.progress)
+        source = runner.files.path(self.batch.input_file_id)
+        inputs = await anyio.to_thread.run_sync(count_inputs, source, self.batch.endpoint, recovered.succeeded)
+        progress = replace(recovered.progress, inputs=inputs)
+        await anyio.to_thread.run_sync(runner.batches.start, self.batch.id, runner.owner, progress)
         if recovered.done:
             log.info("batch %s: resuming, %d lines already done", self.batch.id, len(recovered.done))
-        source = runner.files.path(self.batch.input_file_id)
         heartbeat = asyncio.get_running_loop().create_task(self.heartbeat(), name=f"batch-heartbeat-{self.batch.id}")
         limit = asyncio.Semaphore(runner.settings.lines_in_flight)
         in_flight: set[asyncio.Task[None]] = set()

@@ -1,15 +1,11 @@
 """What a batch cost, for the admin's Batches page: its counters priced with the same figures
 as the Usage page (`appliance bench` throughputs and the cost model, usage_pricing.py).
 
-Two things a batch row does not record limit what can honestly be priced:
-
-- the model version that ran its lines: the batch is priced with the figure of the version
-  the repository serves now (the one its lines ran on unless a new version was published
-  meanwhile), else the bench's plain-run figure, and the basis says so;
-- embedding inputs and rerank documents: it counts lines and tokens, so a model priced per
-  embedding input or rerank document gets no batch cost (its lines are priced per input on the
-  Usage page, under the batch's key). Completion tokens and successful requests are counted
-  exactly and priced.
+A batch row does not record the model version that ran its lines: the batch is priced with the
+figure of the version the repository serves now (the one its lines ran on unless a new version
+was published meanwhile), else the bench's plain-run figure, and the basis says so. The units
+are counted exactly: completion tokens, successful lines, and the embedding inputs or rerank
+documents of the successful lines.
 
 A batch none of whose lines completed did no billable work and costs 0, priced or not.
 Reads no files and never measures.
@@ -47,12 +43,8 @@ def batch_cost(batch: BatchInfo, prices: PriceList, serving_version: int | None)
         units = batch.completion_tokens
     elif price.unit == "requests":
         units = batch.completed
-    else:
-        return BatchCost(
-            None, currency,
-            f"{batch.model!r} is priced per {UNIT_LABELS[price.unit]}, which a batch does not count (it counts lines and "
-            "tokens); the Usage page prices its lines per input under the batch's key",
-        )
+    else:  # embedding inputs or rerank documents: a batch runs one endpoint, so one of them
+        units = batch.inputs
     version = (
         f"priced as v{serving_version}, the version served now (a batch does not record which version ran its lines)"
         if serving_version is not None

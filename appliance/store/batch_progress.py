@@ -29,6 +29,8 @@ ERROR_NAME = "errors.jsonl"
 @dataclass
 class Recovered:
     done: set[str] = field(default_factory=set)
+    #: The done lines whose answer was a success (in the output file).
+    succeeded: set[str] = field(default_factory=set)
     progress: Progress = Progress()
 
 
@@ -87,6 +89,8 @@ class BatchProgress:
                 custom_id = line.get("custom_id")
                 if isinstance(custom_id, str):
                     recovered.done.add(custom_id)
+                    if not is_error:
+                        recovered.succeeded.add(custom_id)
                 used_prompt, used_completion = _usage_of(line)
                 prompt += used_prompt
                 completion += used_completion

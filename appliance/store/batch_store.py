@@ -80,6 +80,8 @@ class BatchInfo:
     failed: int
     prompt_tokens: int
     completion_tokens: int
+    #: Embedding inputs or rerank documents of the lines that succeeded.
+    inputs: int
     output_file_id: str | None
     error_file_id: str | None
     errors: list[dict[str, Any]] | None
@@ -134,7 +136,7 @@ def _info(row: Batch) -> BatchInfo:
         id=row.id, key_id=row.key_id, endpoint=row.endpoint, model=row.model, input_file_id=row.input_file_id,
         completion_window=row.completion_window, status=row.status, created_at=row.created_at, expires_at=row.expires_at,
         times={name: getattr(row, name) for name in TIME_COLUMNS}, total=row.total, completed=row.completed,
-        failed=row.failed, prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+        failed=row.failed, prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens, inputs=row.inputs,
         output_file_id=row.output_file_id, error_file_id=row.error_file_id,
         errors=json.loads(row.errors_json) if row.errors_json else None,
         metadata=json.loads(row.metadata_json) if row.metadata_json else None,
@@ -149,6 +151,7 @@ class Progress:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    inputs: int = 0
 
 
 class BatchStore:
@@ -167,7 +170,7 @@ class BatchStore:
             id=BATCH_ID_PREFIX + secrets.token_hex(BATCH_ID_HEX_BYTES), key_id=key_id, endpoint=endpoint, model=model,
             input_file_id=input_file_id, completion_window=completion_window,
             status="failed" if errors else "in_progress", created_at=now, expires_at=now + window, total=total,
-            completed=0, failed=0, prompt_tokens=0, completion_tokens=0,
+            completed=0, failed=0, prompt_tokens=0, completion_tokens=0, inputs=0,
             failed_at=now if errors else None, errors_json=json.dumps(errors) if errors else None,
             metadata_json=json.dumps(metadata) if metadata else None,
         )
@@ -268,7 +271,7 @@ class BatchStore:
                 .where(Batch.id == batch_id, Batch.owner == owner)
                 .values(
                     in_progress_at=func.coalesce(Batch.in_progress_at, datetime.now(UTC)), completed=progress.completed, failed=progress.failed,
-                    prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens,
+                    prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens, inputs=progress.inputs,
                 )
             )
 
@@ -280,7 +283,7 @@ class BatchStore:
                 .values(
                     completed=Batch.completed + delta.completed, failed=Batch.failed + delta.failed,
                     prompt_tokens=Batch.prompt_tokens + delta.prompt_tokens,
-                    completion_tokens=Batch.completion_tokens + delta.completion_tokens,
+                    completion_tokens=Batch.completion_tokens + delta.completion_tokens, inputs=Batch.inputs + delta.inputs,
                 )
             )
 

@@ -70,6 +70,8 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Embedding inputs or rerank documents of the lines that succeeded (what those are priced per).
+    inputs: Mapped[int] = mapped_column(BigInteger, default=0)
     output_file_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS), nullable=True)
     error_file_id: Mapped[str | None] = mapped_column(String(ID_MAX_CHARS), nullable=True)
     #: JSON list of {code, message, param, line} when the batch failed as a whole.

@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("failed", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("prompt_tokens", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("completion_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("inputs", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("output_file_id", sa.String(40), nullable=True),
         sa.Column("error_file_id", sa.String(40), nullable=True),
         sa.Column("errors_json", sa.Text(), nullable=True),
