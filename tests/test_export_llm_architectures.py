@@ -5,10 +5,14 @@ engine, and its greedy continuation compared with transformers' `generate` (16 n
 EOS ignored). A step where PyTorch's top two logits are within TIE_MARGIN is a near tie:
 there, and only there, a faithful graph may pick the other token (the assertion says so).
 The chat template renders as transformers renders it, and the int4 and int8 exports are
-accepted, load and serve.
+accepted, load and serve. The windowed models (Mistral, Gemma 2, Gemma 3) have an 8-token
+window, which every continuation crosses.
 
-Time (2-core box, whole module): ~40 s, every case exported at fp32, int4 and int8 (each
-tiny export takes 1-2 s), so no variant is sampled.
+Time (2-core box, whole module): ~85 s, every case exported at fp32, int4 and int8, so no
+variant is sampled. A plain case costs ~3 s (each tiny export 1-2 s, most of it the export's
+PyTorch reference); a windowed one 9-14 s, because transformers builds each step's
+sliding-window mask with vmap (~9 ms a mask, 8 prompts x 64 steps per export), and Gemma 2's
+eager attention builds one for both of its layers.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance.errors import ExportError
+from appliance.export.llm.layer_attention import FULL_ATTENTION, layer_attention
 from appliance.export.llm.routes import GENAI_ARCHITECTURES, OPTIMUM_ARCHITECTURES, fit_config_for_builder, route_for
 from appliance.repository.store import ModelVersion
-from tests.helpers.decoders import TINY_DECODER_CASES
+from tests.helpers.decoders import PHI3_ORIGINAL_CONTEXT, TINY_DECODER_CASES
 from tests.helpers.generation import PROMPTS, generate, greedy, make_engine
 
 #: PyTorch's top two logits closer than this: a near tie, where the engine may differ.
@@ -83,11 +89,17 @@ def _chat_prompt(folder: Path) -> list[int]:
 
 
 def _transformers_greedy(folder: Path, prompt: list[int]) -> tuple[list[int], list[float]]:
-    """transformers' `generate` (greedy, EOS ignored) and each step's top-two logit gap."""
+    """transformers' `generate` (greedy, EOS ignored) and each step's top-two logit gap, with
+    the attention implementation that computes the model (eager for Gemma 2's softcapping)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from appliance.export.llm.torch_reference import attention_implementation
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=attention_implementation(config)
+    ).eval()
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         output = model.generate(
@@ -177,3 +189,28 @@ def test_a_phi3_config_without_longrope_factors_gets_the_builders_plain_phi3_gra
         rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
     )
     assert fit_config_for_builder(longrope) == [] and longrope.original_max_position_embeddings == 64
+
+
+def test_a_longrope_phi3_is_served_within_its_original_context(export: Exports) -> None:
+    version = export("phi3-longrope", "fp32")
+    config = json.loads((export.folder("phi3-longrope") / "config.json").read_text())
+    assert config["max_position_embeddings"] > PHI3_ORIGINAL_CONTEXT
+    assert version.manifest.generation.context_length == PHI3_ORIGINAL_CONTEXT  # type: ignore[union-attr]
+
+
+def test_each_layer_attends_as_its_transformers_config_says() -> None:
+    from transformers import Gemma2Config, MistralConfig, SmolLM3Config
+
+    gemma2 = layer_attention(Gemma2Config(num_hidden_layers=2, sliding_window=8))
+    assert [(layer.window, layer.rotary) for layer in gemma2] == [(8, True), (FULL_ATTENTION, True)]
+    mistral = layer_attention(MistralConfig(num_hidden_layers=2, sliding_window=8))
+    assert [layer.window for layer in mistral] == [8, 8]
+    smollm3 = SmolLM3Config(num_hidden_layers=2, no_rope_layers=[1, 0], architectures=["SmolLM3ForCausalLM"])
+    assert [layer.rotary for layer in layer_attention(smollm3)] == [True, False]
+    assert fit_config_for_builder(smollm3) and smollm3.no_rope_layers == [1, 1]
+
+
+def test_an_architecture_refused_by_name_says_why() -> None:
+    with pytest.raises(ExportError) as refused:
+        route_for(["Gemma3ForConditionalGeneration"])
+    assert "vision encoder" in refused.value.message and "Gemma3ForCausalLM" in refused.value.message

@@ -78,6 +78,28 @@ def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     return {key: generation_config[key] for key in SAMPLING_KEYS if generation_config.get(key) is not None}
 
 
+def served_context(config: dict[str, Any]) -> int | None:
+    """The longest sequence the engine may run: the config's context, except for LongRoPE.
+
+    A LongRoPE model (Phi-3.5-mini, Phi-4-mini: `rope_scaling` with short and long factors)
+    rotates with the short factors up to `original_max_position_embeddings` and with the long
+    ones beyond. The builder's graph picks the table by the sequence's current length, and the
+    keys already cached keep the rotation they were written with; transformers' `generate`
+    instead recomputes the whole cache with the long factors when a sequence grows past the
+    original length. Measured on a tiny LongRoPE Phi-3 switching at 128 tokens: logits within
+    2e-5 of PyTorch's up to 128 tokens (prefills past it too), 4.7-8.6 off from token 129 of a
+    continuation. So the engine is held to the original length, where both use the short
+    factors throughout (Phi-3.5-mini and Phi-4-mini: 4,096 of their 131,072 tokens).
+    """
+    context = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx")
+    rope = config.get("rope_scaling")
+    if context and isinstance(rope, dict) and "short_factor" in rope and "long_factor" in rope:
+        original = _config_int(config, "original_max_position_embeddings") or _config_int(rope, "original_max_position_embeddings")
+        if original and original < context:
+            return original
+    return context
+
+
 def generation_spec(
     model_path: Path,
     *,
@@ -116,7 +138,7 @@ def generation_spec(
     vocab = (logits_dims[-1].dim_value if logits_dims and logits_dims[-1].HasField("dim_value") else 0) or _config_int(
         config, "vocab_size"
     )
-    context = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx")
+    context = served_context(config)
     if not (num_kv_heads and head_dim and vocab and context):
         raise ExportError("model: cannot determine KV heads, head size, vocabulary or context length", field="model")
     kv_type = ONNX_TO_KSERVE.get(first_past.type.tensor_type.elem_type, "FP32")

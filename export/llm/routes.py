@@ -5,7 +5,7 @@
   SmolLM2 against Optimum's ~7,400, and about 1.8x the decode speed from a plain Python loop
   (measured on the 2-core box; docs/BENCHMARKS.md). It supports the Llama family and relatives.
 * "optimum": Optimum's `main_export` with task text-generation-with-past, for architectures the
-  builder lacks (GPT-2).
+  builder lacks (GPT-2, Qwen3 MoE).
 
 Both run in-process with the offline flags forced and with a local folder only: the builder is
 given `hf_token=false` and a local path, so it never asks the hub for anything.
@@ -21,32 +21,54 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.errors import ExportError
+from appliance.export.llm.layer_attention import align_layer_attention, layer_attention
 from appliance.export.llm.logits_start import add_logits_start
 from appliance.offline import enforce_offline
 
 GraphKind = Literal["genai", "optimum"]
 
-#: Architectures the model builder (0.15.2) writes, which we route through it. Each (and
-#: GPT-2 below) is proven on a tiny random model with its own config features: exported, served
-#: and continuing as transformers' `generate` does (tests/test_export_llm_architectures.py).
-#: Not OLMo: the builder writes a graph whose logits differ from PyTorch's by 5-11 (no prompt
-#: continues right; the export's gate rejects it), so it is refused by name instead.
-#: Phi-3 needs `fit_config_for_builder`. Phi-3 with LongRoPE factors (Phi-3.5-mini, Phi-4-mini)
-#: is not proven: when a sequence that began within `original_max_position_embeddings` grows
-#: past it, transformers recomputes the whole KV cache with the long factors and the engine
-#: keeps the cached keys (measured on a tiny one switching at 64 tokens: it parts from PyTorch
-#: there and the gate rejects it; real models switch at 4,096, beyond the shipped prompts).
+#: Architectures the model builder (0.15.2) writes, which we route through it. Each (and the
+#: Optimum ones below) is proven on a tiny random model with its own config features: exported,
+#: served and continuing as transformers' `generate` does (tests/test_export_llm_architectures.py).
+#: Every layer's window, rotary table and rotation is set from the config after the builder
+#: (align_layer_attention, export/llm/layer_attention.py), which Gemma 2 needs (the builder slid
+#: the wrong layer of each pair: logits 5.5 off from position 8 of a tiny model with an 8-token
+#: window), Gemma 3 wherever its `layer_types` leave the builder's fixed 5:1 pattern, and
+#: SmolLM3 (with `fit_config_for_builder`: the builder failed on NoPE layers). Mistral's window
+#: needed nothing: measured identical across an 8-token window. Gemma 2's PyTorch reference
+#: runs eager attention (sdpa drops its attention softcapping; export/llm/torch_reference.py).
+#: Phi-3 needs `fit_config_for_builder`; Phi-3 with LongRoPE (Phi-3.5-mini, Phi-4-mini) is
+#: served within its original context only (graph_facts.served_context: past it the engine's
+#: cached keys keep the short factors while transformers recomputes them with the long ones).
 GENAI_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
     "GraniteForCausalLM",
+    "SmolLM3ForCausalLM",
 )
-#: Architectures exported through Optimum instead.
-OPTIMUM_ARCHITECTURES: tuple[str, ...] = ("GPT2LMHeadModel",)
+#: Architectures exported through Optimum instead. Qwen3 MoE: the builder has no Qwen3-MoE
+#: (NotImplementedError); Optimum's graph routes each token to its experts (all 8 of the tiny
+#: model's experts are in the graph, each running on the tokens routed to it), within 1.4e-5 of
+#: PyTorch on prefill and decode.
+OPTIMUM_ARCHITECTURES: tuple[str, ...] = ("GPT2LMHeadModel", "Qwen3MoeForCausalLM")
+#: Architectures refused by name, with why: a user reads the reason, not only the list.
+REFUSED_ARCHITECTURES: dict[str, str] = {
+    # Measured: the builder's graph differs from PyTorch's logits by 5-11 and no prompt
+    # continues right (tests/test_export_llm_gate.py).
+    "OlmoForCausalLM": "the model builder's OLMo graph computes other logits than PyTorch (5-11 apart)",
+    # From the builder's source: it writes only the text decoder, fed `inputs_embeds` by a
+    # vision encoder it does not build, while the engine feeds token ids.
+    "Gemma3ForConditionalGeneration": (
+        "the model builder writes only its text decoder, which takes embeddings from a vision encoder "
+        "it does not build; a text-only Gemma 3 (Gemma3ForCausalLM, such as Gemma 3 1B) is supported"
+    ),
+}
 #: Files of a builder/Optimum output folder that belong to the model (the rest, such as the
 #: tokenizer copies they write, is replaced by the export's own, fixed tokenizer files).
 MODEL_FILE = "model.onnx"
@@ -54,7 +76,8 @@ GENAI_CONFIG_FILE = "genai_config.json"
 
 
 def route_for(architectures: list[str]) -> GraphKind:
-    """Which exporter handles these architectures; ExportError names the supported ones."""
+    """Which exporter handles these architectures; ExportError names the supported ones and,
+    for an architecture refused by name, why."""
     for architecture in architectures:
         if architecture in GENAI_ARCHITECTURES:
             return "genai"
@@ -62,8 +85,10 @@ def route_for(architectures: list[str]) -> GraphKind:
             return "optimum"
     supported = ", ".join((*GENAI_ARCHITECTURES, *OPTIMUM_ARCHITECTURES))
     found = ", ".join(architectures) or "unknown"
+    reasons = [REFUSED_ARCHITECTURES[a] for a in architectures if a in REFUSED_ARCHITECTURES]
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     raise ExportError(
-        f"source: architecture {found} is not supported for text-generation; supported: {supported}",
+        f"source: architecture {found} is not supported for text-generation{why}; supported: {supported}",
         field="source",
     )
 
@@ -83,6 +108,11 @@ def fit_config_for_builder(config: object) -> list[str]:
     fine-tuned Phi-3, or Phi3Config's default 4096 with a shorter context) failed with
     `KeyError: 'multi_cache'`. Transformers uses plain rotary embeddings there and ignores the
     original length, so the builder is told the same: original = max, its plain Phi-3 graph.
+
+    SmolLM3: the builder fails on a NoPE layer (`KeyError: 'position_ids'`: it turns the fused
+    rotary off for the layer and then looks for the separate rotary's input, which its graph
+    does not have), so it is told that every layer rotates; `align_layer_attention` then turns
+    rotation off where transformers does (read from the config before this change).
     """
     changed: list[str] = []
     architectures = getattr(config, "architectures", None) or []
@@ -93,6 +123,10 @@ def fit_config_for_builder(config: object) -> list[str]:
         if not longrope and getattr(config, "original_max_position_embeddings", context) != context:
             config.original_max_position_embeddings = context  # type: ignore[attr-defined]
             changed.append(f"original_max_position_embeddings={context} (no LongRoPE factors)")
+    no_rope = getattr(config, "no_rope_layers", None)
+    if "SmolLM3ForCausalLM" in architectures and no_rope and not all(no_rope):
+        config.no_rope_layers = [1] * len(no_rope)  # type: ignore[attr-defined]
+        changed.append("no_rope_layers: every layer rotates (the NoPE layers' rotation is turned off in the graph)")
     return changed
 
 
@@ -113,6 +147,7 @@ def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             builder.check_extra_options(None, str(hf_dir), str(scratch), precision, provider, str(cache_dir), options)
             options["hf_details"] = builder.get_hf_details(None, str(hf_dir), str(cache_dir), options)
+            layers = layer_attention(options["hf_details"]["hf_config"])  # type: ignore[index]
             fit_config_for_builder(options["hf_details"]["hf_config"])  # type: ignore[index]
             builder.create_model(None, str(hf_dir), str(scratch), precision, provider, str(cache_dir), **options)
     except Exception as exc:  # noqa: BLE001 - the builder raises bare Exceptions and asserts
@@ -127,6 +162,7 @@ def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "
     shutil.rmtree(scratch, ignore_errors=True)
     if not (out_dir / MODEL_FILE).is_file():
         raise ExportError(f"model builder wrote no {MODEL_FILE} for {hf_dir.name}", field="source")
+    align_layer_attention(out_dir / MODEL_FILE, layers)
     add_logits_start(out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE
 

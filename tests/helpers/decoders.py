@@ -194,6 +194,17 @@ LLAMA3_ROPE_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+#: Gemma 2's attention and final logit caps, lowered from 50 and 30 to bite on tiny scores.
+GEMMA2_ATTENTION_CAP = 10.0
+GEMMA2_FINAL_CAP = 15.0
+#: Phi-3 LongRoPE, scaled down: the original context and a factor per rotary frequency pair
+#: (head_dim 32, half rotated: 8), short ones near 1, long ones growing as Phi-3.5-mini's do.
+PHI3_ORIGINAL_CONTEXT = 256
+LONGROPE_SHORT_FACTORS = [1.0, 1.05, 1.1, 1.2, 1.4, 1.7, 2.1, 2.6]
+LONGROPE_LONG_FACTORS = [1.0, 1.5, 2.5, 4.0, 6.5, 10.0, 16.0, 24.0]
+#: A sliding window the 16-token continuations of the tests' prompts (3-18 tokens) cross, so
+#: a graph or an engine that attended beyond it (or not far enough) would part from PyTorch.
+TINY_SLIDING_WINDOW = 8
 
 
 def _make_tiny_decoder(
@@ -235,11 +246,13 @@ def make_tiny_llama3(folder: Path, *, seed: int = 0) -> Path:
 
 
 def make_tiny_mistral(folder: Path, *, seed: int = 0) -> Path:
-    """A random Mistral: GQA (4 heads, 2 KV), untied embeddings, no sliding window (v0.3)."""
+    """A random Mistral: GQA (4 heads, 2 KV), untied embeddings, a sliding window on every layer
+    (v0.1's 4,096 of 32k, scaled down to TINY_SLIDING_WINDOW; v0.2/v0.3 have none, the Llama
+    cases' path)."""
     return _make_tiny_decoder(
         folder, config_class="MistralConfig", model_class="MistralForCausalLM", seed=seed,
         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+        rope_theta=1000000.0, sliding_window=TINY_SLIDING_WINDOW, tie_word_embeddings=False,
     )
 
 
@@ -273,6 +286,60 @@ def make_tiny_gemma(folder: Path, *, seed: int = 0) -> Path:
     )
 
 
+def make_tiny_gemma2(folder: Path, *, seed: int = 0) -> Path:
+    """A random Gemma 2: sliding-window and global layers alternating (layer 0 sliding, as in
+    transformers and Google's reference; the builder had it the other way round), attention
+    and final logit softcapping, pre/post feed-forward norms, query_pre_attn_scalar (24) apart
+    from head_dim (16), GeGLU, (1 + w) norms, GQA (4 heads, 2 KV), tied embeddings.
+
+    The caps are lower than Gemma 2's 50 and 30 so that they bite on a tiny model's small
+    scores: transformers' default (sdpa) attention drops the attention cap, so its reference
+    runs eager attention (export/llm/torch_reference.py)."""
+    return _make_tiny_decoder(
+        folder, config_class="Gemma2Config", model_class="Gemma2ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0, query_pre_attn_scalar=24,
+        sliding_window=TINY_SLIDING_WINDOW, attn_logit_softcapping=GEMMA2_ATTENTION_CAP,
+        final_logit_softcapping=GEMMA2_FINAL_CAP, tie_word_embeddings=True,
+    )
+
+
+def make_tiny_gemma3(folder: Path, *, seed: int = 0) -> Path:
+    """A random Gemma 3 text model (Gemma3ForCausalLM, as Gemma 3 1B): one sliding-window layer
+    rotated with the local rotary base (10k) and one global layer with the global base (1M), the
+    two kinds of Gemma 3's 5:1 pattern (by that pattern two layers would both be sliding), q/k
+    norms, pre/post feed-forward norms, query_pre_attn_scalar apart from head_dim, GQA, tied
+    embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="Gemma3TextConfig", model_class="Gemma3ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        query_pre_attn_scalar=24, sliding_window=TINY_SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+    )
+
+
+def make_tiny_smollm3(folder: Path, *, seed: int = 0) -> Path:
+    """A random SmolLM3: a NoPE layer (no rotary embedding; SmolLM3 drops it every 4th layer,
+    here the second of two) after a rotary one, GQA (4 heads, 2 KV), tied embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="SmolLM3Config", model_class="SmolLM3ForCausalLM", seed=seed,
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=10000.0, no_rope_layers=[1, 0], tie_word_embeddings=True,
+    )
+
+
+def make_tiny_qwen3_moe(folder: Path, *, seed: int = 0) -> Path:
+    """A random Qwen3 MoE (Qwen3-30B-A3B's layout): 8 experts, 2 routed per token with
+    normalised top-k weights, q/k norms, GQA (4 heads, 2 KV), untied embeddings."""
+    return _make_tiny_decoder(
+        folder, config_class="Qwen3MoeConfig", model_class="Qwen3MoeForCausalLM", seed=seed,
+        intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    )
+
+
 def make_tiny_granite(folder: Path, *, seed: int = 0) -> Path:
     """A random Granite (3.x): embedding, residual and attention multipliers (0.2, not
     1/sqrt(head_dim)) and logits scaling all away from 1, GQA (4 heads, 2 KV), tied embeddings.
@@ -289,7 +356,10 @@ def make_tiny_granite(folder: Path, *, seed: int = 0) -> Path:
 
 def make_tiny_phi3(folder: Path, *, seed: int = 0) -> Path:
     """A random Phi-3: fused qkv_proj and gate_up_proj, GQA (4 heads, 2 KV, as Phi-4-mini),
-    untied embeddings, full rotary dimension, no rope scaling.
+    untied embeddings, full rotary dimension, no rope scaling, no sliding window. Phi-3-mini-4k's
+    window (2,047 of 4,096) is applied to every layer as in the Mistral case; measured identical
+    on a tiny Phi-3 with an 8-token window, it is not repeated here because transformers'
+    windowed masks cost ~3 s per export.
 
     `original_max_position_embeddings` keeps Phi3Config's default (4096) while the context is
     256, as in a model whose context was trimmed: without LongRoPE factors transformers
@@ -302,9 +372,26 @@ def make_tiny_phi3(folder: Path, *, seed: int = 0) -> Path:
     )
 
 
+def make_tiny_phi3_longrope(folder: Path, *, seed: int = 0) -> Path:
+    """A random Phi-3 with LongRoPE (Phi-3.5-mini, Phi-4-mini): short and long rotary factors,
+    the switch at `original_max_position_embeddings` (256) of a 1,024-token context, partial
+    rotary (half of head_dim 32; Phi-4-mini rotates 3/4 of 128: the kernel needs the rotary
+    half-width a multiple of 8), GQA (2 heads, 1 KV), tied embeddings (as Phi-4-mini).
+
+    The engine is held to the original length (export/llm/graph_facts.served_context)."""
+    return _make_tiny_decoder(
+        folder, config_class="Phi3Config", model_class="Phi3ForCausalLM", seed=seed, context=4 * PHI3_ORIGINAL_CONTEXT,
+        intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0,
+        partial_rotary_factor=0.5, original_max_position_embeddings=PHI3_ORIGINAL_CONTEXT,
+        rope_scaling={"type": "longrope", "short_factor": LONGROPE_SHORT_FACTORS, "long_factor": LONGROPE_LONG_FACTORS},
+        sliding_window=None, tie_word_embeddings=True,
+    )
+
+
 #: One tiny model per case, for every architecture the export accepts (a test checks that
 #: the architectures here are exactly export/llm/routes.py's lists): case -> (architecture,
-#: builder). Llama twice: the plain tied one and the Llama 3 rope-scaled, untied one.
+#: builder). Llama twice (the plain tied one and the Llama 3 rope-scaled, untied one), Phi-3
+#: twice (plain, and with LongRoPE).
 TINY_DECODER_CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "llama": ("LlamaForCausalLM", make_tiny_llama),
     "llama3-rope": ("LlamaForCausalLM", make_tiny_llama3),
@@ -314,6 +401,11 @@ TINY_DECODER_CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "gemma": ("GemmaForCausalLM", make_tiny_gemma),
     "granite": ("GraniteForCausalLM", make_tiny_granite),
     "phi3": ("Phi3ForCausalLM", make_tiny_phi3),
+    "phi3-longrope": ("Phi3ForCausalLM", make_tiny_phi3_longrope),
+    "gemma2": ("Gemma2ForCausalLM", make_tiny_gemma2),
+    "gemma3": ("Gemma3ForCausalLM", make_tiny_gemma3),
+    "smollm3": ("SmolLM3ForCausalLM", make_tiny_smollm3),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", make_tiny_qwen3_moe),
     "gpt2": ("GPT2LMHeadModel", make_tiny_gpt2),
 }
 
