@@ -29,6 +29,7 @@ STATE_CHANGING_ROUTES = [
     "/admin/cost",
     "/admin/keys",
     "/admin/keys/test/group",
+    "/admin/keys/test/limits",
     "/admin/keys/test/revoke",
     "/admin/privacy/logging",
     "/admin/privacy/networks",

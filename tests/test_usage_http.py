@@ -370,6 +370,35 @@ def test_a_keys_group_is_changed_and_cleared_on_the_admin_keys_page_and_its_usag
     ]
 
 
+def test_a_keys_limits_and_priority_are_changed_on_the_admin_keys_page_and_enforced(server: RunningServer) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, server.base_url)
+        created = client.post(server.url("/admin/keys"), data={"csrf_token": csrf, "name": "fay", "scope_infer": "on", "rpm": "50"})
+        assert created.status_code == 201
+        key = created.text.split('id="new-key">')[1].split("<")[0]
+        changed = client.post(
+            server.url("/admin/keys/fay/limits"),
+            data={"csrf_token": csrf, "rpm": "2", "tpm": "", "tokens_per_day": "900", "priority": "batch"},
+        )
+        assert changed.status_code == 303 and "Limits and priority saved" in client.get(server.url(changed.headers["location"])).text
+        info = KeyStore(server.ctx.database).find("fay")
+        assert info.limits.as_json() == {"rpm": 2, "tpm": None, "tokens_per_day": 900} and info.priority == "batch"
+        _embed(server, key, 2)
+        third = httpx.post(server.url("/v1/embeddings"), headers={"Authorization": f"Bearer {key}"}, timeout=30, json={"model": EMBED, "input": "x"})
+        assert third.status_code == 429 and third.headers["x-ratelimit-limit-requests"] == "2"
+
+        refused = client.post(server.url("/admin/keys/fay/limits"), data={"csrf_token": csrf, "rpm": "two", "priority": "batch"})
+        assert refused.status_code == 400 and "rpm: &#39;two&#39; is not a whole number" in refused.text
+        wrong = client.post(server.url("/admin/keys/fay/limits"), data={"csrf_token": csrf, "rpm": "2", "priority": "urgent"})
+        assert wrong.status_code == 400 and "priority" in wrong.text
+        assert KeyStore(server.ctx.database).find("fay").priority == "batch", "a refused change writes nothing"
+        cleared = client.post(server.url("/admin/keys/fay/limits"), data={"csrf_token": csrf, "priority": "interactive"})
+        assert cleared.status_code == 303
+    assert KeyStore(server.ctx.database).find("fay").limits.any is False
+    changes = [event.detail for event in server.app.state.admin.audit.query(AuditFilter(action="key.update")) if event.target == "fay"]
+    assert any("priority interactive -> batch" in detail and "'rpm': 2" in detail for detail in changes)
+
+
 def _key_counters(server: RunningServer) -> tuple[str, dict[tuple[str, ...], float]]:
     """/metrics as its text and the per-key samples: (name, key, model, class or kind) -> value."""
     text = httpx.get(server.url("/metrics"), timeout=30).text

@@ -1,6 +1,7 @@
 """API keys page: create (the key is shown once, on the answer to the create form, never in a
 URL or the audit log) with an optional group (the team its usage counts toward), list with
-group and last use, move a key to another group or none, revoke. Group names are checked by
+group and last use, move a key to another group or none, change its rate limits and priority,
+revoke. Group names are checked by
 the key store, as `appliance keys create|update --group` checks them. Never stores or logs a
 key: the key store keeps only its hash."""
 
@@ -16,7 +17,7 @@ from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, client_a
 from appliance.admin.context import AdminContext
 from appliance.admin.views import render
 from appliance.errors import InvalidInput, NotFound
-from appliance.store.keys import PRIORITIES, SCOPES
+from appliance.store.keys import PRIORITIES, SCOPES, check_priority
 from appliance.store.rate_limits import RateLimits
 
 router = APIRouter()
@@ -92,6 +93,32 @@ def set_key_group(name: str, request: Request, ctx: AdminCtxDep, admin: AdminAct
         detail=f"prefix {info.prefix}, group {before.group or '(none)'} -> {info.group or '(none)'}",
     )
     return RedirectResponse("/admin/keys?done=key-group-set", status_code=303)
+
+
+def _limit_or_clear(form: dict[str, str], field: str) -> int:
+    """A limit field of the edit form: empty clears the limit (0 to the store), else a whole number."""
+    value = _whole(form, field)
+    return 0 if value is None else value
+
+
+@router.post("/admin/keys/{name}/limits", include_in_schema=False)
+def set_key_limits(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Replace the key's rate limits (an empty field: no limit of that kind) and priority.
+    Running servers apply them within their key cache's lifetime (2 s)."""
+    try:
+        before = ctx.keys.find(name)
+        rpm, tpm, per_day = (_limit_or_clear(form, field) for field in ("rpm", "tpm", "tokens_per_day"))
+        priority = check_priority(form.get("priority") or before.priority)  # before writing anything
+        ctx.keys.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=per_day)
+        info = ctx.keys.set_priority(name, priority)
+    except (InvalidInput, NotFound) as exc:
+        return _page(request, ctx, error=exc.message, status_code=exc.status_code)
+    ctx.audit.record(
+        "key.update", actor=admin.user_name, address=client_address(request), target=info.name,
+        detail=f"prefix {info.prefix}, limits {before.limits.as_json()} -> {info.limits.as_json()}, "
+        f"priority {before.priority} -> {info.priority}",
+    )
+    return RedirectResponse("/admin/keys?done=key-limits-set", status_code=303)
 
 
 @router.post("/admin/keys/{name}/revoke", include_in_schema=False)
