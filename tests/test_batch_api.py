@@ -295,3 +295,16 @@ def test_a_running_batch_fails_and_its_answers_are_deleted_when_the_privacy_mode
     assert batch.status == "failed" and batch.errors.data[0].code == "privacy_mode_off"
     assert batch.output_file_id is None and batch.error_file_id is None
     assert not (server.settings.batch_work_dir / batch_id).exists(), "partial answers deleted"
+
+
+def test_lists_page_with_after_and_has_more(server: RunningServer) -> None:
+    api = client(server, "bob")
+    uploads = [api.files.create(file=(f"p{i}.jsonl", io.BytesIO(jsonl([chat_line(i)]))), purpose="batch").id for i in range(3)]
+    first = api.files.list(limit=2, order="asc")
+    assert [f.id for f in first.data] == uploads[:2] and first.has_more
+    rest = api.files.list(limit=2, order="asc", after=first.data[-1].id)
+    assert [f.id for f in rest.data] == uploads[2:] and not rest.has_more
+    newest = httpx.get(server.url("/v1/files?limit=1"), headers=server.auth(server.keys["bob"])).json()
+    assert newest["data"][0]["id"] == uploads[-1] and newest["has_more"] and newest["last_id"] == uploads[-1]
+    foreign = httpx.get(server.url("/v1/batches?after=batch_nope"), headers=server.auth(server.keys["bob"]))
+    assert foreign.status_code == 400 and foreign.json()["error"]["param"] == "after"

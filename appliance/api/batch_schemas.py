@@ -7,7 +7,7 @@ fields OpenAI added later, filled from the batch's own counts.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,12 +30,17 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"] = "processed"
 
 
-class FileList(BaseModel):
+class ListPage(BaseModel):
+    """OpenAI's list envelope: one page, its first and last ids, and whether more follow."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+
+class FileList(ListPage):
+    data: list[FileObject]
 
 
 class FileDeleted(BaseModel):
@@ -114,9 +119,16 @@ class BatchObject(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
+class BatchList(ListPage):
     data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+
+
+PageT = TypeVar("PageT", bound=ListPage)
+
+
+def page_of(page_class: type[PageT], items: list[Any], limit: int) -> PageT:
+    """The page of `items` (read with one row more than `limit`, to tell whether more follow)."""
+    data = items[:limit]
+    return page_class(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=len(items) > limit
+    )

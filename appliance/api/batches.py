@@ -22,6 +22,7 @@ from appliance.api.batch_schemas import (
     BatchCreateRequest,
     BatchList,
     BatchObject,
+    page_of,
 )
 from appliance.api.batch_state import BatchApiDep, owner_id
 from appliance.api.deps import InferKeyDep
@@ -84,10 +85,7 @@ async def list_batches(
     after: str | None = Query(None, description="The last id of the previous page."),
 ) -> BatchList:
     infos = await anyio.to_thread.run_sync(lambda: batch_api.batches.list(owner_id(key), limit=limit + 1, after=after))
-    page = [_object(info) for info in infos[:limit]]
-    return BatchList(
-        data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None, has_more=len(infos) > limit
-    )
+    return page_of(BatchList, [_object(info) for info in infos], limit)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchObject, responses=ERRORS, summary="One batch and its progress")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from appliance.api.batch_input import check_upload
-from appliance.api.batch_schemas import FileDeleted, FileList, FileObject
+from appliance.api.batch_schemas import FileDeleted, FileList, FileObject, page_of
 from appliance.api.batch_state import BatchApiDep, owner_id
 from appliance.api.deps import CtxDep, InferKeyDep
 from appliance.api.openai import ERRORS
@@ -89,10 +89,7 @@ async def list_files(
     infos = await anyio.to_thread.run_sync(
         lambda: batch_api.files.list(owner_id(key), purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc")
     )
-    page = [_object(info) for info in infos[:limit]]
-    return FileList(
-        data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None, has_more=len(infos) > limit
-    )
+    return page_of(FileList, [_object(info) for info in infos], limit)
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject, responses=ERRORS, summary="One file's metadata")

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select
 from appliance.errors import InvalidInput, NotFound
 from appliance.store.batch_tables import FILENAME_MAX_CHARS, BatchFile
 from appliance.store.db import Database
+from appliance.store.pages import keyset_page
 
 FilePurpose = Literal["batch", "batch_output"]
 FILE_PURPOSES: tuple[str, ...] = get_args(FilePurpose)
@@ -181,23 +182,9 @@ class FileStore:
             statement = statement.where(BatchFile.key_id == key_id)
         if purpose is not None:
             statement = statement.where(BatchFile.purpose == purpose)
-        order = (BatchFile.created_at.desc(), BatchFile.id.desc()) if newest_first else (BatchFile.created_at, BatchFile.id)
         with self.database.session() as session:
-            if after is not None:
-                anchor = session.get(BatchFile, after)
-                if anchor is None or (key_id is not None and anchor.key_id != key_id):
-                    raise InvalidInput(f"after: file {after!r} not found", field="after")
-                if newest_first:
-                    statement = statement.where(
-                        (BatchFile.created_at < anchor.created_at)
-                        | ((BatchFile.created_at == anchor.created_at) & (BatchFile.id < anchor.id))
-                    )
-                else:
-                    statement = statement.where(
-                        (BatchFile.created_at > anchor.created_at)
-                        | ((BatchFile.created_at == anchor.created_at) & (BatchFile.id > anchor.id))
-                    )
-            rows = session.scalars(statement.order_by(*order).limit(min(limit, LIST_LIMIT_MAX + 1))).all()
+            statement = keyset_page(session, statement, BatchFile, key_id=key_id, after=after, newest_first=newest_first, what="file")
+            rows = session.scalars(statement.limit(min(limit, LIST_LIMIT_MAX + 1))).all()
             return [_info(row) for row in rows]
 
     def ids(self) -> list[str]:

@@ -26,6 +26,7 @@ from sqlalchemy import func, or_, select, update
 from appliance.errors import InvalidInput, NotFound
 from appliance.store.batch_tables import Batch
 from appliance.store.db import Database
+from appliance.store.pages import keyset_page
 
 BatchStatus = Literal["in_progress", "cancelling", "finalizing", "completed", "failed", "expired", "cancelled"]
 BATCH_STATUSES: tuple[str, ...] = get_args(BatchStatus)
@@ -198,14 +199,8 @@ class BatchStore:
                 raise InvalidInput(f"status: must be one of {', '.join(BATCH_STATUSES)}, got {status[:32]!r}", field="status")
             statement = statement.where(Batch.status == status)
         with self.database.session() as session:
-            if after is not None:
-                anchor = session.get(Batch, after)
-                if anchor is None or (key_id is not None and anchor.key_id != key_id):
-                    raise InvalidInput(f"after: batch {after!r} not found", field="after")
-                statement = statement.where(
-                    (Batch.created_at < anchor.created_at) | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
-                )
-            rows = session.scalars(statement.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)).all()
+            statement = keyset_page(session, statement, Batch, key_id=key_id, after=after, newest_first=True, what="batch")
+            rows = session.scalars(statement.limit(limit)).all()
             return [_info(row) for row in rows]
 
     def request_cancel(self, batch_id: str, key_id: str | None) -> BatchInfo:
