@@ -9,7 +9,6 @@ sockets with psutil, so a test can prove it never dialled anywhere. Only tests i
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import signal
 import sqlite3
@@ -24,21 +23,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, process_env as clean_env  # clean_env: the name the reliability tests use
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A 2-core box shared with other jobs loads the default LLM in well under this.
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 _METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
-
-
-def clean_env(state_dir: Path, **extra: str) -> dict[str, str]:
-    """The parent's environment without any APPLIANCE_* setting, plus the state dir."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env["APPLIANCE_STATE_DIR"] = str(state_dir)
-    env.update(extra)
-    return env
 
 
 @dataclass
