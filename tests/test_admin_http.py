@@ -234,14 +234,14 @@ def test_key_created_in_the_ui_with_rate_limits_is_limited(admin_server) -> None
         csrf = sign_in(client, admin_server.base_url)
         form = {
             "csrf_token": csrf, "name": "limited", "scope_infer": "on", "rpm": "2", "tpm": "", "tokens_per_day": "900",
-            "priority": "batch",
+            "tokens_per_month": "30000", "priority": "batch",
         }
         made = client.post(admin_server.url("/admin/keys"), data=form)
         assert made.status_code == 201
         key = made.text.split('id="new-key">')[1].split("<")[0]
         page = client.get(admin_server.url("/admin/keys")).text
         row = page.split('data-key="limited"')[1].split("</tr>")[0]
-        assert "2 req/min" in row and "900 tok/day" in row and 'data-role="priority">batch' in row
+        assert "2 req/min" in row and "900 tok/day" in row and "30000 tok/month" in row and 'data-role="priority">batch' in row
         auth = {"Authorization": f"Bearer {key}"}
         statuses = [client.get(admin_server.url("/v1/models"), headers=auth).status_code for _ in range(3)]
         assert statuses == [200, 200, 429]

@@ -9,16 +9,18 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from appliance.config import load_settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
 from appliance.store.migrate import upgrade
-from appliance.store.rate_limits import DAY_S, MINUTE_S, RateLimiter, RateLimits
+from appliance.store.rate_limits import DAY_S, MINUTE_S, MONTH_S, RateLimiter, RateLimits, RateWindow
 from tests.helpers.generation import TinyDecoders, tiny_decoders  # noqa: F401 - fixture
 from tests.helpers.server import RunningServer, running_server
 
@@ -76,6 +78,34 @@ def test_token_limits_count_finished_requests_per_minute_and_per_day(database: D
     by_day = limiter.admit("k", limits)
     assert not by_day.allowed and "250 tokens per day" in by_day.reason
     assert by_day.retry_after_s == pytest.approx(DAY_S - (T0 % DAY_S) - 2 * MINUTE_S)
+
+
+def test_a_monthly_token_budget_spans_days_and_resets_with_the_calendar_month(database: Database) -> None:
+    start = datetime(2027, 1, 30, 12, 0, tzinfo=UTC).timestamp()
+    clock = Clock(start)
+    limiter = RateLimiter(database, clock=clock)
+    limits = RateLimits(tokens_per_month=500)
+    assert limiter.admit("k", limits).allowed
+    limiter.charge("k", 300)
+    clock.now += DAY_S  # the 31st: a new day, the same month
+    assert limiter.admit("k", limits).allowed
+    limiter.charge("k", 250)
+    clock.now += 3600
+    refused = limiter.admit("k", limits)
+    assert not refused.allowed and "500 tokens per month" in refused.reason
+    february = datetime(2027, 2, 1, tzinfo=UTC).timestamp()
+    assert refused.retry_after_s == pytest.approx(february - clock.now)
+    assert not limiter.day_budget("k", limits).allowed, "batch lines wait for the month's end too"
+    clock.now = february + 1
+    assert limiter.admit("k", limits).allowed and limiter.day_budget("k", limits).allowed
+    limiter.charge("k", 10)
+    clock.now += 70 * DAY_S
+    limiter.admit("k", limits)
+    limiter.charge("k", 1)
+    limiter.flush()
+    with database.session() as session:
+        months = session.scalars(select(RateWindow.window_start).where(RateWindow.window_s == MONTH_S)).all()
+    assert datetime(2027, 1, 1, tzinfo=UTC).timestamp() not in months, "old month rows are deleted"
 
 
 def _admit_many(url: str, clock_at: float, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -159,10 +189,13 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_keys_cli_sets_shows_and_clears_limits(tmp_path: Path) -> None:
     created = _cli(tmp_path, "keys", "create", "team-bot", "--rpm", "10", "--tpm", "5000")
     assert created.returncode == 0 and "10 requests/min, 5000 tokens/min" in created.stdout
-    updated = _cli(tmp_path, "keys", "update", "team-bot", "--rpm", "0", "--tokens-per-day", "100000", "--priority", "batch")
-    assert updated.returncode == 0 and "5000 tokens/min, 100000 tokens/day, priority batch" in updated.stdout
+    updated = _cli(
+        tmp_path, "keys", "update", "team-bot", "--rpm", "0", "--tokens-per-day", "100000", "--tokens-per-month", "2000000",
+        "--priority", "batch",
+    )
+    assert updated.returncode == 0 and "5000 tokens/min, 100000 tokens/day, 2000000 tokens/month, priority batch" in updated.stdout
     listed = json.loads(_cli(tmp_path, "keys", "list", "--json").stdout)
-    assert listed[0]["limits"] == {"rpm": None, "tpm": 5000, "tokens_per_day": 100000}
+    assert listed[0]["limits"] == {"rpm": None, "tpm": 5000, "tokens_per_day": 100000, "tokens_per_month": 2000000}
     assert listed[0]["priority"] == "batch"
     unknown = _cli(tmp_path, "keys", "update", "team-bot", "--priority", "urgent")
     assert unknown.returncode != 0 and "priority" in unknown.stderr and "Traceback" not in unknown.stderr

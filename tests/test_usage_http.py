@@ -378,11 +378,12 @@ def test_a_keys_limits_and_priority_are_changed_on_the_admin_keys_page_and_enfor
         key = created.text.split('id="new-key">')[1].split("<")[0]
         changed = client.post(
             server.url("/admin/keys/fay/limits"),
-            data={"csrf_token": csrf, "rpm": "2", "tpm": "", "tokens_per_day": "900", "priority": "batch"},
+            data={"csrf_token": csrf, "rpm": "2", "tpm": "", "tokens_per_day": "900", "tokens_per_month": "20000", "priority": "batch"},
         )
         assert changed.status_code == 303 and "Limits and priority saved" in client.get(server.url(changed.headers["location"])).text
         info = KeyStore(server.ctx.database).find("fay")
-        assert info.limits.as_json() == {"rpm": 2, "tpm": None, "tokens_per_day": 900} and info.priority == "batch"
+        assert info.limits.as_json() == {"rpm": 2, "tpm": None, "tokens_per_day": 900, "tokens_per_month": 20000}
+        assert info.priority == "batch"
         _embed(server, key, 2)
         third = httpx.post(server.url("/v1/embeddings"), headers={"Authorization": f"Bearer {key}"}, timeout=30, json={"model": EMBED, "input": "x"})
         assert third.status_code == 429 and third.headers["x-ratelimit-limit-requests"] == "2"

@@ -50,7 +50,8 @@ def create_key(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: 
             except ValueError:
                 raise InvalidInput(f"expires_days: {raw_days!r} is not a number of days", field="expires_days") from None
         limits = RateLimits(
-            rpm=_whole(form, "rpm"), tpm=_whole(form, "tpm"), tokens_per_day=_whole(form, "tokens_per_day")
+            rpm=_whole(form, "rpm"), tpm=_whole(form, "tpm"), tokens_per_day=_whole(form, "tokens_per_day"),
+            tokens_per_month=_whole(form, "tokens_per_month"),
         )
         key, info = ctx.keys.create(
             name, scopes, expires_days=expires_days, group=form.get("group"), limits=limits,
@@ -107,9 +108,11 @@ def set_key_limits(name: str, request: Request, ctx: AdminCtxDep, admin: AdminAc
     Running servers apply them within their key cache's lifetime (2 s)."""
     try:
         before = ctx.keys.find(name)
-        rpm, tpm, per_day = (_limit_or_clear(form, field) for field in ("rpm", "tpm", "tokens_per_day"))
+        rpm, tpm, per_day, per_month = (
+            _limit_or_clear(form, field) for field in ("rpm", "tpm", "tokens_per_day", "tokens_per_month")
+        )
         priority = check_priority(form.get("priority") or before.priority)  # before writing anything
-        ctx.keys.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=per_day)
+        ctx.keys.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=per_day, tokens_per_month=per_month)
         info = ctx.keys.set_priority(name, priority)
     except (InvalidInput, NotFound) as exc:
         return _page(request, ctx, error=exc.message, status_code=exc.status_code)

@@ -129,7 +129,7 @@ async def _admit(request: Request, limiter: RateLimiter, info: KeyInfo) -> None:
 async def _batch_line_key(request: Request, ctx: ServerContext, key_id: str, scope: str) -> KeyInfo | None:
     """The key of an in-process batch line: the batch's owner, still active and scoped, at the
     batch priority whatever its own. Per-minute limits do not apply (batch work yields to
-    interactive work by priority instead); the daily token budget does (429: the runner waits)."""
+    interactive work by priority instead); the daily and monthly token budgets do (429: the runner waits)."""
     if not ctx.settings.auth:
         return None
     cache: dict[str, tuple[KeyInfo, float]] = request.app.state.key_cache

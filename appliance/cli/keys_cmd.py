@@ -2,7 +2,7 @@
 
 The key is printed once, at creation (`--quiet`: the key alone on stdout, for scripts); only
 its SHA-256 is stored. `--group` puts a key in a team whose usage and cost are summed
-(`appliance usage`, the admin Usage page). `--rpm`, `--tpm`, `--tokens-per-day` limit a key
+(`appliance usage`, the admin Usage page). `--rpm`, `--tpm`, `--tokens-per-day`, `--tokens-per-month` limit a key
 (429 with Retry-After and OpenAI's x-ratelimit-* headers beyond; 0 removes a limit);
 `--priority batch` lets a key's work wait behind interactive work (docs/USAGE.md). The
 database is migrated first, so these work on a fresh state dir.
@@ -30,6 +30,9 @@ GroupOption = Annotated[
 RpmOption = Annotated[int | None, typer.Option("--rpm", help="Requests per minute (0: no limit).")]
 TpmOption = Annotated[int | None, typer.Option("--tpm", help="Prompt + completion tokens per minute (0: no limit).")]
 TokensPerDayOption = Annotated[int | None, typer.Option("--tokens-per-day", help="Tokens per day (0: no limit).")]
+TokensPerMonthOption = Annotated[
+    int | None, typer.Option("--tokens-per-month", help="Tokens per calendar month, UTC (0: no limit).")
+]
 PriorityOption = Annotated[
     str | None,
     typer.Option("--priority", help="interactive (default) or batch: batch work is admitted after interactive work."),
@@ -41,7 +44,10 @@ def _limits_text(info: KeyInfo) -> str:
     limits = info.limits
     parts = [
         f"{value} {unit}"
-        for value, unit in ((limits.rpm, "requests/min"), (limits.tpm, "tokens/min"), (limits.tokens_per_day, "tokens/day"))
+        for value, unit in (
+            (limits.rpm, "requests/min"), (limits.tpm, "tokens/min"), (limits.tokens_per_day, "tokens/day"),
+            (limits.tokens_per_month, "tokens/month"),
+        )
         if value is not None
     ]
     return ", ".join(parts) or "no limits"
@@ -67,12 +73,13 @@ def create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     tokens_per_day: TokensPerDayOption = None,
+    tokens_per_month: TokensPerMonthOption = None,
     priority: PriorityOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Create an API key and print it once."""
-    limits = RateLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
+    limits = RateLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day, tokens_per_month=tokens_per_month)
     try:
         key, info = _store(state_dir, config).create(
             name, scope or ["infer"], expires_days=expires, group=group, limits=limits, priority=priority or "interactive"
@@ -99,6 +106,7 @@ def update(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     tokens_per_day: TokensPerDayOption = None,
+    tokens_per_month: TokensPerMonthOption = None,
     priority: PriorityOption = None,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
@@ -106,17 +114,21 @@ def update(
     """Change a key's group, limits or priority; its secret stays the same. Usage counted from
     now on goes to the new group, what was counted before stays with the old one; running
     servers apply new limits and priorities within seconds."""
-    if group is None and rpm is None and tpm is None and tokens_per_day is None and priority is None:
-        fail("nothing to update: give --group TEAM, --rpm N, --tpm N, --tokens-per-day N or --priority P", code=2)
+    limits = {"rpm": rpm, "tpm": tpm, "tokens-per-day": tokens_per_day, "tokens-per-month": tokens_per_month}
+    if group is None and priority is None and all(value is None for value in limits.values()):
+        fail(
+            "nothing to update: give --group TEAM, --rpm N, --tpm N, --tokens-per-day N, --tokens-per-month N or --priority P",
+            code=2,
+        )
     store = _store(state_dir, config)
     try:
-        for value, flag in ((rpm, "rpm"), (tpm, "tpm"), (tokens_per_day, "tokens-per-day")):
+        for flag, value in limits.items():
             checked_limit(value, flag)  # refuse a bad value before anything is written
         if priority is not None:
             check_priority(priority)
         info = store.set_group(name, group) if group is not None else store.find(name)
-        if rpm is not None or tpm is not None or tokens_per_day is not None:
-            info = store.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day)
+        if any(value is not None for value in limits.values()):
+            info = store.set_limits(name, rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day, tokens_per_month=tokens_per_month)
         if priority is not None:
             info = store.set_priority(name, priority)
     except ApplianceError as exc:

@@ -96,7 +96,7 @@ def _info(row: ApiKey) -> KeyInfo:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         group=row.group,
-        limits=RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day),
+        limits=RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day, tokens_per_month=row.tokens_per_month),
         priority=row.priority or "interactive",
     )
 
@@ -159,6 +159,7 @@ class KeyStore:
         priority = check_priority(priority)
         rpm, tpm = checked_limit(limits.rpm, "rpm"), checked_limit(limits.tpm, "tpm")
         tokens_per_day = checked_limit(limits.tokens_per_day, "tokens-per-day")
+        tokens_per_month = checked_limit(limits.tokens_per_month, "tokens-per-month")
         prefix = secrets.token_hex(PREFIX_BYTES)
         key = f"{KEY_TAG}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
         now = datetime.now(UTC)
@@ -173,6 +174,7 @@ class KeyStore:
             rpm=rpm,
             tpm=tpm,
             tokens_per_day=tokens_per_day,
+            tokens_per_month=tokens_per_month,
             priority=priority,
         )
         try:
@@ -203,13 +205,17 @@ class KeyStore:
             return _info(row)
 
     def set_limits(
-        self, name: str, *, rpm: int | None = None, tpm: int | None = None, tokens_per_day: int | None = None
+        self, name: str, *, rpm: int | None = None, tpm: int | None = None, tokens_per_day: int | None = None,
+        tokens_per_month: int | None = None,
     ) -> KeyInfo:
         """Change the limits given (None: unchanged; 0: no limit). Running servers apply them
         within their key cache's lifetime (seconds)."""
         changes = {
             column: checked_limit(value, flag)
-            for column, value, flag in (("rpm", rpm, "rpm"), ("tpm", tpm, "tpm"), ("tokens_per_day", tokens_per_day, "tokens-per-day"))
+            for column, value, flag in (
+                ("rpm", rpm, "rpm"), ("tpm", tpm, "tpm"), ("tokens_per_day", tokens_per_day, "tokens-per-day"),
+                ("tokens_per_month", tokens_per_month, "tokens-per-month"),
+            )
             if value is not None
         }
         with self.database.session() as session:

@@ -54,9 +54,10 @@ class ApiKey(Base):
     #: The team the key belongs to, for usage and cost per group (None: no group). The column
     #: is `key_group` because GROUP is an SQL keyword.
     group: Mapped[str | None] = mapped_column("key_group", String(64), nullable=True)
-    #: Rate limits (None: no limit): requests and tokens per minute, tokens per day.
+    #: Rate limits (None: no limit): requests and tokens per minute, tokens per day and per month.
     rpm: Mapped[int | None] = mapped_column("rate_rpm", BigInteger, nullable=True)
     tpm: Mapped[int | None] = mapped_column("rate_tpm", BigInteger, nullable=True)
     tokens_per_day: Mapped[int | None] = mapped_column("rate_tokens_per_day", BigInteger, nullable=True)
+    tokens_per_month: Mapped[int | None] = mapped_column("rate_tokens_per_month", BigInteger, nullable=True)
     #: "interactive" (default) or "batch": the engines admit interactive work first.
     priority: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")

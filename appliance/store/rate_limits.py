@@ -1,14 +1,15 @@
-"""Per-key rate limits (requests per minute, tokens per minute, tokens per day), shared by every
-server process on one database.
+"""Per-key rate limits (requests per minute, tokens per minute, per day and per calendar month),
+shared by every server process on one database.
 
 The counts live in `rate_windows`, one row per (key, window length, window start): a minute row
-for requests and tokens, a day row for tokens. Admitting a request is one transaction: an atomic
+for requests and tokens, a day row and a month row for tokens (the month row's length is the tag
+MONTH_S; it starts on the 1st at 00:00 UTC and ends when the next month begins). Admitting a request is one transaction: an atomic
 `INSERT ... ON CONFLICT DO UPDATE SET requests = requests + 1 RETURNING ...` on the minute row
 and a read of the day row (upsert.py), so several processes or replicas never lose each
 other's counts.
 
 The rule for tokens (written in docs/USAGE.md): a request is admitted while the key's tokens in
-the current minute (and day) are below its limits; its prompt and completion tokens are charged
+the current minute (day, month) are below its limits; its prompt and completion tokens are charged
 when it finishes, so a stream already admitted is never cut by a token limit, and the next
 request after a large one is refused until the window turns. Charges are kept in memory and
 written with the next admission of this process or within `CHARGE_FLUSH_S`, whichever comes
@@ -24,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, Integer, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -35,8 +37,12 @@ from appliance.store.upsert import upsert_insert
 
 MINUTE_S = 60
 DAY_S = 86_400
-#: Window rows older than this are deleted (the day window is the longest one read).
+#: The window length recorded on month rows (a tag: months are calendar months, 28-31 days).
+MONTH_S = 31 * DAY_S
+#: Minute and day rows older than this are deleted (the day window is the longest of them).
 KEEP_WINDOWS_S = 2 * DAY_S
+#: Month rows older than this are deleted (the current month's row is the only one read).
+KEEP_MONTH_WINDOWS_S = 2 * MONTH_S
 #: Pending token charges reach the database at least this often.
 CHARGE_FLUSH_S = 1.0
 #: Largest limit accepted (a typo guard, not a policy).
@@ -61,17 +67,26 @@ class RateLimits:
     rpm: int | None = None
     tpm: int | None = None
     tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
 
     @property
     def any(self) -> bool:
-        return self.rpm is not None or self.tpm is not None or self.tokens_per_day is not None
+        return self.rpm is not None or self.counts_tokens
 
     @property
     def counts_tokens(self) -> bool:
-        return self.tpm is not None or self.tokens_per_day is not None
+        return self.tpm is not None or self.tokens_per_day is not None or self.tokens_per_month is not None
 
     def as_json(self) -> dict[str, int | None]:
-        return {"rpm": self.rpm, "tpm": self.tpm, "tokens_per_day": self.tokens_per_day}
+        return {"rpm": self.rpm, "tpm": self.tpm, "tokens_per_day": self.tokens_per_day, "tokens_per_month": self.tokens_per_month}
+
+
+def month_window(now: float) -> tuple[int, int]:
+    """(start, end) of the calendar month (UTC) holding `now`, in epoch seconds."""
+    moment = datetime.fromtimestamp(now, UTC)
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return int(start.timestamp()), int(end.timestamp())
 
 
 def checked_limit(value: int | None, name: str) -> int | None:
@@ -107,8 +122,8 @@ class RateLimiter:
         self.database = database
         self._clock = clock
         self._dialect = database.engine.dialect.name
-        #: Tokens not yet written, by (key, minute start, day start) of the moment they were charged.
-        self._pending: dict[tuple[str, int, int], int] = defaultdict(int)
+        #: Tokens not yet written, by (key, minute, day, month start) of the moment they were charged.
+        self._pending: dict[tuple[str, int, int, int], int] = defaultdict(int)
         self._lock = threading.Lock()
         self._flusher: threading.Timer | None = None
 
@@ -128,13 +143,9 @@ class RateLimiter:
                 .returning(RateWindow.requests, RateWindow.tokens)
             )
             requests, minute_tokens = session.execute(statement).one()
-            day_tokens = 0
-            if limits.tokens_per_day is not None:
-                day_tokens = session.scalar(
-                    select(RateWindow.tokens).where(
-                        RateWindow.key_id == key_id, RateWindow.window_s == DAY_S, RateWindow.window_start == day
-                    )
-                ) or 0
+            day_tokens = self._tokens(session, key_id, DAY_S, day) if limits.tokens_per_day is not None else 0
+            month, month_end = month_window(now)
+            month_tokens = self._tokens(session, key_id, MONTH_S, month) if limits.tokens_per_month is not None else 0
         minute_left = minute + MINUTE_S - now
         headers: dict[str, str] = {}
         if limits.rpm is not None:
@@ -161,24 +172,36 @@ class RateLimiter:
             return RateDecision(
                 False, headers, day + DAY_S - now, f"rate limit: {limits.tokens_per_day} tokens per day for this key"
             )
+        if limits.tokens_per_month is not None and month_tokens >= limits.tokens_per_month:
+            return RateDecision(
+                False, headers, month_end - now, f"rate limit: {limits.tokens_per_month} tokens per month for this key"
+            )
         return RateDecision(True, headers)
 
+    @staticmethod
+    def _tokens(session: Session, key_id: str, window_s: int, start: int) -> int:
+        return session.scalar(
+            select(RateWindow.tokens).where(
+                RateWindow.key_id == key_id, RateWindow.window_s == window_s, RateWindow.window_start == start
+            )
+        ) or 0
+
     def day_budget(self, key_id: str, limits: RateLimits) -> RateDecision:
-        """Whether the key's tokens-per-day budget has room, without counting a request: batch
-        lines are exempt from the per-minute limits but not from the daily budget."""
-        if limits.tokens_per_day is None:
+        """Whether the key's tokens-per-day and per-month budgets have room, without counting a
+        request: batch lines are exempt from the per-minute limits but not from these budgets."""
+        if limits.tokens_per_day is None and limits.tokens_per_month is None:
             return RateDecision(True, {})
         now = self._clock()
         day = int(now // DAY_S) * DAY_S
+        month, month_end = month_window(now)
         with self.database.session() as session:
             self._write_pending(session, now)
-            used = session.scalar(
-                select(RateWindow.tokens).where(
-                    RateWindow.key_id == key_id, RateWindow.window_s == DAY_S, RateWindow.window_start == day
-                )
-            ) or 0
-        if used >= limits.tokens_per_day:
+            day_used = self._tokens(session, key_id, DAY_S, day)
+            month_used = self._tokens(session, key_id, MONTH_S, month)
+        if limits.tokens_per_day is not None and day_used >= limits.tokens_per_day:
             return RateDecision(False, {}, day + DAY_S - now, f"rate limit: {limits.tokens_per_day} tokens per day for this key")
+        if limits.tokens_per_month is not None and month_used >= limits.tokens_per_month:
+            return RateDecision(False, {}, month_end - now, f"rate limit: {limits.tokens_per_month} tokens per month for this key")
         return RateDecision(True, {})
 
     def charge(self, key_id: str, tokens: int) -> None:
@@ -187,7 +210,7 @@ class RateLimiter:
             return
         now = self._clock()
         with self._lock:
-            self._pending[(key_id, int(now // MINUTE_S) * MINUTE_S, int(now // DAY_S) * DAY_S)] += tokens
+            self._pending[(key_id, int(now // MINUTE_S) * MINUTE_S, int(now // DAY_S) * DAY_S, month_window(now)[0])] += tokens
             if self._flusher is None:
                 self._flusher = threading.Timer(CHARGE_FLUSH_S, self.flush)
                 self._flusher.daemon = True
@@ -204,8 +227,8 @@ class RateLimiter:
             if self._flusher is not None:
                 self._flusher.cancel()
                 self._flusher = None
-        for (key_id, minute, day), tokens in sorted(pending.items()):
-            for window_s, start in ((MINUTE_S, minute), (DAY_S, day)):
+        for (key_id, minute, day, month), tokens in sorted(pending.items()):
+            for window_s, start in ((MINUTE_S, minute), (DAY_S, day), (MONTH_S, month)):
                 session.execute(
                     upsert_insert(self._dialect, RateWindow)
                     .values(key_id=key_id, window_s=window_s, window_start=start, requests=0, tokens=tokens)
@@ -214,4 +237,9 @@ class RateLimiter:
                     )
                 )
         if pending:
-            session.execute(delete(RateWindow).where(RateWindow.window_start < int(now) - KEEP_WINDOWS_S))
+            session.execute(
+                delete(RateWindow).where(RateWindow.window_s != MONTH_S, RateWindow.window_start < int(now) - KEEP_WINDOWS_S)
+            )
+            session.execute(
+                delete(RateWindow).where(RateWindow.window_s == MONTH_S, RateWindow.window_start < int(now) - KEEP_MONTH_WINDOWS_S)
+            )
