@@ -4,8 +4,11 @@ transformers' GGUF loader dequantises the weights into float32 with the `gguf` p
 `gguf.quants.dequantize` (every type the GGUF source accepts: sources/gguf.py's
 SUPPORTED_GGML_TYPES, checked before this runs) and maps the llama.cpp tensor names back; the result is saved as an ordinary folder that the model builder
 and the PyTorch reference both read. The tokenizer is then rewritten from the GGUF header
-(gguf_tokenizer.py) because the converter gets BOS/EOS wrong, and generation_config.json and
-config.json get the header's special token ids.
+(gguf_tokenizer.py) because the converter gets BOS/EOS and the pre-tokenizer wrong, and
+generation_config.json and config.json get the header's special token ids. The converter also
+drops Llama 3's rope scaling (llama.cpp stores it as the `rope_freqs.weight` tensor, which
+transformers ignores): gguf_rope.py recovers `rope_scaling` from that tensor, and the saved
+config's rope is checked to reproduce it.
 
 Must only be called after `read_gguf_header` accepted the file (bounds are checked there, so
 the loader never meets a lying header). Imports torch/transformers lazily.
@@ -21,7 +24,8 @@ from typing import Any
 
 from appliance.errors import ExportError
 from appliance.export.llm.gguf_header import GgufHeader
-from appliance.export.llm.gguf_tokenizer import GgufTokenizerFacts, fix_tokenizer_files, tokenizer_facts
+from appliance.export.llm.gguf_rope import ROPE_FREQS_TENSOR, check_saved_rope, llama3_rope_scaling, read_rope_freqs
+from appliance.export.llm.gguf_tokenizer import GgufTokenizerFacts, fix_tokenizer_files, pre_tokenizer_rules, tokenizer_facts
 from appliance.offline import enforce_offline
 
 
@@ -36,6 +40,13 @@ def gguf_to_hf_folder(header: GgufHeader, out_dir: Path) -> GgufTokenizerFacts:
     transformers_logging.set_verbosity_error()
     facts = tokenizer_facts(header)
     folder, name = str(header.path.parent), header.path.name
+    pre_tokenizer_rules(facts, name)  # refuses an unknown pre-tokenizer before the weights load
+    rope_factors = read_rope_freqs(header)
+    if rope_factors is not None and header.architecture != "llama":
+        raise ExportError(
+            f"source: {name} ({header.architecture}) carries {ROPE_FREQS_TENSOR}, which the export reads only for llama",
+            field="source",
+        )
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -52,11 +63,19 @@ def gguf_to_hf_folder(header: GgufHeader, out_dir: Path) -> GgufTokenizerFacts:
     generation.bos_token_id = facts.bos_token_id
     generation.eos_token_id = facts.eos_token_id
     generation.pad_token_id = facts.pad_token_id
+    if rope_factors is not None:
+        config = model.config
+        rotary_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        scaling = llama3_rope_scaling(rope_factors, config.rope_theta, rotary_dim, name)
+        if scaling is not None:
+            config.rope_scaling = scaling
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     fix_tokenizer_files(out_dir, facts)
     _record_float32(out_dir / "config.json")
     del model
+    if rope_factors is not None:
+        check_saved_rope(out_dir, rope_factors, name)
     return facts
 
 

@@ -7,10 +7,19 @@ trusted that would never stop generating and would prefix every prompt with a st
 the special tokens, BOS/EOS insertion, the pre-tokenizer and the chat template are rewritten
 here from the GGUF metadata itself (`fix_tokenizer_files`).
 
+The pre-tokenizer of a byte-level BPE ('gpt2') vocabulary is chosen from the header's
+`tokenizer.ggml.pre` the way llama.cpp chooses it (`PRE_TOKENIZERS`: GPT-2's split, SmolLM's
+digits-then-GPT-2, Qwen2's and Llama 3's splits, with Qwen2's NFC normaliser and Llama 3's
+whole-word lookup before merging); a name not listed there is refused by name, never served
+with another family's split. What real files declare: SmolLM2 "smollm", Qwen2.5
+"qwen2", Llama 3.x "llama-bpe"; Mistral 7B, Gemma and Phi-3 are SentencePiece ('llama')
+vocabularies, which have no pre-tokenizer here (llama.cpp ignores the key for them) and keep
+the converter's.
+
 `GgufReferenceTokenizer` is an independent byte-level BPE over the GGUF's own token and merge
-lists with llama.cpp's pre-tokenizer rules. The export checks the fixed `tokenizer.json`
-against it on the chat-rendered prompt set, so a converter bug shows up as an export error,
-not as a model that quietly sees other token ids than it was trained on.
+lists with the same `PRE_TOKENIZERS` rules, written in plain Python. The tests check the fixed
+`tokenizer.json` against it (and against a tokenizer built from each family's published
+tokenizer.json rules); the export itself does not run it.
 
 Never imports torch or transformers; never changes the vocabulary itself (ids stay the GGUF's).
 """
@@ -18,6 +27,7 @@ Never imports torch or transformers; never changes the vocabulary itself (ids st
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,12 +40,72 @@ from appliance.export.llm.gguf_header import GgufHeader
 GGUF_TOKEN_TYPE_CONTROL = 3
 GGUF_TOKEN_TYPE_USER_DEFINED = 4
 
-#: GPT-2's pre-tokenizer split, as llama.cpp applies it for byte-level BPE vocabularies.
+#: GPT-2's pre-tokenizer split (GPT-2, SmolLM after its digit split): the regex of
+#: `tokenizers`' ByteLevel(use_regex=True) and of llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2.
 GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-#: `tokenizer.ggml.pre` values that split every digit on its own before the GPT-2 split.
-DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
-#: `tokenizer.ggml.pre` values whose rules are exactly GPT-2's split.
-GPT2_PRE_TOKENIZERS = frozenset({"default", "gpt2", "gpt-2", "smollm"})
+#: Qwen2 / Qwen2.5's split (their tokenizer.json's Split regex; llama.cpp's QWEN2 rules are the
+#: same with the case-insensitive group spelt out): digits one by one.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: Llama 3 / 3.1 / 3.2's split (Meta's tokenizer.json Split regex; llama.cpp's LLAMA3 rules):
+#: digits in groups of up to three.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class PreTokenizerRules:
+    """How one family splits text before byte-level BPE (llama.cpp's pre-tokenizer type)."""
+
+    family: str
+    #: Split regex applied before ByteLevel (None: ByteLevel's own GPT-2 regex).
+    split_pattern: str | None = None
+    #: Every digit on its own before the split (SmolLM).
+    digits_alone: bool = False
+    #: NFC-normalise the text first (Qwen2).
+    nfc: bool = False
+    #: A pre-token that is itself in the vocabulary is taken whole, unmerged (Llama 3).
+    ignore_merges: bool = False
+    #: llama.cpp's add_bos when the header has no tokenizer.ggml.add_bos_token.
+    add_bos_default: bool = False
+    #: ByteLevel's trim_offsets in the family's tokenizer.json (offsets only, never ids).
+    trim_offsets: bool = True
+
+    def pre_tokenizer_json(self) -> dict[str, Any]:
+        """The `pre_tokenizer` entry of tokenizer.json for these rules."""
+        use_regex = self.split_pattern is None
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": self.trim_offsets, "use_regex": use_regex}
+        steps: list[dict[str, Any]] = []
+        if self.digits_alone:
+            steps.append({"type": "Digits", "individual_digits": True})
+        if self.split_pattern is not None:
+            steps.append({"type": "Split", "pattern": {"Regex": self.split_pattern}, "behavior": "Isolated", "invert": False})
+        if not steps:
+            return byte_level
+        return {"type": "Sequence", "pretokenizers": [*steps, byte_level]}
+
+
+GPT2_RULES = PreTokenizerRules("gpt2")
+SMOLLM_RULES = PreTokenizerRules("smollm", digits_alone=True)
+QWEN2_RULES = PreTokenizerRules("qwen2", split_pattern=QWEN2_SPLIT_PATTERN, nfc=True, trim_offsets=False)
+LLAMA3_RULES = PreTokenizerRules("llama3", split_pattern=LLAMA3_SPLIT_PATTERN, ignore_merges=True, add_bos_default=True)
+
+#: `tokenizer.ggml.pre` -> rules, for byte-level BPE vocabularies; the names are llama.cpp's
+#: (llama-vocab.cpp) for these families. "default" (and a file without the key) keeps GPT-2's
+#: split, as this export always did for them.
+PRE_TOKENIZERS: dict[str, PreTokenizerRules] = {
+    "default": GPT2_RULES,
+    "gpt2": GPT2_RULES,
+    "gpt-2": GPT2_RULES,
+    "smollm": SMOLLM_RULES,
+    "qwen2": QWEN2_RULES,
+    "deepseek-r1-qwen": QWEN2_RULES,
+    "llama-bpe": LLAMA3_RULES,
+    "llama3": LLAMA3_RULES,
+    "llama-v3": LLAMA3_RULES,
+}
 
 
 @dataclass(frozen=True)
@@ -89,12 +159,13 @@ def tokenizer_facts(header: GgufHeader) -> GgufTokenizerFacts:
             )
         return value
 
-    # llama.cpp's defaults when the flag is absent: SentencePiece vocabularies add BOS,
-    # byte-level BPE ones do not.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")
+    # llama.cpp's defaults when the flag is absent: SentencePiece vocabularies add BOS, and of
+    # the byte-level BPE ones only Llama 3's.
+    pre = meta.get("tokenizer.ggml.pre")
+    known = PRE_TOKENIZERS.get(str(pre)) if pre is not None else None
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama" or (known is not None and known.add_bos_default))
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     template = meta.get("tokenizer.chat_template")
-    pre = meta.get("tokenizer.ggml.pre")
     return GgufTokenizerFacts(
         tokenizer_model=model,
         pre_tokenizer=str(pre) if pre is not None else None,
@@ -131,11 +202,29 @@ def _post_processor(facts: GgufTokenizerFacts) -> dict[str, Any] | None:
     return {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
 
 
-def _byte_level_pre_tokenizer(facts: GgufTokenizerFacts) -> dict[str, Any]:
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if facts.pre_tokenizer in DIGIT_SPLITTING_PRE_TOKENIZERS:
-        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    return byte_level
+def pre_tokenizer_rules(facts: GgufTokenizerFacts, name: str = "the GGUF") -> PreTokenizerRules | None:
+    """The pre-tokenizer rules of a byte-level BPE vocabulary (None for other vocabularies,
+    whose pre-tokenizer the converter sets); ExportError naming an unknown `tokenizer.ggml.pre`."""
+    if facts.tokenizer_model != "gpt2":
+        return None
+    if facts.pre_tokenizer is None:
+        return GPT2_RULES
+    rules = PRE_TOKENIZERS.get(facts.pre_tokenizer)
+    if rules is None:
+        raise ExportError(
+            f"source: {name} declares tokenizer.ggml.pre = {facts.pre_tokenizer!r}, a pre-tokenizer the export "
+            f"does not know; known: {', '.join(sorted(PRE_TOKENIZERS))}",
+            field="source",
+        )
+    return rules
+
+
+def check_pre_tokenizer(header: GgufHeader) -> None:
+    """ExportError unless the header's byte-level BPE pre-tokenizer is one of PRE_TOKENIZERS
+    (a header without a vocabulary passes here; the loader refuses it by name)."""
+    if not header.metadata.get("tokenizer.ggml.tokens"):
+        return
+    pre_tokenizer_rules(tokenizer_facts(header), header.path.name)
 
 
 def fix_tokenizer_files(folder: Path, facts: GgufTokenizerFacts) -> None:
@@ -164,10 +253,12 @@ def fix_tokenizer_files(folder: Path, facts: GgufTokenizerFacts) -> None:
             )
     data["added_tokens"] = [added[key] for key in sorted(added)]
     data["post_processor"] = _post_processor(facts)
-    if facts.tokenizer_model == "gpt2":
-        data["normalizer"] = None
-        data["pre_tokenizer"] = _byte_level_pre_tokenizer(facts)
+    rules = pre_tokenizer_rules(facts)
+    if rules is not None:
+        data["normalizer"] = {"type": "NFC"} if rules.nfc else None
+        data["pre_tokenizer"] = rules.pre_tokenizer_json()
         data["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        data["model"]["ignore_merges"] = rules.ignore_merges
     tokenizer_path.write_text(json.dumps(data, ensure_ascii=False, indent=2))
 
     special = {
@@ -206,33 +297,29 @@ def _bytes_to_unicode() -> dict[int, str]:
 class GgufReferenceTokenizer:
     """Byte-level BPE straight from a GGUF's token and merge lists (llama.cpp's rules).
 
-    Slow and simple on purpose: it is the yardstick the fast `tokenizers` file is checked
-    against, not something to serve with.
+    Slow and simple on purpose: it is the yardstick the tests check the fast `tokenizers` file
+    against, not something to serve with. Every `PRE_TOKENIZERS` family is supported.
     """
 
     def __init__(self, header: GgufHeader) -> None:
         import regex
 
         facts = tokenizer_facts(header)
-        if facts.tokenizer_model != "gpt2":
+        rules = pre_tokenizer_rules(facts, header.path.name)
+        if rules is None:
             raise ExportError(
                 f"source: reference tokenisation supports byte-level BPE ('gpt2') vocabularies, not "
                 f"{facts.tokenizer_model!r}",
                 field="source",
             )
-        if facts.pre_tokenizer is not None and facts.pre_tokenizer not in GPT2_PRE_TOKENIZERS:
-            raise ExportError(
-                f"source: pre-tokenizer {facts.pre_tokenizer!r} has no reference rules here",
-                field="source",
-            )
+        self._rules = rules
         merges = header.metadata.get("tokenizer.ggml.merges") or []
         self._ranks: dict[tuple[str, str], int] = {}
         for rank, merge in enumerate(merges):
             left, _, right = str(merge).partition(" ")
             self._ranks[(left, right)] = rank
         self._ids = {token: index for index, token in enumerate(facts.tokens)}
-        self._split = regex.compile(GPT2_SPLIT_PATTERN)
-        self._digits_alone = facts.pre_tokenizer in DIGIT_SPLITTING_PRE_TOKENIZERS
+        self._split = regex.compile(rules.split_pattern or GPT2_SPLIT_PATTERN)
         controls = sorted((facts.tokens[i] for i in facts.control_token_ids), key=len, reverse=True)
         self._specials = regex.compile("|".join(regex.escape(token) for token in controls)) if controls else None
         self._byte_map = _bytes_to_unicode()
@@ -251,19 +338,37 @@ class GgufReferenceTokenizer:
 
     def _encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []
+        if self._rules.nfc:
+            text = unicodedata.normalize("NFC", text)
         pieces = [text]
-        if self._digits_alone:
+        if self._rules.digits_alone:
             import regex
 
             pieces = [part for part in regex.split(r"(\p{N})", text) if part]
         for piece in pieces:
-            for word in self._split.findall(piece):
+            for word in self._words(piece):
                 symbols = [self._byte_map[byte] for byte in word.encode("utf-8")]
-                for symbol in self._bpe(symbols):
+                whole = "".join(symbols)
+                merged = [whole] if self._rules.ignore_merges and whole in self._ids else self._bpe(symbols)
+                for symbol in merged:
                     if symbol not in self._ids:
                         raise ExportError(f"source: GGUF vocabulary lacks the BPE symbol {symbol!r}", field="source")
                     ids.append(self._ids[symbol])
         return ids
+
+    def _words(self, text: str) -> list[str]:
+        """The split's matches and the text between them, in order (tokenizers' "Isolated")."""
+        words: list[str] = []
+        position = 0
+        for match in self._split.finditer(text):
+            if match.start() > position:
+                words.append(text[position : match.start()])
+            if match.end() > match.start():
+                words.append(match.group(0))
+            position = match.end()
+        if position < len(text):
+            words.append(text[position:])
+        return words
 
     def _bpe(self, symbols: list[str]) -> list[str]:
         while len(symbols) > 1:

@@ -5,7 +5,8 @@ Resolving reads only the header, with every length bounded by the file size
 loader sees it. The config the task exporters detect from (architectures, model_type, sizes)
 is derived from the header's `general.architecture` and `<arch>.*` keys, and every tensor's
 GGML type is checked here against the types the export reads (a file with any other type is
-refused by name, before anything is dequantised). Dequantising the weights happens later, in
+refused by name, before anything is dequantised), and so is the byte-level BPE pre-tokenizer
+it declares (llm/gguf_tokenizer.py's PRE_TOKENIZERS). Dequantising the weights happens later, in
 the text-generation exporter (llm/gguf_load.py: transformers' loader, which calls the `gguf`
 package's `gguf.quants.dequantize` for every tensor). Never imports torch or transformers.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from appliance.errors import ExportError
 from appliance.export.llm.gguf_header import GgufHeader, GgufTensorInfo, read_gguf_header
+from appliance.export.llm.gguf_tokenizer import check_pre_tokenizer
 from appliance.export.sources.base import ResolvedSource, Source, SourceOptions, register_source, sha256_files
 
 GGUF_SUFFIX = ".gguf"
@@ -138,6 +140,7 @@ class GgufSource(Source):
         header = read_gguf_header(path)
         config = config_from_header(header)
         check_tensor_types(header)
+        check_pre_tokenizer(header)
         metadata = header.metadata
         details = {
             "gguf_version": header.version,
