@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -46,7 +46,7 @@ from appliance.repository.store import ModelRepository
 from appliance.runtime.batcher import BatchPolicy
 from appliance.runtime.providers import ProviderConfig
 from appliance.serving.service import ModelService
-from appliance.serving.loaders import ModelLoader
+from appliance.serving.loaders import ModelLoader, ModelOpener
 from appliance.serving.metrics import ServingMetrics
 from appliance.serving.watch import RepositoryWatch
 from appliance.store.audit import AuditLog
@@ -108,8 +108,14 @@ def batch_policy(settings: Settings) -> BatchPolicy:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the server app; migrates the database now so a broken one fails the start."""
+#: Builds the ModelService's opener from the repository and the server's metrics (scale-out:
+#: appliance.scale opens Ray deployments instead of sessions in this process).
+OpenerFactory = Callable[[ModelRepository, ServerMetrics], ModelOpener]
+
+
+def create_app(settings: Settings, *, opener: OpenerFactory | None = None) -> FastAPI:
+    """Build the server app; migrates the database now so a broken one fails the start.
+    `opener`: how models are brought into service (default: loaded in this process)."""
     check_bind_policy(settings)
     settings.make_state_dir()
     database = Database(settings.db_url)
@@ -118,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
     inflight = InflightCounter()
     repository = ModelRepository(settings.models_dir)
     deployments = DeploymentStore(database)
-    loader = ModelLoader(
+    loader = opener(repository, metrics) if opener is not None else ModelLoader(
         repository,
         settings,
         provider_config(settings),

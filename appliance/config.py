@@ -197,6 +197,100 @@ class BatchApiSettings(BaseModel):
     )
 
 
+#: Ray Serve's proxies: one on the head node (clients use the head's address), or one per node
+#: (a load balancer in front spreads clients over the nodes).
+ProxyLocation = Literal["HeadOnly", "EveryNode"]
+
+
+class ScaleModelSettings(BaseModel):
+    """How one model runs on a Ray cluster (`[scale.models.NAME]` in TOML): its replicas and
+    what each replica reserves on its node. Models not listed get these defaults."""
+
+    model_config = {"extra": "forbid"}
+
+    deploy: bool = Field(True, description="Give this model a Ray deployment (false: it is not served in Ray mode).")
+    replicas: int = Field(1, ge=1, le=1024, description="Replicas of this model while autoscaling is off.")
+    min_replicas: int | None = Field(
+        None, ge=1, le=1024, description="Autoscaling lower bound (default: 1); a model never scales to zero."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, le=1024, description="Autoscaling upper bound; setting it turns autoscaling on for this model."
+    )
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=100_000, description="Autoscaling keeps about this many requests in flight per replica."
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description=(
+            "Requests one replica takes at once; beyond, Ray's router holds them for another replica, up to as many "
+            "again per ingress (then 429). Default: generation.max_running_sequences + "
+            "generation.max_waiting_sequences, or batching.max_queue_size."
+        ),
+    )
+    num_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs each replica reserves on its node (Ray's `num_cpus`).")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs each replica reserves (fractions share one GPU).")
+    memory_bytes: int | None = Field(
+        None, ge=1 << 20, description="Memory each replica reserves for Ray's scheduling (Ray's `memory`); default: none."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScaleModelSettings:
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("min_replicas needs max_replicas (autoscaling is on only with an upper bound)")
+        if self.max_replicas is not None and (self.min_replicas or 1) > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+
+class ScaleSettings(BaseModel):
+    """Scale-out on a Ray Serve cluster (docs/SCALE.md): the same app as the ingress, one Ray
+    deployment per model. Off unless `address` is set (`appliance serve --ray`); the single-box
+    server never imports Ray."""
+
+    address: str | None = Field(
+        None,
+        description=(
+            "Ray cluster to serve on: 'auto' starts a local one for the server's lifetime, else the head's "
+            "HOST:PORT (or ray://HOST:PORT); unset: one box, no Ray."
+        ),
+    )
+    app_name: str = Field(
+        "appliance", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Name of the Ray Serve application.",
+    )
+    proxy_location: ProxyLocation = Field(
+        "HeadOnly", description="Where Ray Serve's HTTP proxy listens (host and port): the head node only, or every node."
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the ingress (the appliance's own app: auth, logging, routes, admin UI)."
+    )
+    ingress_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs each ingress replica reserves.")
+    health_check_period_s: float = Field(
+        2.0, ge=0.5, le=60, description="How often Ray checks each replica; a hung one is replaced after 3 failed checks."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, le=3600, description="How long load must stay high before autoscaling adds a replica.")
+    downscale_delay_s: float = Field(60.0, ge=0, le=3600, description="How long load must stay low before autoscaling removes a replica.")
+    autoscaling_window_s: float = Field(
+        10.0, gt=0, le=3600, description="Autoscaling averages the requests in flight per replica over this many seconds."
+    )
+    retry_after_s: float = Field(
+        2.0, gt=0, le=600, description="Retry-After of the 503 answered when a replica died under a request or none is running."
+    )
+    models: dict[str, ScaleModelSettings] = Field(
+        default_factory=dict, description="Replicas and resources per model, by model name."
+    )
+
+    def model(self, name: str) -> ScaleModelSettings:
+        """The settings of `name` (the defaults when it is not listed)."""
+        return self.models.get(name) or ScaleModelSettings()
+
+
 class CostSettings(BaseModel):
     """Hardware cost model for cost per 1k tokens (dashboard and `appliance bench`)."""
 
@@ -281,6 +375,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     batch_api: BatchApiSettings = Field(default_factory=BatchApiSettings)
+    scale: ScaleSettings = Field(default_factory=ScaleSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -312,6 +407,19 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
+
+    @model_validator(mode="after")
+    def _one_batch_runner(self) -> Settings:
+        if self.scale.ingress_replicas > 1 and self.batch_api.enabled:
+            raise ValueError(
+                f"scale.ingress_replicas is {self.scale.ingress_replicas}, but the Batch API runs batches in the "
+                "ingress: more than one would run each batch twice; set batch_api.enabled = false"
+            )
+        return self
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
 
     def make_state_dir(self) -> Path:
         """Create the state directory, private to this user (0700), if it does not exist yet:

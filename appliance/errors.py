@@ -70,6 +70,18 @@ class CapacityExceeded(ApplianceError):
         self.retry_after_s = retry_after_s
 
 
+class ReplicaUnavailable(ModelNotReady):
+    """Scale-out (appliance.scale): the replica serving a request died or cannot be reached, or
+    the model has no running replica while Ray restarts one. The request's work is lost; the
+    client should retry after `retry_after_s`."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 2.0, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
 class MemoryBudgetExceeded(ApplianceError):
     """A model cannot be loaded now: the memory budget is held by models that may not be
     evicted (busy or pinned). The client should retry after `retry_after_s`."""

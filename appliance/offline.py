@@ -25,6 +25,9 @@ OFFLINE_ENVIRONMENT: dict[str, str] = {
     # telemetry event store in ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ for upload;
     # with this set neither is created (checked by a test).
     "ORT_DISABLE_TELEMETRY": "1",
+    # Ray (scale-out, the `ray` extra) reports cluster usage to its vendor unless told not to;
+    # the processes of a cluster `appliance serve --ray auto` starts inherit this.
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 

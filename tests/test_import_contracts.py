@@ -41,3 +41,14 @@ def test_server_starts_without_torch_or_transformers() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_server_and_cli_start_without_ray() -> None:
+    """Ray is the optional `ray` extra: the CLI, the app factory and the serving layer never
+    load it (only `appliance serve --ray` and appliance.scale do)."""
+    code = (
+        "import sys, appliance.cli, appliance.app, appliance.serving.service, appliance.scale.plan\n"
+        "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -2,7 +2,9 @@
 its last use, pin and keep-alive; every version with its task, quantisation, size, provider and
 export report. Actions: deploy, undeploy, pin, unpin, keep-alive, set default, delete a version
 or the whole model; the override that makes a rejected variant deployable; start an export
-and follow it.
+and follow it. When the appliance serves through Ray Serve (docs/SCALE.md), each model also
+shows its replicas: how many run of how many wanted (and the autoscaling bounds), and where
+each runs (node, process, state), as Ray Serve's controller reported them last.
 
 Deploying records the decision (it survives restarts) and loads the serving version now (a
 model too large for the memory budget is refused here, with the reason); undeploying unloads
@@ -28,6 +30,7 @@ from appliance.admin.exports import QUANT_CHOICES, TASK_CHOICES
 from appliance.admin.views import render
 from appliance.errors import ApplianceError, InvalidInput, NotFound
 from appliance.repository.store import ModelVersion
+from appliance.serving.cluster import ClusterHealth
 from appliance.serving.states import ModelStatus, ServingState
 from appliance.serving.keep_alive import KEEP_FOREVER, parse_keep_alive
 
@@ -59,9 +62,11 @@ def _version_row(version: ModelVersion, serving: int | None, loaded_version: int
     }
 
 
-def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
+def model_rows(ctx: AdminContext, cluster: ClusterHealth | None = None) -> list[dict[str, Any]]:
+    """One row per model; with a cluster (scale-out on Ray), each with its deployment's replicas."""
     repository = ctx.models.repository
     statuses = {status.name: status for status in ctx.models.statuses()}
+    deployments = {deployment.model: deployment for deployment in cluster.deployments()} if cluster is not None else {}
     rows = []
     for name in repository.names():
         status = statuses.get(name)
@@ -81,6 +86,7 @@ def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
                 ],
                 "broken": repository.broken_versions(name),
                 "loaded": status is not None and status.state in (ServingState.READY, ServingState.LOADING),
+                "deployment": deployments.get(name),
             }
         )
     return rows
@@ -93,8 +99,10 @@ def keep_alive_text(status: ModelStatus | None) -> str:
 
 
 def _page(request: Request, ctx: AdminContext, *, error: str | None = None, status_code: int = 200, job: int | None = None) -> Response:
+    cluster: ClusterHealth | None = getattr(request.app.state, "cluster", None)  # scale-out only (appliance.scale)
     values = {
-        "models": model_rows(ctx),
+        "models": model_rows(ctx, cluster),
+        "cluster": cluster is not None,
         "budget": budget_info(ctx.models),
         "default_keep_alive_s": ctx.settings.serving.keep_alive_s,
         "keep_alive_text": keep_alive_text,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import Settings
+from appliance.serving.cluster import ClusterHealth
 from appliance.serving.service import ModelService
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
@@ -32,6 +33,8 @@ class ServerContext:
     metrics: Any
     #: Per-key rate limits (None: not enforced, e.g. a bare context in tests).
     rate_limiter: RateLimiter | None = None
+    #: The cluster's view of the models' replicas (scale-out only).
+    cluster: ClusterHealth | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     _db_ok: bool = True
@@ -49,13 +52,16 @@ class ServerContext:
         return self._db_ok
 
     def ready(self) -> tuple[bool, str]:
-        """Kubernetes readiness: not while draining, loading models, or without the database."""
+        """Kubernetes readiness: not while draining, loading models, without the database, or
+        (scale-out) while a model has no running replica."""
         if self.draining:
             return False, "draining"
         if not self.models.settled():
             return False, "models are loading"
         if not self.database_reachable():
             return False, "database unreachable"
+        if self.cluster is not None:
+            return self.cluster.ready()
         return True, "ready"
 
 

@@ -5,7 +5,8 @@
 - everything else (`/v2`, `/metrics`, ...): `{"error": "<message>"}` as KServe V2 does.
 
 Every error is logged as one line (method, path, status, message), never a traceback; 429 gets
-`Retry-After`, 401 gets `WWW-Authenticate`. Never imports the runtime's internals.
+`Retry-After` (so do the 503s a client should retry: no room in the memory budget, a lost
+scale-out replica), 401 gets `WWW-Authenticate`. Never imports the runtime's internals.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.api.inference import CLIENT_CLOSED_STATUS, ClientDisconnected
-from appliance.errors import ApplianceError, CapacityExceeded, MemoryBudgetExceeded
+from appliance.errors import ApplianceError, CapacityExceeded, MemoryBudgetExceeded, ReplicaUnavailable
 
 log = logging.getLogger("appliance.api")
 
@@ -68,7 +69,7 @@ def error_body(path: str, status: int, message: str, param: str | None = None) -
 
 def error_headers(status: int, exc: BaseException | None = None) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if isinstance(exc, (CapacityExceeded, MemoryBudgetExceeded)):
+    if isinstance(exc, (CapacityExceeded, MemoryBudgetExceeded, ReplicaUnavailable)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif status == 429:
         headers["Retry-After"] = "1"

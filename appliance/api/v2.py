@@ -156,7 +156,7 @@ async def _ready_response(ctx: ServerContext, name: str, version: str | None) ->
     elif number is not None and number != status.loaded_version:
         reason = f"version {number} is not served (serving version {status.loaded_version})"
     else:
-        reason = None
+        reason = ctx.cluster.model_problem(status.name) if ctx.cluster is not None else None
     body = ReadyResponse(ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 

@@ -18,6 +18,7 @@ from appliance.cli import doctor_cmd  # noqa: E402,F401  (registers commands)
 from appliance.cli import bench_cmd  # noqa: E402,F401  (registers commands)
 from appliance.cli import admin_cmd  # noqa: E402,F401  (registers commands)
 from appliance.cli import usage_cmd  # noqa: E402,F401  (registers commands)
+from appliance.cli import scale_cmd  # noqa: E402,F401  (registers commands)
 from appliance.cli.app import app, run_cli  # noqa: E402
 
 

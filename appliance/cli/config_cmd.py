@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -22,6 +22,12 @@ def settings_table_markdown() -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.", f"{env_prefix}{name.upper()}__")
                 continue
+            per_name = _per_name_model(annotation)
+            if per_name is not None:
+                # `serving.models`, `scale.models`: one table per model name, each field documented.
+                rows.append(f"| `{prefix}{name}` | `{env_prefix}{name.upper()}` | `{{}}` | {field.description or ''} |")
+                walk(per_name, f"{prefix}{name}.NAME.", f"{env_prefix}{name.upper()}__NAME__")
+                continue
             default = field.get_default(call_default_factory=False) if field.default_factory is None else "(computed)"
             rows.append(
                 f"| `{prefix}{name}` | `{env_prefix}{name.upper()}` | `{default}` | {field.description or ''} |"
@@ -29,6 +35,15 @@ def settings_table_markdown() -> str:
 
     walk(Settings, "", "APPLIANCE_")
     return "\n".join(rows)
+
+
+def _per_name_model(annotation: object) -> type[BaseModel] | None:
+    """The value model of a `dict[str, SomeSettings]` field, else None."""
+    if get_origin(annotation) is not dict:
+        return None
+    args = get_args(annotation)
+    value = args[1] if len(args) == 2 else None
+    return value if isinstance(value, type) and issubclass(value, BaseModel) else None
 
 
 @app.command("config")

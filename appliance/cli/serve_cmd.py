@@ -49,6 +49,19 @@ TlsCertOption = Annotated[
     typer.Option("--tls-cert", help="TLS certificate (PEM). Beyond loopback without one, a self-signed one is made. Env: APPLIANCE_TLS_CERT."),
 ]
 TlsKeyOption = Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM). Env: APPLIANCE_TLS_KEY.")]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS|auto",
+        help="Serve on a Ray cluster (the `ray` extra): its head's HOST:PORT, or 'auto' to start a local one for the "
+        "server's lifetime (docs/SCALE.md). Env: APPLIANCE_SCALE__ADDRESS.",
+    ),
+]
+ReplicasOption = Annotated[
+    list[str] | None,
+    typer.Option("--replicas", metavar="MODEL=N", help="With --ray: N replicas of MODEL (repeatable); else scale.models."),
+]
 
 
 class DrainingServer(uvicorn.Server):
@@ -173,12 +186,46 @@ def run_server(settings: Settings) -> int:
 
 def _settings(
     host: str | None, port: int | None, state_dir: object, config: object, no_auth: bool,
-    tls_cert: Path | None = None, tls_key: Path | None = None,
+    tls_cert: Path | None = None, tls_key: Path | None = None, ray: str | None = None,
 ) -> Settings:
     return settings_from(
         host=host, port=port, state_dir=state_dir, config=config, auth=False if no_auth else None,
-        tls_cert=tls_cert, tls_key=tls_key,
+        tls_cert=tls_cert, tls_key=tls_key, scale={"address": ray} if ray else None,
     )
+
+
+def run_on_ray(settings: Settings, replicas: list[str]) -> int:
+    """`serve --ray`: the appliance as a Ray Serve application (appliance.scale); the same
+    checks before it starts as `run_server`."""
+    from appliance.app import check_bind_policy
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        check_bind_policy(settings)
+    except ApplianceError as exc:
+        fail(str(exc), code=EXIT_CANNOT_START)
+    if settings.scale.address == "auto":
+        from appliance.scale.local import prepare_local_cluster
+
+        prepare_local_cluster()  # before Ray is imported: it reads its auth settings once
+    try:
+        from appliance.scale.launch import serve_on_ray
+        from appliance.scale.plan import with_replicas
+    except ImportError as exc:
+        fail(f"--ray needs the `ray` extra ({exc.name} is not installed): pip install 'inference-appliance[ray]'", code=EXIT_CANNOT_START)
+    try:
+        settings, tls_note = ensure_tls(settings)
+        settings = with_replicas(settings, replicas)
+    except (OSError, ValueError) as exc:
+        fail(f"tls_cert: cannot prepare TLS: {exc}", code=EXIT_CANNOT_START)
+    except ApplianceError as exc:
+        fail(str(exc), code=EXIT_CANNOT_START)
+    if tls_note:
+        log.warning(tls_note)
+    try:
+        return serve_on_ray(settings, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except ApplianceError as exc:
+        fail(str(exc), code=EXIT_CANNOT_START)
 
 
 @app.command("serve")
@@ -190,9 +237,16 @@ def serve(
     no_auth: NoAuthOption = False,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    ray: RayOption = None,
+    replicas: ReplicasOption = None,
 ) -> None:
     """Serve every deployable model in the repository (KServe V2 + OpenAI API) until SIGTERM."""
-    raise typer.Exit(run_server(_settings(host, port, state_dir, config, no_auth, tls_cert, tls_key)))
+    settings = _settings(host, port, state_dir, config, no_auth, tls_cert, tls_key, ray)
+    if settings.scale.address:
+        raise typer.Exit(run_on_ray(settings, replicas or []))
+    if replicas:
+        fail("--replicas needs --ray (replicas run on a Ray cluster)", code=EXIT_CANNOT_START)
+    raise typer.Exit(run_server(settings))
 
 
 @app.command("up")
@@ -219,7 +273,7 @@ def up(
         if version is None:
             fail(f"exporting the default models failed: {model.name} has no deployable version", code=EXIT_CANNOT_START)
         console.print(f"model {version.name} version {version.version} ready to serve", highlight=False)
-    raise typer.Exit(run_server(settings))
+    raise typer.Exit(run_on_ray(settings, []) if settings.scale.address else run_server(settings))
 
 
 def _export_defaults_in_child(settings: Settings, config: Path | None) -> None:

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import psutil
 
@@ -58,6 +59,13 @@ class LoadedModel:
     close: Callable[[float], Awaitable[None]]
     #: Requests or sequences waiting for it right now.
     queued: Callable[[], int]
+
+
+class ModelOpener(Protocol):
+    """What the ModelService needs to bring a version into service: `ModelLoader` opens it in
+    this process; a scale-out opener (appliance.scale) connects to the Ray deployment serving it."""
+
+    async def open(self, version: ModelVersion, on_poisoned: Callable[[str], None]) -> LoadedModel: ...
 
 
 def version_file_bytes(version: ModelVersion) -> int:

@@ -36,7 +36,7 @@ from appliance.repository.manifest import check_model_name
 from appliance.repository.store import ModelRepository, ModelVersion
 from appliance.serving import budget as budgeting
 from appliance.serving.lease import Lease
-from appliance.serving.loaders import LoadedModel, ModelLoader, expected_kv_bytes, version_file_bytes
+from appliance.serving.loaders import LoadedModel, ModelOpener, expected_kv_bytes, version_file_bytes
 from appliance.ops.memory import allocated_bytes, available_bytes, give_back_memory
 from appliance.serving.metrics import EVICTED_BY_REQUEST, EVICTED_FOR_ROOM, EVICTED_IDLE, ServingMetrics
 from appliance.serving.states import ModelStatus, ServingState
@@ -110,7 +110,7 @@ class ModelService:
         self,
         repository: ModelRepository,
         settings: Settings,
-        loader: ModelLoader,
+        loader: ModelOpener,
         *,
         policies: Callable[[], dict[str, ModelPolicy]] = dict,
         metrics: ServingMetrics | None = None,

@@ -1,0 +1,241 @@
+"""The deployments a Ray Serve application of the appliance consists of, decided from the
+settings and the model repository in one place: the code path (`application.py`, for
+`appliance serve --ray` and `serve run appliance.scale:app`) and the config file (`appliance
+scale config` for `serve deploy`) both read this plan, so they cannot disagree.
+
+- one `ingress` deployment: the appliance's own FastAPI app;
+- one deployment per model with a deployable version (`model-NAME`), unless
+  `scale.models.NAME.deploy` is false, with its replicas (fixed, or autoscaling bounds),
+  what each replica reserves on its node, and how it is health-checked and drained.
+
+Also the rule for the database: SQLite only while every replica runs on one node. Never
+imports Ray (the config command works without the `ray` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.config import ScaleModelSettings, Settings
+from appliance.errors import ApplianceError, ConfigError
+from appliance.repository.store import ModelRepository
+from appliance.serving.tasks import family_of
+
+INGRESS = "ingress"
+#: Requests the ingress replica takes at once (it is an async web app: the engines queue).
+INGRESS_MAX_ONGOING = 4096
+#: A replica whose constructor (loading its model) fails is retried this many times.
+CONSTRUCTOR_RETRIES = 3
+#: Ray waits this long for a health check to answer.
+HEALTH_CHECK_TIMEOUT_S = 30.0
+#: Ray Serve's own per-call access log off: the ingress logs requests as the privacy mode says
+#: (api/request_logging.py), and a line per replica call would be noise at any rate.
+REPLICA_LOGGING = {"enable_access_log": False}
+#: The environment a `serve deploy` build reads the appliance's settings from.
+SETTINGS_ENVIRONMENT = ("APPLIANCE_STATE_DIR", "APPLIANCE_CONFIG", "APPLIANCE_DATABASE_URL")
+_REPLICAS_ARG = re.compile(r"^(?P<model>[a-z0-9][a-z0-9._-]{0,63})=(?P<count>\d+)$")
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    model: str
+    family: str
+    settings: ScaleModelSettings
+    options: dict[str, Any] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.options["name"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    ingress: dict[str, Any]
+    models: list[ModelDeployment]
+
+    def deployments(self) -> dict[str, str]:
+        """Model name -> its deployment's name."""
+        return {deployment.model: deployment.name for deployment in self.models}
+
+
+def with_replicas(settings: Settings, replicas: list[str]) -> Settings:
+    """`--replicas MODEL=N` (repeatable) over the settings: N fixed replicas for MODEL."""
+    models = dict(settings.scale.models)
+    for text in replicas:
+        match = _REPLICAS_ARG.match(text.strip())
+        if match is None or int(match["count"]) < 1:
+            raise ConfigError(f"--replicas: expected MODEL=N with N >= 1, got {text!r}", field="replicas")
+        name = match["model"]
+        models[name] = settings.scale.model(name).model_copy(
+            update={"replicas": int(match["count"]), "min_replicas": None, "max_replicas": None, "deploy": True}
+        )
+    return settings.model_copy(update={"scale": settings.scale.model_copy(update={"models": models})})
+
+
+def served_models(settings: Settings) -> dict[str, str]:
+    """{model name: task family} of every model with a deployable version in the repository."""
+    repository = ModelRepository(settings.models_dir)
+    served: dict[str, str] = {}
+    for name in repository.names():
+        try:
+            version = repository.serving_version(name)
+        except ApplianceError:
+            continue
+        if version is not None:
+            served[name] = family_of(version.manifest.task)
+    return served
+
+
+def plan(settings: Settings, models: dict[str, str] | None = None) -> Plan:
+    """The application's deployments (`models`: {name: family}, default read from the repository)."""
+    scale = settings.scale
+    chosen = served_models(settings) if models is None else models
+    unknown = sorted(set(scale.models) - set(chosen))
+    if unknown:
+        raise ConfigError(
+            f"scale.models: {', '.join(unknown)} not in the model repository (models: {', '.join(sorted(chosen)) or 'none'})",
+            field="scale.models",
+        )
+    deployments = [
+        ModelDeployment(name, family, scale.model(name), _model_options(settings, name, family, scale.model(name)))
+        for name, family in sorted(chosen.items())
+        if scale.model(name).deploy
+    ]
+    ingress = {
+        "name": INGRESS,
+        "num_replicas": scale.ingress_replicas,
+        "max_ongoing_requests": INGRESS_MAX_ONGOING,
+        "ray_actor_options": {"num_cpus": scale.ingress_cpus},
+        "graceful_shutdown_timeout_s": settings.drain_grace_s,
+        "health_check_period_s": scale.health_check_period_s,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "logging_config": dict(REPLICA_LOGGING),
+    }
+    return Plan(ingress=ingress, models=deployments)
+
+
+def _model_options(settings: Settings, name: str, family: str, model: ScaleModelSettings) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": model.num_cpus}
+    if model.num_gpus:
+        actor["num_gpus"] = model.num_gpus
+    if model.memory_bytes:
+        actor["memory"] = model.memory_bytes
+    if model.max_ongoing_requests is not None:
+        ongoing = model.max_ongoing_requests
+    elif family == "generation":
+        ongoing = settings.generation.max_running_sequences + settings.generation.max_waiting_sequences
+    else:
+        ongoing = settings.batching.max_queue_size
+    options: dict[str, Any] = {
+        "name": deployment_name(name),
+        "max_ongoing_requests": ongoing,
+        # Beyond this many waiting in an ingress' router, Ray refuses (429 with Retry-After,
+        # as a full queue on one box) instead of queueing without bound.
+        "max_queued_requests": ongoing,
+        "ray_actor_options": actor,
+        "health_check_period_s": settings.scale.health_check_period_s,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": settings.drain_grace_s,
+        "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+        "logging_config": dict(REPLICA_LOGGING),
+    }
+    if model.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": model.min_replicas or 1,
+            "max_replicas": model.max_replicas,
+            "target_ongoing_requests": model.target_ongoing_requests,
+            "upscale_delay_s": settings.scale.upscale_delay_s,
+            "downscale_delay_s": settings.scale.downscale_delay_s,
+            "look_back_period_s": settings.scale.autoscaling_window_s,
+        }
+    else:
+        options["num_replicas"] = model.replicas
+    return options
+
+
+def check_database(settings: Settings, nodes: int) -> None:
+    """SQLite is one file on one node: refused once replicas may run on more than one."""
+    if settings.uses_sqlite and nodes > 1:
+        raise ConfigError(
+            f"database_url: the Ray cluster has {nodes} nodes and the appliance's replicas may run on any of them, "
+            "but SQLite is a file on one node; use PostgreSQL (database_url = \"postgresql+psycopg://USER@HOST/DB\", "
+            "docs/SCALE.md)",
+            field="database_url",
+        )
+
+
+def serve_config(settings: Settings, models: dict[str, str] | None = None) -> dict[str, Any]:
+    """A `serve deploy` config: the HTTP options, and the application with every deployment's
+    options written out (editable; `serve deploy` applies them over the code's)."""
+    current = plan(settings, models)
+    environment = {name: os.environ[name] for name in SETTINGS_ENVIRONMENT if os.environ.get(name)}
+    environment.setdefault("APPLIANCE_STATE_DIR", str(settings.state_dir))
+    if settings.config is not None:
+        environment.setdefault("APPLIANCE_CONFIG", str(settings.config))
+    if settings.database_url is not None:
+        environment.setdefault("APPLIANCE_DATABASE_URL", settings.database_url)
+    environment["RAY_USAGE_STATS_ENABLED"] = "0"
+    http: dict[str, Any] = {"host": settings.host, "port": settings.port}
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        http.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
+    return {
+        "proxy_location": settings.scale.proxy_location,
+        "http_options": http,
+        "applications": [
+            {
+                "name": settings.scale.app_name,
+                "route_prefix": "/",
+                "import_path": "appliance.scale:app",
+                "runtime_env": {"env_vars": environment},
+                "deployments": [_without_name_first(current.ingress)] + [_without_name_first(d.options) for d in current.models],
+            }
+        ],
+    }
+
+
+def _without_name_first(options: dict[str, Any]) -> dict[str, Any]:
+    return {"name": options["name"], **{key: value for key, value in options.items() if key != "name"}}
+
+
+def to_yaml(value: Any, indent: int = 0) -> str:
+    """A small YAML writer for the config's plain dicts, lists and scalars (strings quoted as
+    JSON, which YAML reads the same), so the command needs no YAML library."""
+    pad = "  " * indent
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{key}:")
+                lines.append(to_yaml(item, indent + 1))
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict) and item:
+                text = to_yaml(item, indent + 1)
+                lines.append(f"{pad}- {text.lstrip()}")
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+    else:
+        lines.append(f"{pad}{_scalar(value)}")
+    return "\n".join(lines)
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return json.dumps(str(value))

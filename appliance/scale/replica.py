@@ -1,0 +1,287 @@
+"""One model in one Ray Serve replica: the replica side of the serving protocols.
+
+Each replica runs the single-box serving layer for exactly one model: a ModelService over a
+view of the repository that shows only that model (so loading, a newly published version
+replacing the old one, reloading after a session ran out of memory and the memory budget all
+behave as on one box), with keep-alive off (a replica exists to serve its model). The
+constructor returns only once the model is loaded, so Ray routes nothing to a replica before it
+can answer. Every method answers a `wire.Reply` (or, for generation, yields stream items), and
+never lets an ApplianceError travel through Ray as an exception (wire.py says why).
+
+Requests reach a replica only from the ingress, which has already authenticated, checked,
+logged (by the privacy mode) and counted them. A replica therefore writes nothing about a
+request anywhere: no request log, no text in its own log lines. It never touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import ray
+from prometheus_client import CollectorRegistry
+from ray import serve
+
+from appliance.app import batch_policy, provider_config
+from appliance.config import Settings
+from appliance.errors import ApplianceError
+from appliance.generation.metrics import GenerationMetrics
+from appliance.generation.tool_calls import special_token_ids
+from appliance.repository.store import ModelRepository
+from appliance.scale.wire import (
+    Events,
+    Failed,
+    ReplicaDescription,
+    ReplicaIdentity,
+    Reply,
+    Started,
+    WireError,
+)
+from appliance.serving.lease import Lease
+from appliance.serving.loaders import ModelLoader
+from appliance.serving.metrics import ServingMetrics
+from appliance.serving.protocols import Constraint, GenerationRequest, TokenEvent
+from appliance.serving.service import ModelService
+from appliance.serving.states import ServingState
+from appliance.serving.tasks import Route
+from appliance.serving.watch import RepositoryWatch
+
+log = logging.getLogger("appliance.scale.replica")
+
+#: The route a replica leases its model for, per kind of call (the ingress checked the real one).
+_GENERATION = Route.COMPLETIONS
+_TENSOR = Route.V2_INFER
+
+
+class _OneModel:
+    """A ModelRepository that lists only one model (the ModelService serves what it lists)."""
+
+    def __init__(self, repository: ModelRepository, name: str) -> None:
+        self._repository = repository
+        self._name = name
+
+    def names(self) -> list[str]:
+        return [name for name in self._repository.names() if name == self._name]
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._repository, attribute)
+
+
+def replica_settings(settings: Settings, num_cpus: float) -> Settings:
+    """The settings a replica serves with: never unloads for idleness, loads explicitly at
+    start, and (unless configured) as many ONNX Runtime threads as CPUs it reserved."""
+    serving = settings.serving.model_copy(update={"keep_alive_s": -1.0, "load_at_start": False})
+    threads = settings.cpu_threads or max(1, round(num_cpus))
+    return settings.model_copy(update={"serving": serving, "cpu_threads": threads})
+
+
+class ModelReplica:
+    """The deployment class of every model (one deployment per model, `application.py`)."""
+
+    async def __init__(self, settings: Settings, name: str, num_cpus: float) -> None:
+        context = serve.get_replica_context()
+        runtime = ray.get_runtime_context()
+        self.identity = ReplicaIdentity(
+            replica_id=context.replica_id.unique_id,
+            node_id=runtime.get_node_id(),
+            node_ip=ray.util.get_node_ip_address(),
+            pid=os.getpid(),
+        )
+        if not settings.models_dir.is_dir():
+            raise RuntimeError(
+                f"model {name}: the model repository {settings.models_dir} does not exist on node "
+                f"{self.identity.node_ip}; every node must see the state directory's models at the same path "
+                "(an NFS mount, docs/SCALE.md)"
+            )
+        self.name = name
+        self.settings = replica_settings(settings, num_cpus)
+        repository = ModelRepository(self.settings.models_dir)
+        registry = CollectorRegistry()
+        loader = ModelLoader(
+            repository, self.settings, provider_config(self.settings), batch_policy(self.settings), GenerationMetrics(registry)
+        )
+        self.service = ModelService(_OneModel(repository, name), self.settings, loader, metrics=ServingMetrics(registry))  # type: ignore[arg-type]
+        await self.service.start()
+        try:
+            status = await self.service.load(name)
+        except ApplianceError as exc:
+            await self.service.close(0.0)
+            raise RuntimeError(f"model {name} cannot be served on node {self.identity.node_ip}: {exc.message}") from None
+        self.family = status.family or "tensor"
+        self._watch: asyncio.Task[None] | None = None
+        if self.settings.repository_poll_s:
+            watch = RepositoryWatch(self.service, self.settings.repository_poll_s)
+            self._watch = asyncio.get_running_loop().create_task(watch.run(), name=f"repository-watch-{name}")
+        self._special_tokens: dict[str, int] | None = None
+        log.info("model %s version %s ready in replica %s on %s", name, status.loaded_version, self.identity.replica_id, self.identity.node_ip)
+
+    async def _lease(self, route: Route) -> Lease[Any]:
+        return await self.service.lease(self.name, route)
+
+    async def _unary(self, route: Route, work: Any) -> Reply:
+        """Run `work(client)` under a lease; its value or its typed error as a Reply."""
+        try:
+            async with await self._lease(route) as lease:
+                return Reply(self.identity, await work(lease.client))
+        except ApplianceError as exc:
+            return Reply(self.identity, error=WireError.of(exc))
+
+    # -- both families ----------------------------------------------------------------------------
+    async def describe(self) -> Reply:
+        """What the ingress needs to build its client (cheap after the first call)."""
+
+        async def work(client: Any) -> ReplicaDescription:
+            status = self.service.status(self.name)
+            report = self.service.provider_report(self.name) or {}
+            if self.family == "generation":
+                if self._special_tokens is None:
+                    text = await asyncio.to_thread(client.engine.tokenizer.json_text)
+                    self._special_tokens = special_token_ids(text)
+                return ReplicaDescription(
+                    family="generation", version=status.loaded_version or 0, generation=client.describe(), tensor=None,
+                    special_tokens=self._special_tokens, provider=status.provider, provider_note=status.reason,
+                    provider_report=dict(report),
+                )
+            return ReplicaDescription(
+                family="tensor", version=status.loaded_version or 0, generation=None, tensor=client.metadata(),
+                special_tokens={}, provider=status.provider, provider_note=status.reason, provider_report=dict(report),
+            )
+
+        return await self._unary(_GENERATION if self.family == "generation" else _TENSOR, work)
+
+    def check_health(self) -> None:
+        """Ray's periodic probe: a replica whose model became unavailable (its new version failed
+        and nothing serves, its files were removed) is replaced."""
+        status = self.service.status(self.name)
+        if status.state is ServingState.UNAVAILABLE:
+            raise RuntimeError(f"model {self.name} is unavailable: {status.reason}")
+
+    async def __del__(self) -> None:
+        """Graceful stop (Ray waited for requests in flight): free the model."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.service.close(self.settings.drain_grace_s)
+
+    # -- generation ----------------------------------------------------------------------------------
+    async def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply:
+        return await self._unary(_GENERATION, lambda client: client.chat_prompt(messages, tools=tools))
+
+    async def text_prompts(self, texts: list[str]) -> Reply:
+        return await self._unary(_GENERATION, lambda client: client.text_prompts(texts))
+
+    async def compile(self, constraint: Constraint) -> Reply:
+        """Compile (and cache) a constraint; the ingress gets its compile time, the grammar stays
+        here (an llguidance matcher does not cross the network; `generate` reuses the cache)."""
+
+        async def work(client: Any) -> float:
+            return float((await client.compile(constraint)).compile_s)
+
+        return await self._unary(_GENERATION, work)
+
+    async def stats(self) -> Reply:
+        return await self._unary(_GENERATION, lambda client: _ready(client.stats()))
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        request: GenerationRequest,
+        constraint: Constraint | None,
+        timeout_s: float,
+        queue_limit: bool,
+    ) -> AsyncIterator[Started | Events | Failed]:
+        """One sequence: `Started` once it has a slot, then its events (batched when several
+        queued up), or `Failed` with the refusal. Cancelling the call (the client went away)
+        closes the sequence, which frees its KV at the engine's next step."""
+        try:
+            lease = await self._lease(_GENERATION)
+        except ApplianceError as exc:
+            yield Failed(WireError.of(exc))
+            return
+        stream = None
+        pump: asyncio.Task[None] | None = None
+        try:
+            client = lease.client
+            try:
+                grammar = await client.compile(constraint) if constraint is not None else None
+                stream = client.submit(prompt_ids, replace(request, grammar=grammar), timeout_s=timeout_s, queue_limit=queue_limit)
+                await stream.started()
+            except ApplianceError as exc:
+                yield Failed(WireError.of(exc))
+                return
+            yield Started(self.identity)
+            pending: asyncio.Queue[TokenEvent | ApplianceError | None] = asyncio.Queue()
+            pump = asyncio.get_running_loop().create_task(_pump(stream, pending))
+            while True:
+                items = [await pending.get()]
+                while not pending.empty():
+                    items.append(pending.get_nowait())
+                events = [item for item in items if isinstance(item, TokenEvent)]
+                if events:
+                    yield Events(events, _token_texts(client, events))
+                error = next((item for item in items if isinstance(item, ApplianceError)), None)
+                if error is not None:
+                    yield Failed(WireError.of(error))
+                    return
+                if any(item is None for item in items):
+                    return
+        finally:
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+            if stream is not None:
+                stream.close()
+            lease.release()
+
+    # -- tensor models ---------------------------------------------------------------------------------
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, priority: int) -> Reply:
+        return await self._unary(_TENSOR, lambda client: client.infer(inputs, outputs, timeout_s, priority=priority))
+
+    async def embed(
+        self, texts: list[str] | None, token_ids: list[list[int]] | None, dimensions: int | None, timeout_s: float, priority: int
+    ) -> Reply:
+        return await self._unary(
+            Route.EMBEDDINGS,
+            lambda client: client.embed(texts, token_ids, dimensions=dimensions, timeout_s=timeout_s, priority=priority),
+        )
+
+    async def rerank(
+        self, query: str, documents: list[str], max_tokens_per_doc: int | None, timeout_s: float, priority: int
+    ) -> Reply:
+        return await self._unary(
+            Route.RERANK,
+            lambda client: client.rerank(
+                query, documents, max_tokens_per_doc=max_tokens_per_doc, timeout_s=timeout_s, priority=priority
+            ),
+        )
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+async def _pump(stream: Any, pending: asyncio.Queue[TokenEvent | ApplianceError | None]) -> None:
+    """Move a local stream's events into `pending`; its error, then None, at the end."""
+    try:
+        async for event in stream:
+            pending.put_nowait(event)
+    except ApplianceError as exc:
+        pending.put_nowait(exc)
+    pending.put_nowait(None)
+
+
+def _token_texts(client: Any, events: list[TokenEvent]) -> dict[int, tuple[str, list[int]]]:
+    """The text of every token id the events' logprobs name (what the ingress' `token_text` reads)."""
+    texts: dict[int, tuple[str, list[int]]] = {}
+    for event in events:
+        for entry in event.logprobs or ():
+            for token_id in (entry.token_id, *(token for token, _ in entry.top)):
+                if token_id not in texts:
+                    texts[token_id] = client.token_text(token_id)
+    return texts

@@ -1,0 +1,170 @@
+"""Benchmark: the appliance through Ray Serve against the single-box server, same machine, same
+run, and what a replica killed with kill -9 costs.
+
+Two servers at once on the same state directory (the default models: MiniLM int8 and SmolLM2
+int4), each with the same ONNX Runtime threads per model:
+
+- single box: `appliance serve` (one process: uvicorn, the ModelService, the engines);
+- Ray: `appliance serve --ray auto` (a local Ray cluster: Ray Serve's HTTP proxy -> the
+  ingress replica (the same app) -> one replica per model, each a process of its own).
+
+Passes alternate between the two (after a warm-up): embeddings from 32 clients (one sentence a
+request) and chat from 8 streams (64 tokens each, ignore_eos), as bench/serving_layer.py runs
+them. Reports each side's median requests/s (tokens/s) and p50/p99 latency (TTFT) and the
+ratio Ray / single box. Then, on the Ray server, the embedder's replica is killed with kill -9
+and the time until a new replica answers is measured (`--restarts` times).
+
+    .venv/bin/python bench/ray_overhead.py --state-dir DIR [--passes 3] [--restarts 3] [--json FILE]
+
+Differences under ~10% are noise on a shared 2-core box. On one box the Ray path pays its
+hops (proxy -> ingress -> replica, each a Ray actor call with its serialisation) out of the
+same two cores that serve the models, so this is its worst case: across boxes the hops cost
+network time, not the model's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving_layer import CHAT_MODEL, EMBED_MODEL, chat_load, embeddings_load, ensure_defaults, free_port, machine  # noqa: E402
+
+EMBED_SECONDS = 10.0
+CHAT_SECONDS = 15.0
+READY_TIMEOUT_S = 600.0
+
+
+class Server:
+    """`appliance serve [--ray auto]` on a free port, auth off (loopback), until closed."""
+
+    def __init__(self, state_dir: Path, *, ray: bool, threads: int, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "appliance", "serve", "--no-auth", "--port", str(self.port)]
+        if ray:
+            command += ["--ray", "auto"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        env.update(APPLIANCE_STATE_DIR=str(state_dir), APPLIANCE_CPU_THREADS=str(threads), APPLIANCE_REPOSITORY_POLL_S="0")
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server did not become ready")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def replica_pids(deployment: str) -> list[int]:
+    title = f"ray::ServeReplica:appliance:{deployment}"
+    return sorted(
+        p.info["pid"] for p in psutil.process_iter(["pid", "cmdline", "status"])
+        if (p.info.get("cmdline") or [""])[0].startswith(title) and p.info.get("status") != psutil.STATUS_ZOMBIE
+    )
+
+
+def restart_seconds(url: str) -> float:
+    """kill -9 the embedder's only replica; seconds until an embedding is answered again."""
+    [victim] = replica_pids(f"model-{EMBED_MODEL}")
+    body = {"model": EMBED_MODEL, "input": "The quick brown fox."}
+    psutil.Process(victim).kill()
+    killed = time.monotonic()
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() - killed < 300:
+            if client.post(url + "/v1/embeddings", json=body).status_code == 200 and replica_pids(f"model-{EMBED_MODEL}") not in ([], [victim]):
+                return time.monotonic() - killed
+            time.sleep(0.1)
+    raise TimeoutError("the replica did not come back within 300 s")
+
+
+def summary(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--restarts", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per model, both servers")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    ensure_defaults(args.state_dir)
+    print(f"machine: {machine()}", flush=True)
+    logs = args.state_dir / "bench-logs"
+    logs.mkdir(exist_ok=True)
+    single = Server(args.state_dir, ray=False, threads=args.threads, log=logs / "single.log")
+    ray = Server(args.state_dir, ray=True, threads=args.threads, log=logs / "ray.log")
+    servers = {"single": single, "ray": ray}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {name: {"embeddings": [], "chat": []} for name in servers}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for server in servers.values():  # warm-up
+            asyncio.run(embeddings_load(server.url, 3.0))
+            asyncio.run(chat_load(server.url, 5.0))
+        for index in range(args.passes):
+            order = list(servers.items()) if index % 2 == 0 else list(reversed(servers.items()))
+            for name, server in order:
+                results[name]["embeddings"].append(asyncio.run(embeddings_load(server.url, EMBED_SECONDS)))
+                results[name]["chat"].append(asyncio.run(chat_load(server.url, CHAT_SECONDS)))
+                print(f"pass {index + 1} {name}: {results[name]['embeddings'][-1]} {results[name]['chat'][-1]}", flush=True)
+        single.close()  # the restart measure runs with the Ray server alone
+        restarts = [restart_seconds(ray.url) for _ in range(args.restarts)]
+    finally:
+        for server in servers.values():
+            server.close()
+    figures: dict[str, Any] = {name: {workload: summary(runs) for workload, runs in per.items()} for name, per in results.items()}
+    figures["restart_s"] = restarts
+    print(f"\nmachine: {machine()}; {args.passes} alternating passes, medians")
+    print("| workload | single box | Ray Serve | Ray / single |")
+    print("| --- | --- | --- | --- |")
+    for workload, key, unit in (
+        ("embeddings, 32 clients", "requests_per_s", "req/s"),
+        ("embeddings p50", "p50_ms", "ms"),
+        ("embeddings p99", "p99_ms", "ms"),
+        ("chat, 8 streams", "tokens_per_s", "tok/s"),
+        ("chat TTFT p50", "ttft_p50_ms", "ms"),
+    ):
+        family = "embeddings" if workload.startswith("embeddings") else "chat"
+        a, b = figures["single"][family][key], figures["ray"][family][key]
+        print(f"| {workload} | {a:.1f} {unit} | {b:.1f} {unit} | {b / a:.2f} |")
+    print(f"replica restart after kill -9 (until it answers): {', '.join(f'{s:.1f}' for s in restarts)} s")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The scale-out plan without a cluster: which deployments the Ray Serve application has, with
+which replicas and resources, from the settings (`[scale]`) and the repository; `--replicas
+MODEL=N`; the `serve deploy` config `appliance scale config` prints (valid for Ray's own
+schema where Ray is installed); SQLite refused across nodes; `appliance.scale:app` builds from
+the environment; the single-box server never loads Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_settings
+from appliance.errors import ConfigError
+from appliance.repository.store import ModelRepository
+from appliance.scale.plan import INGRESS, check_database, deployment_name, plan, serve_config, to_yaml, with_replicas
+from tests.helpers.server import ROOT, process_env
+from tests.helpers.tiny_models import publish_adder, publish_embedder
+
+
+@pytest.fixture
+def repository(state_dir: Path) -> ModelRepository:
+    repository = ModelRepository(state_dir / "models")
+    publish_embedder(repository, "embed")
+    publish_adder(repository, "adder")
+    return repository
+
+
+def test_one_deployment_per_model_with_the_configured_replicas_and_resources(state_dir: Path, repository: ModelRepository) -> None:
+    settings = load_settings(
+        state_dir=state_dir,
+        scale={"models": {"embed": {"replicas": 3, "num_cpus": 0.5, "memory_bytes": 1 << 30}, "adder": {"max_replicas": 4, "target_ongoing_requests": 8}}},
+        drain_grace_s=7,
+    )
+    current = plan(settings)
+    assert current.deployments() == {"adder": deployment_name("adder"), "embed": deployment_name("embed")}
+    embed = next(d for d in current.models if d.model == "embed")
+    assert embed.options["num_replicas"] == 3 and "autoscaling_config" not in embed.options
+    assert embed.options["ray_actor_options"] == {"num_cpus": 0.5, "memory": 1 << 30}
+    assert embed.options["max_ongoing_requests"] == settings.batching.max_queue_size
+    assert embed.options["graceful_shutdown_timeout_s"] == 7
+    adder = next(d for d in current.models if d.model == "adder")
+    assert "num_replicas" not in adder.options
+    autoscaling = adder.options["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (1, 4, 8)
+    assert current.ingress["name"] == INGRESS and current.ingress["num_replicas"] == 1
+
+
+def test_replicas_option_and_undeployed_models(state_dir: Path, repository: ModelRepository) -> None:
+    settings = with_replicas(
+        load_settings(state_dir=state_dir, scale={"models": {"adder": {"deploy": False}, "embed": {"max_replicas": 5}}}),
+        ["embed=2"],
+    )
+    current = plan(settings)
+    assert [d.model for d in current.models] == ["embed"]
+    assert current.models[0].options["num_replicas"] == 2 and "autoscaling_config" not in current.models[0].options
+    for wrong in ("embed", "embed=0", "Embed=2", "embed=x"):
+        with pytest.raises(ConfigError, match="--replicas"):
+            with_replicas(settings, [wrong])
+
+
+def test_settings_for_a_model_not_in_the_repository_are_refused_by_name(state_dir: Path, repository: ModelRepository) -> None:
+    with pytest.raises(ConfigError, match="scale.models: ghost not in the model repository"):
+        plan(load_settings(state_dir=state_dir, scale={"models": {"ghost": {"replicas": 2}}}))
+
+
+def test_autoscaling_bounds_and_a_single_batch_runner_are_checked_in_the_settings(state_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="min_replicas"):
+        load_settings(state_dir=state_dir, scale={"models": {"m": {"min_replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ConfigError, match="needs max_replicas"):
+        load_settings(state_dir=state_dir, scale={"models": {"m": {"min_replicas": 2}}})
+    with pytest.raises(ConfigError, match="batch_api.enabled"):
+        load_settings(state_dir=state_dir, scale={"ingress_replicas": 2})
+    assert load_settings(state_dir=state_dir, scale={"ingress_replicas": 2}, batch_api={"enabled": False}).scale.ingress_replicas == 2
+
+
+def test_sqlite_only_while_every_replica_runs_on_one_node(state_dir: Path) -> None:
+    sqlite = load_settings(state_dir=state_dir)
+    check_database(sqlite, 1)
+    with pytest.raises(ConfigError, match="PostgreSQL") as refused:
+        check_database(sqlite, 3)
+    assert refused.value.field == "database_url" and "3 nodes" in refused.value.message
+    check_database(load_settings(state_dir=state_dir, database_url="postgresql+psycopg://appliance@db/appliance"), 3)
+
+
+def test_scale_config_prints_a_serve_deploy_file(state_dir: Path, repository: ModelRepository) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "scale", "config", "--replicas", "embed=2", "--port", "8100"],
+        cwd=ROOT, env=process_env(state_dir), text=True, capture_output=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SQLite" in done.stdout  # the header warns: one node only
+    assert "import_path: \"appliance.scale:app\"" in done.stdout
+    yaml = pytest.importorskip("yaml", reason="PyYAML (installed with the `ray` extra) reads the config back")
+    document = yaml.safe_load(done.stdout)
+    assert document["http_options"] == {"host": "127.0.0.1", "port": 8100}
+    [application] = document["applications"]
+    assert application["runtime_env"]["env_vars"]["APPLIANCE_STATE_DIR"] == str(state_dir)
+    names = {deployment["name"]: deployment for deployment in application["deployments"]}
+    assert set(names) == {INGRESS, "model-embed", "model-adder"} and names["model-embed"]["num_replicas"] == 2
+    schema = pytest.importorskip("ray.serve.schema", reason="the `ray` extra checks the file against Ray's own schema", exc_type=ImportError)
+    schema.ServeDeploySchema.model_validate(document)
+
+
+def test_yaml_writer_round_trips_nested_values() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the output back")
+    value = {"a": [{"b": 1, "c": {"d": "x: y", "e": [1, 2]}}, {"f": None}], "g": True, "h": 0.5, "i": {}, "j": []}
+    assert yaml.safe_load(to_yaml(value)) == value
+
+
+def test_the_ray_application_builds_from_the_environment(state_dir: Path, repository: ModelRepository) -> None:
+    pytest.importorskip("ray", reason="the `ray` extra is not installed", exc_type=ImportError)
+    code = (
+        "import appliance.scale as scale\n"
+        "app = scale.app\n"
+        "print(type(app).__name__, sorted(app._bound_deployment.init_args[2]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=process_env(state_dir), text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "Application ['adder', 'embed']"
+
+
+def test_serve_without_the_ray_extra_or_with_replicas_alone_says_what_is_missing(state_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--replicas", "embed=2"],
+        cwd=ROOT, env=process_env(state_dir), text=True, capture_output=True, timeout=60,
+    )
+    assert done.returncode == 2 and "--replicas needs --ray" in done.stderr
