@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -174,8 +174,18 @@ def target_provider(settings: Settings) -> str:
     return "cuda" if Path(NVIDIA_DRIVER_FILE).exists() else "cpu"
 
 
-def run_export(request: ExportRequest, settings: Settings, console: Console | None = None) -> ExportResult:
-    """Export one model version and publish it; ExportError (nothing published) on failure."""
+class ExportStopped(BaseException):
+    """A stop was asked for (Ctrl-C, SIGTERM) and the export ended at a stage boundary. The
+    signal handler's own exception normally ends it at once; this check covers the rare case
+    where Python swallowed that exception (raised inside a finaliser or a callback, it is only
+    printed), so an interrupted export still never publishes."""
+
+
+def run_export(
+    request: ExportRequest, settings: Settings, console: Console | None = None, *, stop_requested: Callable[[], bool] | None = None
+) -> ExportResult:
+    """Export one model version and publish it; ExportError (nothing published) on failure,
+    ExportStopped when `stop_requested()` turned true (checked before every stage)."""
     enforce_offline()
     request.validate()
     repository = ModelRepository(settings.models_dir)
@@ -195,7 +205,8 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
             calibration=request.calibration,
             progress=stages,
         )
-        with _stage(stages, timings, "resolve", f"resolving {request.source}"):
+        steps = _Stoppable(stages, stop_requested or _never)
+        with _stage(steps, timings, "resolve", f"resolving {request.source}"):
             source = resolve(request.source, SourceOptions(trust_pickle=request.trust_pickle))
             task = request.task or detect_task(source)
             exporter_cls = get_task(task)
@@ -204,18 +215,18 @@ def run_export(request: ExportRequest, settings: Settings, console: Console | No
             exporter.check_source()
             variant = exporter.resolve_variant(request.quant)
             stages.step(f"{source.kind} -> {task}, variant {variant}")
-        with _stage(stages, timings, "export", "making the fp32 ONNX reference"):
+        with _stage(steps, timings, "export", "making the fp32 ONNX reference"):
             reference = exporter.export_reference()
-        with _stage(stages, timings, "optimise", "graph optimisation"):
+        with _stage(steps, timings, "optimise", "graph optimisation"):
             reference = exporter.optimise(reference)
-        with _stage(stages, timings, "quantise", f"making {variant}"):
+        with _stage(steps, timings, "quantise", f"making {variant}"):
             candidate = exporter.make_variant(variant, reference)
-        with _stage(stages, timings, "evaluate", "comparing with the unquantised reference"):
+        with _stage(steps, timings, "evaluate", "comparing with the unquantised reference"):
             evaluation = exporter.evaluate(candidate)
-        with _stage(stages, timings, "measure", "load time and latency"):
+        with _stage(steps, timings, "measure", "load time and latency"):
             measurement = exporter.measure(candidate)
             fusions = candidate.details.get("fusions") or onnx_tools.runtime_fusions(candidate.model_path)
-        with _stage(stages, timings, "publish", f"publishing {request.name}"):
+        with _stage(steps, timings, "publish", f"publishing {request.name}"):
             max_loss = request.max_quality_loss
             budget = _budget(exporter, evaluation, max_loss)
             accepted = budget["within"] and evaluation.failure is None
@@ -253,12 +264,32 @@ def _progress_running(stages: RichProgress | LineProgress | _SilentStages) -> It
 
 
 @contextmanager
-def _stage(stages: RichProgress | LineProgress | _SilentStages, timings: dict[str, float], stage: str, description: str) -> Iterator[None]:
-    stages.start_stage(stage, description)
+def _stage(steps: _Stoppable, timings: dict[str, float], stage: str, description: str) -> Iterator[None]:
+    steps.check()
+    steps.start_stage(stage, description)
     started = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - started, 3)
-    stages.finish_stage()
+    steps.finish_stage()
+
+
+def _never() -> bool:
+    return False
+
+
+class _Stoppable:
+    """The progress display, plus the stop check that `_stage` runs before each stage."""
+
+    def __init__(self, inner: RichProgress | LineProgress | _SilentStages, stop_requested: Callable[[], bool]) -> None:
+        self._inner = inner
+        self._stop_requested = stop_requested
+
+    def check(self) -> None:
+        if self._stop_requested():
+            raise ExportStopped()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
 
 
 @contextmanager

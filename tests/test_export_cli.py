@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from appliance.cli import app
 from appliance.config import load_settings
-from appliance.export.pipeline import ExportRequest, run_export
+from appliance.export.pipeline import ExportRequest, ExportStopped, run_export
 from appliance.repository import ModelRepository
 from appliance.repository.store import STAGING_DIR
 from helpers.encoders import build_tiny_encoder
@@ -236,3 +236,18 @@ def test_defaults_take_no_source_or_name(tmp_path: Path) -> None:
     result = invoke("export", "some/folder", "--defaults", "--state-dir", str(tmp_path))
     assert_one_line_failure(result, "--defaults takes no SOURCE or --name")
     assert_one_line_failure(invoke("export", "--state-dir", str(tmp_path)), "give a SOURCE")
+
+
+def test_a_stop_asked_for_during_an_export_ends_it_at_the_next_stage_and_publishes_nothing(tiny_encoder: Path, tmp_path: Path) -> None:
+    """The CLI's Ctrl-C and SIGTERM handlers also set a flag checked before every stage: an
+    interrupt whose KeyboardInterrupt Python swallowed (raised in a finaliser, only printed)
+    still keeps the export from publishing."""
+    settings = load_settings(state_dir=tmp_path / "state")
+    asked = iter([False, False, True])
+    with pytest.raises(ExportStopped):
+        run_export(
+            ExportRequest(source=str(tiny_encoder), name="stopped", quant="int8"), settings, stop_requested=lambda: next(asked, True)
+        )
+    repository = ModelRepository(settings.models_dir)
+    assert repository.names() == []
+    assert not list((settings.models_dir / STAGING_DIR).glob("*-work")), "the staging is removed"

@@ -58,6 +58,26 @@ def test_text_format_names_level_logger_and_fields() -> None:
     assert "WARNING appliance.runtime: slow load load_s=3.5" in line
 
 
+def test_private_attributes_a_library_stamps_on_every_record_are_not_printed() -> None:
+    """Ray's record factory adds `_ray_timestamp_ns` to every record once Ray is imported."""
+    stream = io.StringIO()
+    configure_logging("text", "info", stream)
+    previous = logging.getLogRecordFactory()
+
+    def stamping(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record._library_stamp = 123  # type: ignore[attr-defined]
+        return record
+
+    logging.setLogRecordFactory(stamping)
+    try:
+        logging.getLogger("appliance.runtime").warning("slow load", extra={"load_s": 3.5})
+    finally:
+        logging.setLogRecordFactory(previous)
+    line = stream.getvalue().strip()
+    assert line.endswith("slow load load_s=3.5") and "_library_stamp" not in line
+
+
 def test_level_filters_debug_and_reconfiguring_does_not_duplicate_lines() -> None:
     stream = io.StringIO()
     configure_logging("text", "info", stream)

@@ -35,15 +35,23 @@ class _Terminated(BaseException):
 
 
 @contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
+def _signals_unwind() -> Iterator[list[int]]:
+    """SIGTERM raises _Terminated and SIGINT KeyboardInterrupt in the main thread, so the export
+    unwinds and removes its staging; both are also remembered in the yielded list, which the
+    export checks before each stage (Python prints, and so loses, an exception raised while it
+    runs a finaliser: the check still stops the export before it publishes)."""
+    received: list[int] = []
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 QUANT_HELP = (
     "fp32 | fp16 | int8 | int8-static | int4 | int4-exact | auto (auto picks per task and provider; "
     "int4-exact keeps a Q4_0 or Q4_1 GGUF's own 4-bit weights without rounding them again)."
@@ -93,7 +101,7 @@ def export_command(
         fail("name: --name is required (the model's name in the repository)", code=2)
     if task is not None and task not in TASK_CHOICES:
         fail(f"task: {task!r} is not one of {', '.join(TASK_CHOICES)}", code=2)
-    from appliance.export.pipeline import ExportRequest, run_export
+    from appliance.export.pipeline import ExportRequest, ExportStopped, run_export
 
     request = ExportRequest(
         source=source,
@@ -105,15 +113,19 @@ def export_command(
         trust_pickle=trust_pickle,
         calibration=calibration,
     )
+    received: list[int] = []
     try:
-        with _sigterm_unwinds():
-            result = run_export(request, settings, console)
+        with _signals_unwind() as received:
+            result = run_export(request, settings, console, stop_requested=lambda: bool(received))
     except ApplianceError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(INTERRUPTED_MESSAGE, code=INTERRUPTED_EXIT_CODE)
     except _Terminated:
         fail(TERMINATED_MESSAGE, code=TERMINATED_EXIT_CODE)
+    except ExportStopped:
+        terminated = received and received[0] == signal.SIGTERM
+        fail(TERMINATED_MESSAGE if terminated else INTERRUPTED_MESSAGE, code=TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)
     except Exception as exc:  # noqa: BLE001 - a library failure still gets one line, no traceback
         fail(f"export failed: {type(exc).__name__}: {_first_line(exc)}")
     console.print(report_table(result.version))
@@ -129,7 +141,7 @@ def _run_defaults(settings: object) -> None:
     from appliance.export.defaults import ensure_default_models
 
     try:
-        with _sigterm_unwinds():
+        with _signals_unwind():
             versions = ensure_default_models(settings, console)  # type: ignore[arg-type]
     except ApplianceError as exc:
         fail(str(exc))

@@ -34,7 +34,12 @@ _HANDLER_NAME = "appliance"
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, object]:
-    return {key: value for key, value in record.__dict__.items() if key not in _STANDARD_RECORD_KEYS}
+    """The record's `extra=` fields. Underscored names are left out: libraries stamp their own
+    private attributes on every record (Ray's record factory adds `_ray_timestamp_ns` once it
+    is imported), and they are not ours to print."""
+    return {
+        key: value for key, value in record.__dict__.items() if key not in _STANDARD_RECORD_KEYS and not key.startswith("_")
+    }
 
 
 def _one_line(text: str) -> str:
