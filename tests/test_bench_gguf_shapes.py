@@ -4,8 +4,6 @@ a file only when the recorded parameters change. Tiny shape only: seconds."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +11,12 @@ import pytest
 from appliance.export.llm.gguf_header import read_gguf_header
 from appliance.export.llm.gguf_tokenizer import GGUF_TOKEN_TYPE_CONTROL, tokenizer_facts
 from appliance.export.sources.gguf import check_tensor_types, config_from_header
+from tests.helpers.bench_modules import load_bench_module
 
 gguf = pytest.importorskip("gguf")
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_shapes():  # noqa: ANN202 - the module
-    spec = importlib.util.spec_from_file_location("gguf_shapes", ROOT / "bench" / "gguf_shapes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gguf_shapes"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-shapes = _load_shapes()
+shapes = load_bench_module("gguf_shapes")
 
 
 def test_published_shapes_have_the_published_parameter_counts() -> None:

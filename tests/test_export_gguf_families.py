@@ -11,10 +11,8 @@ and each family's published tokenizer.json rules, independently of the export's 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +23,10 @@ from appliance.export.llm.gguf_header import read_gguf_header
 from appliance.export.llm.gguf_rope import default_inv_freq, llama3_factors, llama3_rope_scaling
 from appliance.export.llm.gguf_tokenizer import GgufReferenceTokenizer, tokenizer_facts
 from appliance.export.sources import resolve
+from tests.helpers.bench_modules import load_bench_module
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
-ROOT = Path(__file__).resolve().parents[1]
 
 #: Published pre-tokenizer regexes (Qwen/Qwen2.5-*/tokenizer.json, meta-llama/Llama-3.*/tokenizer.json).
 PUBLISHED_QWEN2_REGEX = (
@@ -42,18 +40,7 @@ PUBLISHED_LLAMA3_REGEX = (
 TRICKY = "In 2024 we sold 1234 apples...\n\n Why's THAT? It'S cafe\u0301 naïve 東京 12345678 don't\r\n\tX  y (ok)!!\n   "
 
 
-def _load_shapes():  # noqa: ANN202 - the module
-    if "gguf_shapes" in sys.modules:
-        return sys.modules["gguf_shapes"]
-    spec = importlib.util.spec_from_file_location("gguf_shapes", ROOT / "bench" / "gguf_shapes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gguf_shapes"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-shapes = _load_shapes()
+shapes = load_bench_module("gguf_shapes")
 
 
 @pytest.fixture(scope="module")
