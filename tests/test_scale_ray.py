@@ -372,7 +372,8 @@ def test_the_only_chat_replica_killed_mid_generation_gives_503s_and_readiness_fo
     assert failures, "no request was on the killed replica"
     assert all(status == 503 and retry_after is not None for status, retry_after, _ in failures), failures
     died = [text for *_, text in failures if f"pid {victim}" in text]
-    assert died, "no failure named the killed replica"
+    # Whether a non-streaming request was on the replica at the kill is a race (CI once had
+    # every failure refused while the replica was gone): each failure is one or the other.
     assert all("no running replica" in text for *_, text in failures if f"pid {victim}" not in text), failures
     cut = [text for text in streams if '"error"' in text]
     assert all(text.rstrip().endswith("data: [DONE]") and f"pid {victim}" in text for text in cut), cut
