@@ -30,11 +30,13 @@ MODEL_MAX_CHARS = 128
 
 @dataclass(frozen=True)
 class BatchLine:
-    """One request of a batch: its 1-based line number, custom id and JSON body."""
+    """One request of a batch: its 1-based line number, custom id, JSON body, and the
+    embedding inputs or rerank documents it carries (what such lines are priced per)."""
 
     number: int
     custom_id: str
     body: bytes
+    inputs: int = 0
 
 
 @dataclass
@@ -150,11 +152,13 @@ def count_inputs(path: Path, endpoint: str, custom_ids: set[str]) -> int:
     return total
 
 
-def read_lines(path: Path, skip: set[str]) -> Iterator[BatchLine]:
-    """The checked lines of an input file, except the custom ids in `skip` (done already)."""
+def read_lines(path: Path, endpoint: str, skip: set[str]) -> Iterator[BatchLine]:
+    """The checked lines of an input file for `endpoint`, except the custom ids in `skip`
+    (done already); each parsed once, here."""
     for number, raw in _json_lines(path):
         value = json.loads(raw)
         custom_id = value["custom_id"]
         if custom_id in skip:
             continue
-        yield BatchLine(number, custom_id, json.dumps(value["body"], separators=(",", ":")).encode("utf-8"))
+        body = value["body"]
+        yield BatchLine(number, custom_id, json.dumps(body, separators=(",", ":")).encode("utf-8"), inputs_of(endpoint, body))

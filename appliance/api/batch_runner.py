@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import shutil
@@ -32,7 +31,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp
 
-from appliance.api.batch_input import BatchLine, count_inputs, inputs_of, read_lines
+from appliance.api.batch_input import BatchLine, count_inputs, read_lines
 from appliance.api.local_call import LocalResponse, call_local
 from appliance.config import BatchApiSettings
 from appliance.errors import NotFound
@@ -153,7 +152,7 @@ class _Run:
         delta = Progress(
             completed=0 if error else 1, failed=1 if error else 0,
             prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0),
-            inputs=0 if error else inputs_of(self.batch.endpoint, json.loads(line.body)),
+            inputs=0 if error else line.inputs,
         )
         await anyio.to_thread.run_sync(runner.batches.add_progress, self.batch.id, runner.owner, delta)
 
@@ -180,7 +179,7 @@ class _Run:
 
         try:
             if self.batch.status != "finalizing":
-                lines = read_lines(source, recovered.done)
+                lines = read_lines(source, self.batch.endpoint, recovered.done)
                 while not self.should_stop_sending() and failure is None:
                     chunk = await anyio.to_thread.run_sync(_chunks, lines)
                     if not chunk:
@@ -227,7 +226,7 @@ class _Run:
 
     def write_expired_lines(self) -> None:
         recovered = self.progress.recover()
-        for line in read_lines(self.runner.files.path(self.batch.input_file_id), recovered.done):
+        for line in read_lines(self.runner.files.path(self.batch.input_file_id), self.batch.endpoint, recovered.done):
             self.progress.append(
                 {
                     "id": REQUEST_ID_PREFIX + secrets.token_hex(12),
