@@ -44,6 +44,8 @@ from appliance.repository.manifest import check_model_name
 
 #: Present when an NVIDIA kernel driver is loaded (the setup script reads the same file).
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
+#: `--kv-cache` values: int8 where its perplexity budget allows (auto), never, always.
+KV_CACHE_CHOICES: tuple[str, ...] = ("auto", "fp32", "int8")
 STAGES: tuple[str, ...] = ("resolve", "export", "optimise", "quantise", "evaluate", "measure", "publish")
 
 
@@ -61,6 +63,8 @@ class ExportRequest:
     calibration: Path | None = None
     #: Target execution provider for `auto` ("cpu", "cuda", "tensorrt"); None: this box's.
     provider: str | None = None
+    #: KV cache of a decoder's weight-quantised variant: one of KV_CACHE_CHOICES.
+    kv_cache: str = "auto"
 
     def validate(self) -> None:
         try:
@@ -69,6 +73,8 @@ class ExportRequest:
             raise ExportError(f"name: {exc}", field="name") from None
         if self.quant not in QUANT_CHOICES:
             raise ExportError(f"quant: {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}", field="quant")
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise ExportError(f"kv-cache: {self.kv_cache!r} is not one of {', '.join(KV_CACHE_CHOICES)}", field="kv_cache")
         if self.max_quality_loss is not None and not 0 <= self.max_quality_loss <= 1:
             raise ExportError(
                 f"max-quality-loss: {self.max_quality_loss} is outside 0..1", field="max_quality_loss"
@@ -204,6 +210,7 @@ def run_export(
             threads=settings.cpu_threads,
             calibration=request.calibration,
             progress=stages,
+            kv_cache=request.kv_cache,
         )
         steps = _Stoppable(stages, stop_requested or _never)
         with _stage(steps, timings, "resolve", f"resolving {request.source}"):

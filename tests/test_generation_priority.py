@@ -1,14 +1,17 @@
 """Priorities in the generation engine: interactive work is admitted before batch work that
 waits, a full queue displaces batch work for interactive work (429 for the batch sequence),
-aging admits a batch sequence that has waited long enough in arrival order, and an interactive
-prompt is prefilled first and without the batch decode rows (never two steps in a row)."""
+aging admits a batch sequence that has waited long enough in arrival order, an interactive
+prompt is prefilled first and without the batch decode rows (never two steps in a row), and
+its arrival stops a decode run of batch rows only."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from appliance.errors import CapacityExceeded
@@ -17,7 +20,7 @@ from appliance.generation.engine import GenerationEngine
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.model_runner import KvGeometry, KvStore
 from appliance.generation.params import PRIORITY_BY_NAME, GenerationRequest, SamplingParams
-from tests.helpers.generation import PROMPTS, make_engine, tiny_decoders  # noqa: F401 - fixture
+from tests.helpers.generation import PROMPTS, make_engine, reference_greedy, tiny_decoders  # noqa: F401 - fixture
 
 BATCH = PRIORITY_BY_NAME["batch"]
 INTERACTIVE = PRIORITY_BY_NAME["interactive"]
@@ -160,3 +163,50 @@ def test_an_interactive_prompt_is_prefilled_first_and_alone_but_batch_decode_nev
     second = plan_of.schedule()
     assert second.prefill is not None and second.prefill.seq.seq_id == "interactive"
     assert {seq.seq_id for seq in second.decode} == {"batch-0", "batch-1"}, "never two steps in a row"
+
+
+def test_an_interactive_arrival_stops_a_batch_only_decode_run_and_no_batch_token_is_lost(tiny_decoders) -> None:  # noqa: ANN001, F811
+    """Two batch sequences decode; an interactive request arrives while their decode run is in
+    ONNX Runtime. The run is stopped through its terminate flag (the real ORT run, held at its
+    start by the test so the arrival lands inside it), the interactive prompt goes first, and
+    every sequence's tokens still equal the plain reference loop's: none lost, none repeated."""
+    engine = make_engine(tiny_decoders.llama_int4, max_running_sequences=4)
+    real = engine._steps._runner  # noqa: SLF001 - the test holds the engine thread's runner
+    arrived = threading.Event()
+
+    class HeldRunner:
+        """The engine's own runner; the first preemptible run waits until the arrival."""
+
+        kv = real.kv
+        vocab_size = real.vocab_size
+
+        def forward(self, *args: object, run_options: ort.RunOptions | None = None, **kwargs: object) -> np.ndarray:
+            if run_options is not None and not arrived.is_set():
+                assert arrived.wait(10), "the interactive request never arrived"
+            return real.forward(*args, run_options=run_options, **kwargs)
+
+    engine._steps._runner = HeldRunner()  # noqa: SLF001
+    try:
+        async def main() -> dict[str, list[int]]:
+            batch = [engine.generate(PROMPTS[n], _request(BATCH, 12)) for n in range(2)]
+            tokens: dict[str, list[int]] = {}
+
+            async def consume(name: str, stream) -> None:  # noqa: ANN001 - a SequenceStream
+                tokens[name] = [token async for event in stream for token in event.token_ids]
+
+            tasks = [asyncio.ensure_future(consume(f"batch-{n}", stream)) for n, stream in enumerate(batch)]
+            while engine._steps._preemptible is None:  # noqa: SLF001 - wait for the held batch-only run
+                await asyncio.sleep(0.001)
+            interactive = engine.generate(PROMPTS[2], _request(INTERACTIVE, 6))
+            arrived.set()
+            tasks.append(asyncio.ensure_future(consume("interactive", interactive)))
+            await asyncio.gather(*tasks)
+            return tokens
+
+        tokens = asyncio.run(main())
+        assert engine.counters["preempted_steps"] >= 1
+        assert tokens["batch-0"] == reference_greedy(tiny_decoders.llama_int4, PROMPTS[0], 12)
+        assert tokens["batch-1"] == reference_greedy(tiny_decoders.llama_int4, PROMPTS[1], 12)
+        assert tokens["interactive"] == reference_greedy(tiny_decoders.llama_int4, PROMPTS[2], 6)
+    finally:
+        engine.stop()

@@ -84,6 +84,13 @@ def export_command(
     calibration: Annotated[
         Path | None, typer.Option("--calibration", help="Calibration inputs (.npz) for tensor models.")
     ] = None,
+    kv_cache: Annotated[
+        str,
+        typer.Option(
+            "--kv-cache",
+            help="Decoders: auto (int8 KV cache where it costs <= 1% perplexity), fp32 or int8.",
+        ),
+    ] = "auto",
     defaults: Annotated[bool, typer.Option("--defaults", help="Export the embedded default models.")] = False,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
@@ -112,6 +119,7 @@ def export_command(
         force=force,
         trust_pickle=trust_pickle,
         calibration=calibration,
+        kv_cache=kv_cache,
     )
     received: list[int] = []
     try:

@@ -156,7 +156,7 @@ class GenerationEngine:
         )
         self._ids = itertools.count()
         self._m = LabelledMetrics(self.metrics, name)
-        self.counters = {"prefix_queries": 0, "prefix_hits": 0, "draft_tokens": 0, "accepted_tokens": 0, "forced_tokens": 0, "steps": 0}
+        self.counters = {"prefix_queries": 0, "prefix_hits": 0, "draft_tokens": 0, "accepted_tokens": 0, "forced_tokens": 0, "steps": 0, "preempted_steps": 0}
         self.prompt_lookup = PromptLookupDrafter()
         emitter = Emitter(
             name=name, eos_ids=self.eos_ids, context_length=self.context_length, scheduler=self.scheduler, metrics=self._m
@@ -301,6 +301,7 @@ class GenerationEngine:
             "spec_acceptance_rate": self.counters["accepted_tokens"] / drafted if drafted else 0.0,
             "forced_tokens": float(self.counters["forced_tokens"]),
             "steps": float(self.counters["steps"]),
+            "preempted_steps": float(self.counters["preempted_steps"]),
         }
 
     def _count_prefix_lookup(self, queried: int, hit: int) -> None:

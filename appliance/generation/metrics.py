@@ -50,6 +50,10 @@ class GenerationMetrics:
             "appliance_grammar_forced_tokens", "Tokens a grammar forced, verified in one run instead of one step each.", ["model"],
             registry=r,
         )
+        self.preempted_steps = Counter(
+            "appliance_preempted_steps", "Decode runs of batch-priority rows stopped for an interactive prompt (and repeated).",
+            ["model"], registry=r,
+        )
         self.request_queue_time = Histogram(
             "appliance_request_queue_time_seconds", "Time a sequence waited for a slot (admitted or refused).", ["model"],
             buckets=_LATENCY_BUCKETS_S, registry=r,
@@ -81,6 +85,7 @@ class LabelledMetrics:
         self.spec_accepted_tokens = metrics.spec_accepted_tokens.labels(model=model)
         self.spec_emitted_tokens = metrics.spec_emitted_tokens.labels(model=model)
         self.forced_tokens = metrics.forced_tokens.labels(model=model)
+        self.preempted_steps = metrics.preempted_steps.labels(model=model)
 
     def count_finished(self, reason: str) -> None:
         """One sequence ended with `reason` (a second label, so not looked up in advance)."""

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -34,7 +35,8 @@ import onnxruntime as ort
 from appliance.errors import ModelRejected
 from appliance.repository.manifest import GenerationSpec
 
-_NUMPY_KV_DTYPES: dict[str, type[np.floating]] = {"FP32": np.float32, "FP16": np.float16}
+#: The cache buffers' numpy type per manifest datatype (an int8 cache's scales live in the graph).
+_NUMPY_KV_DTYPES: dict[str, type[np.generic]] = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8}
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,14 @@ class KvStore:
             buffer[slot, :, :length] = part[:, :length]
 
 
+class StepPreempted(Exception):
+    """The run was stopped through its RunOptions' terminate flag before it finished.
+
+    Nothing of it may be used; running the same inputs again is safe: a decode run writes each
+    row's new key and value at the same cache position whether or not it ran to the end, and
+    no sequence advanced."""
+
+
 class DecoderRunner(Protocol):
     """One forward pass over a contiguous range of KV slots."""
 
@@ -217,16 +227,34 @@ class DecoderRunner(Protocol):
     vocab_size: int
 
     def forward(
-        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+        self,
+        first_slot: int,
+        input_ids: np.ndarray,
+        past_lens: np.ndarray,
+        new_lens: np.ndarray,
+        *,
+        all_logits: bool,
+        run_options: ort.RunOptions | None = None,
     ) -> np.ndarray:
         """Run `input_ids` [rows, width] for slots [first_slot, first_slot + rows).
 
         `past_lens[i]` tokens of row i are already in the cache; `new_lens[i]` <= width of its
         input tokens are real (the rest is right padding). Returns logits [rows, width, vocab]
         when `all_logits`, else the logits of each row's last real token [rows, vocab]. The
-        returned array is a view of a reused buffer: valid until the next call.
+        returned array is a view of a reused buffer: valid until the next call. StepPreempted
+        when another thread set `run_options.terminate` while it ran.
         """
         ...
+
+
+def _run_preemptible(run: Callable[[], Any], run_options: ort.RunOptions | None) -> Any:  # noqa: ANN401 - ORT's own result
+    """`run()`, with a run stopped by its terminate flag reported as StepPreempted."""
+    try:
+        return run()
+    except Exception:
+        if run_options is not None and run_options.terminate:
+            raise StepPreempted from None
+        raise
 
 
 def _check_inputs(session: ort.InferenceSession, names: list[str]) -> None:
@@ -269,7 +297,14 @@ class SharedBufferRunner:
         return binding
 
     def forward(
-        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+        self,
+        first_slot: int,
+        input_ids: np.ndarray,
+        past_lens: np.ndarray,
+        new_lens: np.ndarray,
+        *,
+        all_logits: bool,
+        run_options: ort.RunOptions | None = None,
     ) -> np.ndarray:
         rows, width = input_ids.shape
         totals = past_lens + new_lens
@@ -291,7 +326,7 @@ class SharedBufferRunner:
         positions = width - start
         logits = self._logits[: rows * positions * self.vocab_size].reshape(rows, positions, self.vocab_size)
         binding.bind_output("logits", "cpu", 0, self._logits_dtype, logits.shape, logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        _run_preemptible(lambda: self.session.run_with_iobinding(binding, run_options), run_options)
         if all_logits:
             chosen = logits
         elif start:
@@ -319,7 +354,14 @@ class ConcatRunner:
         self._input_names = {node.name for node in session.get_inputs()}
 
     def forward(
-        self, first_slot: int, input_ids: np.ndarray, past_lens: np.ndarray, new_lens: np.ndarray, *, all_logits: bool
+        self,
+        first_slot: int,
+        input_ids: np.ndarray,
+        past_lens: np.ndarray,
+        new_lens: np.ndarray,
+        *,
+        all_logits: bool,
+        run_options: ort.RunOptions | None = None,
     ) -> np.ndarray:
         rows, width = input_ids.shape
         buffers = (*self.kv.keys, *self.kv.values)
@@ -337,7 +379,7 @@ class ConcatRunner:
             feeds["position_ids"] = positions
         for name, buffer in zip(self._past_names, buffers, strict=True):
             feeds[name] = buffer[first_slot : first_slot + rows, :, :past_width]
-        outputs = self.session.run(["logits", *self._present_names], feeds)
+        outputs = _run_preemptible(lambda: self.session.run(["logits", *self._present_names], feeds, run_options), run_options)
         logits = outputs[0]
         for buffer, present in zip(buffers, outputs[1:], strict=True):
             for row in range(rows):

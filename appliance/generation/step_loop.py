@@ -19,6 +19,7 @@ import threading
 import time
 
 import numpy as np
+import onnxruntime as ort
 
 from appliance.errors import ApplianceError, CapacityExceeded
 from appliance.generation.emission import Emitter
@@ -26,7 +27,7 @@ from appliance.generation.events import TokenLogprob
 from appliance.generation.grammar import constrain_rows
 from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.metrics import LabelledMetrics
-from appliance.generation.model_runner import DecoderRunner
+from appliance.generation.model_runner import DecoderRunner, StepPreempted
 from appliance.generation.params import TOP_LOGPROBS_MAX
 from appliance.generation.sampling import sampling_arrays
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
@@ -73,6 +74,9 @@ class StepLoop:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: The RunOptions of a decode run that has only batch-priority rows, while it runs
+        #: (guarded by _cv): an interactive arrival stops it (put).
+        self._preemptible: ort.RunOptions | None = None
 
     # -- any thread ----------------------------------------------------------------------
     @property
@@ -103,6 +107,10 @@ class StepLoop:
             if full and not (seq.params.priority == 0 and lower > 0):
                 raise CapacityExceeded("the generation queue is full", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
             self._inbox.append(seq)
+            if seq.params.priority == 0 and self._preemptible is not None:
+                # The run in progress only advances batch work: stop it, so this prompt's
+                # prefill starts now instead of after it (the run is repeated next step).
+                self._preemptible.terminate = True
             self._cv.notify()
 
     def abort(self, seq_id: str) -> None:
@@ -178,13 +186,41 @@ class StepLoop:
         seqs.sort(key=lambda seq: seq.slot)
         ids = np.asarray([[seq.output[-1]] for seq in seqs], np.int64)
         past = np.asarray([seq.num_cached for seq in seqs], np.int64)
+        options = self._preemptible_options(seqs)
+        if options is not None and options.terminate:
+            return  # an interactive prompt is already in the inbox: it goes first
         started = time.perf_counter()
-        logits = self._runner.forward(0, ids, past, np.ones(len(seqs), np.int64), all_logits=False)
+        try:
+            logits = self._runner.forward(0, ids, past, np.ones(len(seqs), np.int64), all_logits=False, run_options=options)
+        except StepPreempted:
+            self._counters["preempted_steps"] += 1
+            self._m.preempted_steps.inc()
+            return
+        finally:
+            if options is not None:
+                with self._cv:
+                    self._preemptible = None
         if len(seqs) == 1:
             self._speculator.observe_plain_step(time.perf_counter() - started)
         for seq in seqs:
             seq.num_cached += 1
         self._sample_and_emit(seqs, logits)
+
+    def _preemptible_options(self, seqs: list[Sequence]) -> ort.RunOptions | None:
+        """RunOptions that an interactive arrival may stop, for a run of batch-priority rows
+        only (terminate already set when one is waiting in the inbox); None otherwise.
+
+        Why stop a run rather than let it finish: a decode step of 16 batch rows takes as long
+        as a short interactive prefill, so waiting for it doubled interactive time to first
+        token (docs/BENCHMARKS.md). Stopping wastes at most the stopped run, once per
+        interactive arrival, and batch rows lose no token."""
+        if any(seq.params.priority == 0 for seq in seqs):
+            return None
+        options = ort.RunOptions()
+        with self._cv:
+            options.terminate = any(seq.params.priority == 0 for seq in self._inbox)
+            self._preemptible = options
+        return options
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         constrain_rows(logits, [(row, seq.grammar) for row, seq in enumerate(seqs) if seq.grammar is not None])

@@ -143,6 +143,11 @@ class DecoderEvaluator:
             self._perplexity_cache[model_path] = OnnxDecoder(model_path, spec, self.threads).perplexity(self.prose_ids)
         return self._perplexity_cache[model_path]
 
+    def record_perplexity(self, model_path: Path, perplexity: float) -> None:
+        """A perplexity computed elsewhere on the same windows (the KV cache comparison), so
+        the evaluation does not score the same graph twice."""
+        self._perplexity_cache[model_path] = perplexity
+
     def evaluate(
         self, candidate: Path, reference: Path, spec: GenerationSpec, reference_spec: GenerationSpec
     ) -> tuple[dict[str, Any], float, str | None]:

@@ -23,6 +23,8 @@ from appliance.repository import GenerationSpec
 
 #: Perplexity is computed over independent windows of this many tokens.
 PERPLEXITY_WINDOW_TOKENS = 512
+#: The cache's numpy type per manifest datatype (an int8 cache carries its scales in the graph).
+_KV_DTYPES: dict[str, type[np.generic]] = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8}
 
 
 @dataclass
@@ -41,8 +43,7 @@ class OnnxDecoder:
         self.session = open_session(model_path, threads=threads)
         self.input_names = {value.name for value in self.session.get_inputs()}
         self.output_names = [value.name for value in self.session.get_outputs()]
-        dtype = np.float16 if spec.kv_datatype == "FP16" else np.float32
-        self._kv_dtype = dtype
+        self._kv_dtype = _KV_DTYPES.get(spec.kv_datatype, np.float32)
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         shape = (1, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -67,6 +68,11 @@ class OnnxDecoder:
             present[self.spec.past_key_name.format(layer=layer)] = outputs[self.spec.present_key_name.format(layer=layer)]
             present[self.spec.past_value_name.format(layer=layer)] = outputs[self.spec.present_value_name.format(layer=layer)]
         return outputs["logits"][0].astype(np.float32), present
+
+    def cache_after(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """The KV cache the graph writes for one prefill of `ids`, keyed by the past names."""
+        _, present = self._run(ids, self._empty_past(), 0)
+        return present
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits for every position of `ids` in one prefill, shape (len(ids), vocab)."""

@@ -103,6 +103,8 @@ class ExportContext:
     progress: ProgressReporter = field(default_factory=ProgressReporter)
     #: Weight-only quantisation block size (MatMulNBits); None: the task's default.
     block_size: int | None = None
+    #: KV cache of decoder variants: "auto" (int8 within its perplexity budget), "fp32", "int8".
+    kv_cache: str = "auto"
 
     def subdir(self, name: str) -> Path:
         path = self.work_dir / name
@@ -210,6 +212,9 @@ class TaskExporter(ABC):
         """The variant `--quant auto` means for this task on `provider`."""
         return "fp16" if provider in ("cuda", "tensorrt") and "fp16" in self.variants else "fp32"
 
+    #: Variants that can carry an int8 KV cache (`--kv-cache int8`); none for most tasks.
+    int8_kv_variants: ClassVar[tuple[str, ...]] = ()
+
     def resolve_variant(self, requested: str) -> str:
         """Map a --quant value to a concrete variant name this task supports."""
         name = self.auto_variant(self.ctx.provider) if requested == "auto" else requested
@@ -218,6 +223,12 @@ class TaskExporter(ABC):
                 f"quant: {requested!r} does not fit task {self.task}; choose one of "
                 f"{', '.join((*self.variants, 'auto'))}",
                 field="quant",
+            )
+        if self.ctx.kv_cache == "int8" and name not in self.int8_kv_variants:
+            raise ExportError(
+                f"kv-cache: int8 applies to a decoder's {' / '.join(self.int8_kv_variants) or 'weight-quantised'} "
+                f"variants, not to {self.task} {name}",
+                field="kv_cache",
             )
         return name
 

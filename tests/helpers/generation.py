@@ -26,7 +26,7 @@ from appliance.generation.placement import Placement
 from appliance.repository.store import ModelRepository, ModelVersion
 
 
-KV_DTYPES = {"FP32": np.float32, "FP16": np.float16}
+KV_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8}
 #: Token-id prompts of different lengths for the tiny decoders (vocabulary ~300).
 PROMPTS = [
     [5, 17, 42, 99, 150, 7],
