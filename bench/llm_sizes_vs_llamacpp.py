@@ -480,6 +480,10 @@ def resolve_pairs(args: argparse.Namespace) -> list[Pair]:
     return pairs
 
 
+#: `--kv-cache` -> the manifest's KV datatype an existing version must have (auto: any).
+KV_DATATYPES = {"fp32": "FP32", "int8": "INT8"}
+
+
 def ensure_export(pair: Pair, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:  # -> (ModelVersion, facts)
     """The appliance version of `pair`, exported unless the same file's variant is there."""
     from appliance.errors import ModelNotFound
@@ -495,7 +499,12 @@ def ensure_export(pair: Pair, args: argparse.Namespace) -> tuple[Any, dict[str, 
             versions = repository.versions(pair.model_name)
         except ModelNotFound:
             return None
-        same = [v for v in versions if v.variant == pair.quant and v.manifest.source.sha256 == digest]
+        kv = KV_DATATYPES.get(args.kv_cache)
+        same = [
+            v for v in versions
+            if v.variant == pair.quant and v.manifest.source.sha256 == digest
+            and (kv is None or (v.manifest.generation is not None and v.manifest.generation.kv_datatype == kv))
+        ]
         return same[-1] if same else None
 
     version = existing()
@@ -505,7 +514,7 @@ def ensure_export(pair: Pair, args: argparse.Namespace) -> tuple[Any, dict[str, 
         log_path = args.work / "logs" / f"export-{pair.model_name}-{pair.quant}.log"
         command = [
             sys.executable, "-m", "appliance", "export", str(pair.gguf_file), "--name", pair.model_name,
-            "--quant", pair.quant, "--force", "--state-dir", str(state),
+            "--quant", pair.quant, "--force", "--state-dir", str(state), "--kv-cache", args.kv_cache,
         ]
         env = {**os.environ, "APPLIANCE_CPU_THREADS": str(args.threads)}
         print(f"exporting {pair.gguf_file.name} -> {pair.model_name} {pair.quant} (log: {log_path}) ...", flush=True)
@@ -579,7 +588,7 @@ def kv_facts(bytes_per_token: int) -> dict[str, Any]:
 
 def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: Workload, gate: Gate, bandwidth_gbps: float) -> dict[str, Any]:  # noqa: ANN401
     spec = version.manifest.generation
-    dtype_bytes = {"FP32": 4, "FP16": 2}.get(spec.kv_datatype, 4)
+    dtype_bytes = {"FP32": 4, "FP16": 2, "INT8": 1}.get(spec.kv_datatype, 4)
     ours_kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
     llama_kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * LLAMA_KV_BYTES
     weights = {"appliance": appliance_weight_bytes(version), "llama.cpp": llama_weight_bytes(pair.gguf_file)}
@@ -773,6 +782,7 @@ def main() -> None:
     parser.add_argument("--llama-n-batch", type=int, default=2048)
     parser.add_argument("--llama-n-ubatch", type=int, default=512)
     parser.add_argument("--llama-kv-unified", action="store_true", help="one KV buffer for all sequences (default: one per sequence)")
+    parser.add_argument("--kv-cache", choices=("auto", "fp32", "int8"), default="auto", help="the export's --kv-cache (an existing version is reused only with that KV type)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure the appliance only (no bench/.venv-llamacpp needed)")
     parser.add_argument("--export-only", action="store_true", help="write the files and export the variants, then stop")
     parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")

@@ -57,3 +57,18 @@ def test_generation_placement_names_models_that_stay_on_the_cpu_of_a_gpu_box(tin
     assert check is not None and check.verdict == "WARN" and "tiny-llama" in check.detail and "--quant fp16" in check.detail
     check = generation_placement_check(cuda_layout, cuda_usable=True)
     assert check is not None and check.verdict == "OK" and check.detail == "decode on CUDA: tiny-llama"
+
+
+def test_fast_paths_name_what_this_cpu_runs_fast() -> None:
+    """The same variants run different kernels on AVX2-only and VNNI CPUs; doctor says which."""
+    from appliance.cli.doctor_cmd import fast_paths
+
+    verdict, vnni = fast_paths({"avx2", "fma", "avx512f", "avx512_vnni"})
+    assert verdict in ("OK", "WARN") and any("through VNNI" in path for path in vnni)
+    assert any("AVX-512" in path for path in vnni)
+    _, avx2 = fast_paths({"avx2", "fma"})
+    assert any("no VNNI" in path for path in avx2) and not any("through VNNI" in path for path in avx2)
+    assert any("AVX2/FMA" in path for path in avx2)
+    _, amx = fast_paths({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"})
+    assert any("AMX" in path for path in amx)
+    assert all("int8 KV cache" in paths[-1] for paths in (vnni, avx2, amx))

@@ -56,7 +56,7 @@ def packages_check() -> list[Check]:
     return checks
 
 
-def cpu_check() -> Check:
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
     flags: set[str] = set()
     model = platform.processor() or "unknown CPU"
     try:
@@ -68,6 +68,40 @@ def cpu_check() -> Check:
                 break
     except OSError:
         pass
+    return model, flags
+
+
+def fast_paths(flags: set[str]) -> tuple[str, list[str]]:
+    """(verdict, what runs fast on this CPU) for the kernels the appliance's variants use.
+
+    Why it matters: the int4 and int8 decoder variants run MatMulNBits with int8 activations
+    (accuracy_level 4), whose dot products take one instruction per four int8 products with
+    VNNI and three without it (AVX2's maddubs + madd + add); speed figures measured on one
+    kind of CPU do not carry over to the other (docs/BENCHMARKS.md names the flags of each)."""
+    paths: list[str] = []
+    if "amx_int8" in flags:
+        paths.append("int8 matrix tiles (AMX) for int8 GEMMs")
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        paths.append("int4/int8 weights with int8 activations through VNNI dot products")
+    elif "avx2" in flags:
+        paths.append("int4/int8 weights with int8 activations through AVX2 (no VNNI: three instructions where VNNI needs one)")
+    if "avx512f" in flags:
+        paths.append("fp32 GEMMs and attention in AVX-512")
+    elif "avx2" in flags and "fma" in flags:
+        paths.append("fp32 GEMMs and attention in AVX2/FMA")
+    paths.append("int8 KV cache (GroupQueryAttention, any x86-64 or Arm CPU)")
+    machine = platform.machine()
+    verdict = "OK" if machine not in ("x86_64", "AMD64") or "avx2" in flags else "WARN"
+    return verdict, paths
+
+
+def fast_paths_check() -> Check:
+    verdict, paths = fast_paths(_cpu_model_and_flags()[1])
+    return Check("cpu fast paths", verdict, "; ".join(paths))
+
+
+def cpu_check() -> Check:
+    model, flags = _cpu_model_and_flags()
     present = [flag for flag in INTERESTING_CPU_FLAGS if flag in flags]
     cores = psutil.cpu_count(logical=True) or 1
     verdict = "OK" if "avx2" in flags or platform.machine() not in ("x86_64", "AMD64") else "WARN"
@@ -275,7 +309,7 @@ def run_checks(settings: Settings) -> list[Check]:
     from appliance.runtime.probe import probe_providers
 
     probes = probe_providers()
-    checks = [python_check(), *packages_check(), cpu_check(), memory_check(), gpu_check(), *provider_checks(settings, probes)]
+    checks = [python_check(), *packages_check(), cpu_check(), fast_paths_check(), memory_check(), gpu_check(), *provider_checks(settings, probes)]
     checks += service_checks(settings.state_dir, settings.tls_cert, settings.tls_key)
     tls_fingerprint = tls_fingerprint_check(settings)
     if tls_fingerprint is not None:
