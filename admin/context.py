@@ -5,7 +5,7 @@ passes the shared pieces (settings, database, key store, the ModelService, priva
 request log, usage recorder, the folder `appliance bench` writes its figures to, the Batch
 API's file and batch stores and a way to stop a batch the server runs) in this one object,
 kept on `app.state.admin`. The admin's own services (users,
-sessions, audit, deployments, export jobs) are built here from the database. Holds no logic.
+sessions, audit, deployments, export jobs, key groups) are built here from the database. Holds no logic.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from appliance.store.batch_store import BatchStore
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
 from appliance.store.export_jobs import ExportJobStore
+from appliance.store.key_groups import GroupStore
 from appliance.store.keys import KeyStore
 from appliance.store.privacy import PrivacyPolicy
 from appliance.store.request_log import RequestLog
@@ -66,6 +67,7 @@ class AdminContext:
         self.audit = AuditLog(self.database)
         self.deployments = DeploymentStore(self.database)
         self.export_jobs = ExportJobStore(self.database)
+        self.groups = GroupStore(self.database)
         # Built by install_admin (they need the modules that import this one).
         self.throttle: LoginThrottle
         self.denied_limiter: DeniedAuditLimiter

@@ -49,6 +49,7 @@ NOTICES = {
     "export-started": "Export started; its progress follows below.",
     "key-revoked": "Key revoked.",
     "key-limits-set": "Limits and priority saved: running servers apply them within seconds.",
+    "group-limits-set": "Group limits saved: running servers apply them within seconds.",
     "key-group-set": "Group saved: usage from now on counts toward the key's new group; earlier usage stays where it was.",
     "privacy-saved": "Privacy settings saved.",
     "networks-saved": "Client networks saved.",

@@ -1,6 +1,7 @@
 """The admin UI end to end in Debian's chromium, driven by Playwright (one browser, one page, in
 order): first-admin setup with the token from the log, sign out and in, failed-login lockout,
-create a key and use it (API and Playground), set, change and clear a key's group, undeploy
+create a key and use it (API and Playground), set, change and clear a key's group, set and
+change a group's limits, undeploy
 and deploy a model, pin it and set its
 keep-alive, delete a whole model (refused while it serves), switch the privacy
 mode and find it in the audit log, and a dashboard screenshot in test-artifacts/. Throughout,
@@ -17,6 +18,8 @@ import httpx
 import pytest
 
 from appliance.repository.store import ModelRepository
+from appliance.store.key_groups import GroupStore
+from appliance.store.rate_limits import RateLimits
 from tests.helpers.admin import CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, setup_token_from
 from tests.helpers.server import RunningServer, running_server
 from tests.helpers.tiny_models import publish_adder, publish_embedder
@@ -166,6 +169,24 @@ def test_a_keys_group_is_set_at_creation_then_changed_and_cleared(ui: Session) -
     page.select_option("select[name=action]", "key.update")
     page.click("#audit-filter button[type=submit]:not([formaction])")
     assert "group team-b -> (none)" in page.inner_text("#audit tbody tr")
+
+
+def test_a_groups_limits_are_set_before_it_has_keys_then_edited_in_its_row(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/keys")
+    page.click("#groups > details > summary")
+    page.fill("#group-name", "team-c")
+    page.fill("#new-group-limits-form input[name=rpm]", "50")
+    page.click("#new-group-limits-form [data-action=set-group-limits]")
+    page.wait_for_selector("text=Group limits saved")
+    row = "tr[data-group='team-c']"
+    assert page.inner_text(f"{row} [data-role=limits-text]").strip() == "50 req/min"
+    page.click(f"{row} summary")
+    page.fill(f"{row} input[name=rpm]", "")
+    page.fill(f"{row} input[name=tpm]", "2000")
+    page.click(f"{row} [data-action=set-group-limits]")
+    page.wait_for_selector(f"{row} [data-role=limits-text]:has-text('2000 tok/min')")
+    assert GroupStore(ui.server.ctx.database).get("team-c").limits == RateLimits(tpm=2000)
 
 
 def test_undeploy_and_deploy_a_model(ui: Session) -> None:

@@ -31,6 +31,7 @@ STATE_CHANGING_ROUTES = [
     "/admin/keys/test/group",
     "/admin/keys/test/limits",
     "/admin/keys/test/revoke",
+    "/admin/key-groups",
     "/admin/privacy/logging",
     "/admin/privacy/networks",
     "/admin/privacy/purge",
@@ -249,6 +250,38 @@ def test_key_created_in_the_ui_with_rate_limits_is_limited(admin_server) -> None
         assert bad.status_code == 400 and "rpm:" in bad.text
         unknown = client.post(admin_server.url("/admin/keys"), data={**form, "name": "other", "priority": "urgent"})
         assert unknown.status_code == 400 and "priority:" in unknown.text
+
+
+def _group_row(client: httpx.Client, server, group: str) -> str:
+    return client.get(server.url("/admin/keys")).text.split(f'data-group="{group}"')[1].split("</tr>")[0]
+
+
+def test_group_limits_set_in_the_ui_are_shared_by_the_groups_keys_and_audited(admin_server) -> None:
+    with httpx.Client() as client:
+        csrf = sign_in(client, admin_server.base_url)
+        keys = []
+        for name in ("team-1", "team-2"):
+            made = client.post(admin_server.url("/admin/keys"), data={"csrf_token": csrf, "name": name, "scope_infer": "on", "group": "ui-team"})
+            keys.append(made.text.split('id="new-key">')[1].split("<")[0])
+        assert "2 (2 active)" in _group_row(client, admin_server, "ui-team")
+        form = {"csrf_token": csrf, "group": "ui-team", "rpm": "3", "tpm": "", "tokens_per_day": "", "tokens_per_month": "5000"}
+        saved = client.post(admin_server.url("/admin/key-groups"), data=form)
+        assert saved.status_code == 303 and saved.headers["location"].startswith("/admin/keys?done=group-limits-set")
+        row = _group_row(client, admin_server, "ui-team")
+        assert "3 req/min" in row and "5000 tok/month" in row and 'name="rpm" value="3"' in row
+        statuses = [client.get(admin_server.url("/v1/models"), headers={"Authorization": f"Bearer {keys[i % 2]}"}) for i in range(4)]
+        assert [a.status_code for a in statuses] == [200, 200, 200, 429]
+        assert "group 'ui-team'" in statuses[3].json()["error"]["message"]
+        for bad, field in (({"rpm": "lots"}, "rpm:"), ({"tpm": "10000000000000"}, "tpm:"), ({"group": "no good"}, "group:")):
+            refused = client.post(admin_server.url("/admin/key-groups"), data={**form, **bad})
+            assert refused.status_code == 400 and field in refused.text
+        later = client.post(admin_server.url("/admin/key-groups"), data={"csrf_token": csrf, "group": "next-team", "tpm": "900"})
+        assert later.status_code == 303 and "900 tok/min" in _group_row(client, admin_server, "next-team"), "a group before its keys"
+        cleared = client.post(admin_server.url("/admin/key-groups"), data={"csrf_token": csrf, "group": "ui-team"})
+        assert cleared.status_code == 303 and 'data-role="limits-text">—' in _group_row(client, admin_server, "ui-team")
+    events = _events(admin_server, "group.update")
+    assert [(e.actor, e.target) for e in events] == [(ADMIN_NAME, "ui-team"), (ADMIN_NAME, "next-team"), (ADMIN_NAME, "ui-team")]
+    assert "'rpm': 3" in events[2].detail and "'rpm': None" in events[0].detail
 
 
 def test_undeploy_unloads_the_model_and_keeps_it_unloaded_after_a_restart(state_dir: Path) -> None:

@@ -1,9 +1,9 @@
 """API keys page: create (the key is shown once, on the answer to the create form, never in a
 URL or the audit log) with an optional group (the team its usage counts toward), list with
 group and last use, move a key to another group or none, change its rate limits and priority,
-revoke. Group names are checked by
-the key store, as `appliance keys create|update --group` checks them. Never stores or logs a
-key: the key store keeps only its hash."""
+revoke; and the Groups section: each group's keys and its own limits, shared by all its keys,
+set there as `appliance keys group-limits` sets them. Group names are checked by the stores, as
+the CLI checks them. Never stores or logs a key: the key store keeps only its hash."""
 
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ def _page(
     request: Request, ctx: AdminContext, *, new_key: str | None = None, new_name: str | None = None,
     error: str | None = None, status_code: int = 200,
 ) -> Response:
-    values = {"keys": ctx.keys.list(), "scopes": SCOPES, "priorities": PRIORITIES, "new_key": new_key, "new_name": new_name}
+    values = {
+        "keys": ctx.keys.list(), "groups": ctx.groups.list(), "scopes": SCOPES, "priorities": PRIORITIES,
+        "new_key": new_key, "new_name": new_name,
+    }
     return render(request, "keys.html", values, page="keys", error=error, status_code=status_code)
 
 
@@ -122,6 +125,23 @@ def set_key_limits(name: str, request: Request, ctx: AdminCtxDep, admin: AdminAc
         f"priority {before.priority} -> {info.priority}",
     )
     return RedirectResponse("/admin/keys?done=key-limits-set", status_code=303)
+
+
+@router.post("/admin/key-groups", include_in_schema=False)
+def set_group_limits(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Replace the form's group's limits (an empty field: no limit of that kind), audited in the
+    same transaction. Running servers apply them within their key cache's lifetime (2 s)."""
+    try:
+        rpm, tpm, per_day, per_month = (
+            _limit_or_clear(form, field) for field in ("rpm", "tpm", "tokens_per_day", "tokens_per_month")
+        )
+        ctx.groups.set_limits(
+            form.get("group", ""), rpm=rpm, tpm=tpm, tokens_per_day=per_day, tokens_per_month=per_month,
+            actor=admin.user_name, address=client_address(request),
+        )
+    except InvalidInput as exc:
+        return _page(request, ctx, error=exc.message, status_code=400)
+    return RedirectResponse("/admin/keys?done=group-limits-set#groups", status_code=303)
 
 
 @router.post("/admin/keys/{name}/revoke", include_in_schema=False)

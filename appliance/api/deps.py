@@ -6,7 +6,8 @@ Verified keys are cached for KEY_CACHE_TTL_S so a busy client does not cost a da
 request; a revocation therefore takes effect within that time. The verified key's public prefix
 is left in the request's ASGI state (`verified_key_id`), so the usage counting middleware
 charges only keys that were checked, never a prefix a client merely sent. A key with rate
-limits is counted against them here (store/rate_limits.py): 429 beyond them. Never logs a key.
+limits, or in a group with limits, is counted against both here (store/rate_limits.py): 429
+beyond either. Never logs a key.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from appliance.errors import CapacityExceeded, Forbidden, NotFound, Unauthorized
 from appliance.serving.protocols import PRIORITY_BY_NAME
 from appliance.serving.service import ModelService
 from appliance.store.keys import KeyInfo
-from appliance.store.rate_limits import RateLimiter
+from appliance.store.rate_limits import Quota, RateLimiter
 
 #: Seconds a verified key is trusted without asking the database again.
 KEY_CACHE_TTL_S = 2.0
@@ -39,8 +40,9 @@ BATCH_PRIORITY = "batch"
 VERIFIED_KEY_STATE = "verified_key_id"
 #: Where the rate-limit headers of a limited key's request wait for its response.
 RATE_HEADERS_STATE = "rate_limit_headers"
-#: The key a finished request's tokens are charged to (keys with token limits only).
-RATE_CHARGED_KEY_STATE = "rate_charged_key"
+#: The rate-limit subjects (a key, its group) a finished request's tokens are charged to: those
+#: with token limits only.
+RATE_CHARGED_STATE = "rate_charged_subjects"
 
 
 async def get_ctx(request: Request) -> ServerContext:
@@ -107,29 +109,39 @@ def require_scope(scope: str):  # noqa: ANN201 - returns a FastAPI dependency
         if scope not in info.scopes and "admin" not in info.scopes:
             raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
         setattr(request.state, VERIFIED_KEY_STATE, info.prefix)
-        if scope == "infer" and info.limits.any and ctx.rate_limiter is not None:
-            await _admit(request, ctx.rate_limiter, info)
+        quotas = info.quotas()
+        if scope == "infer" and quotas and ctx.rate_limiter is not None:
+            await _admit(request, ctx.rate_limiter, quotas)
         return info
 
     return check
 
 
-async def _admit(request: Request, limiter: RateLimiter, info: KeyInfo) -> None:
-    """Count the request against its key's limits; CapacityExceeded (429) beyond them. The
-    x-ratelimit-* headers go into the request's state, where RateLimitHeaders adds them to the
-    response (a refusal's too); a key with token limits is marked for charging at the end."""
-    decision = await anyio.to_thread.run_sync(limiter.admit, info.prefix, info.limits)
+async def _admit(request: Request, limiter: RateLimiter, quotas: tuple[Quota, ...]) -> None:
+    """Count the request against its key's and its group's limits; CapacityExceeded (429)
+    beyond either. The x-ratelimit-* headers go into the request's state, where
+    RateLimitHeaders adds them to the response (a refusal's too); quotas with token limits are
+    marked for charging at the end."""
+    decision = await anyio.to_thread.run_sync(limiter.admit, quotas)
     setattr(request.state, RATE_HEADERS_STATE, decision.headers)
-    if info.limits.counts_tokens:
-        setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
+    _mark_charged(request, quotas)
     if not decision.allowed:
         raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
+
+
+def _mark_charged(request: Request, quotas: tuple[Quota, ...]) -> bool:
+    """Mark the quotas with token limits for the request's charge; False when there are none."""
+    charged = tuple(quota.subject for quota in quotas if quota.limits.counts_tokens)
+    if charged:
+        setattr(request.state, RATE_CHARGED_STATE, charged)
+    return bool(charged)
 
 
 async def _batch_line_key(request: Request, ctx: ServerContext, key_id: str, scope: str) -> KeyInfo | None:
     """The key of an in-process batch line: the batch's owner, still active and scoped, at the
     batch priority whatever its own. Per-minute limits do not apply (batch work yields to
-    interactive work by priority instead); the daily and monthly token budgets do (429: the runner waits)."""
+    interactive work by priority instead); the daily and monthly token budgets of the key and
+    its group do (429: the runner waits)."""
     if not ctx.settings.auth:
         return None
     cache: dict[str, tuple[KeyInfo, float]] = request.app.state.key_cache
@@ -148,9 +160,9 @@ async def _batch_line_key(request: Request, ctx: ServerContext, key_id: str, sco
     if scope not in info.scopes and "admin" not in info.scopes:
         raise Forbidden(f"API key {info.name!r} lacks the '{scope}' scope")
     setattr(request.state, VERIFIED_KEY_STATE, info.prefix)
-    if ctx.rate_limiter is not None and info.limits.counts_tokens:
-        decision = await anyio.to_thread.run_sync(ctx.rate_limiter.day_budget, info.prefix, info.limits)
-        setattr(request.state, RATE_CHARGED_KEY_STATE, info.prefix)
+    quotas = info.quotas()
+    if ctx.rate_limiter is not None and _mark_charged(request, quotas):
+        decision = await anyio.to_thread.run_sync(ctx.rate_limiter.day_budget, quotas)
         if not decision.allowed:
             raise CapacityExceeded(decision.reason, retry_after_s=decision.retry_after_s)
     return replace(info, priority=BATCH_PRIORITY)

@@ -2,8 +2,9 @@
 
 The key check (`deps.require_scope`) leaves the headers in the request's ASGI state; this pure
 ASGI middleware copies them onto the response's start message, so JSON answers, streams and the
-429 refusal itself all carry them, as OpenAI's API does for keys with limits. Requests of keys
-without limits pass through untouched.
+429 refusal itself all carry them, as OpenAI's API does for keys with limits (here: a key's own
+or its group's, whichever has fewer remaining). Requests of keys without limits, in no limited
+group, pass through untouched.
 """
 
 from __future__ import annotations

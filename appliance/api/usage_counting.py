@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.types import Scope
 
-from appliance.api.deps import RATE_CHARGED_KEY_STATE, verified_key_id
+from appliance.api.deps import RATE_CHARGED_STATE, verified_key_id
 from appliance.api.metrics import KeyUsageMetrics
 from appliance.errors import ModelNotFound
 from appliance.serving.service import ModelService
@@ -57,7 +57,7 @@ class UsageCounter:
         self, recorder: UsageRecorder, models: ModelService, *, auth: bool, rate_limiter: RateLimiter | None = None,
         key_metrics: KeyUsageMetrics | None = None,
     ) -> None:
-        """`rate_limiter`: where the tokens of keys with token limits are charged;
+        """`rate_limiter`: where the tokens of keys and groups with token limits are charged;
         `key_metrics`: the server's per-key Prometheus counters (None: not exported)."""
         self.recorder = recorder
         self.models = models
@@ -103,11 +103,12 @@ class UsageCounter:
             self.key_metrics.count(event)
 
     def _charge_tokens(self, scope: Scope, tokens: int) -> None:
-        """A finished request of a key with token limits: its tokens count toward them."""
+        """A finished request of a key with token limits, or in a group with some: its tokens
+        count toward them."""
         state = scope.get("state")
-        key_id = state.get(RATE_CHARGED_KEY_STATE) if isinstance(state, dict) else None
-        if key_id and self.rate_limiter is not None:
-            self.rate_limiter.charge(key_id, tokens)
+        subjects = state.get(RATE_CHARGED_STATE) if isinstance(state, dict) else None
+        if subjects and self.rate_limiter is not None:
+            self.rate_limiter.charge(subjects, tokens)
 
     def _served(self, model: str, path_version: str | None, status: int) -> tuple[str, str]:
         """The model's label and the version that served (an explicit V2 version, else the

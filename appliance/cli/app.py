@@ -38,6 +38,9 @@ ConfigOption = Annotated[
     typer.Option("--config", help="TOML configuration file. Env: APPLIANCE_CONFIG."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+#: Who the audit log names for changes made from the command line.
+CLI_ACTOR = "cli"
+CLI_ADDRESS = "local"
 
 
 def settings_from(**overrides: Any) -> Settings:

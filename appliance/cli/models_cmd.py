@@ -15,7 +15,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from appliance.cli.app import ConfigOption, JsonOption, StateDirOption, console, err_console, fail, settings_from
+from appliance.cli.app import (
+    CLI_ACTOR,
+    CLI_ADDRESS,
+    ConfigOption,
+    JsonOption,
+    StateDirOption,
+    console,
+    err_console,
+    fail,
+    settings_from,
+)
 from appliance.cli.app import app as root_app
 from appliance.errors import ApplianceError
 from appliance.repository import ModelRepository, ModelVersion, parse_version
@@ -237,11 +247,6 @@ def undeploy(ref: RefArgument, state_dir: StateDirOption = None, config: ConfigO
     except ApplianceError as exc:
         fail(str(exc))
     console.print(f"{name}/{version} is no longer deployable")
-
-
-#: Who the audit log names for changes made from the command line.
-CLI_ACTOR = "cli"
-CLI_ADDRESS = "local"
 
 
 def _decide(state_dir: Any, config: Any, name: str, change: Any) -> None:

@@ -1,5 +1,6 @@
 """API keys: creation, lookup, listing, revocation, the optional group (team) a key is in, and
-its rate limits (enforced by rate_limits.py).
+its rate limits (enforced by rate_limits.py). A key's info carries its group's limits too
+(key_groups.py sets them), so the server's short key cache serves both.
 
 A key reads `apl_<prefix>_<secret>`: the prefix (48 random bits, not secret) finds the row,
 the secret carries 256 random bits. Only the SHA-256 of the whole key is stored and it is
@@ -23,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from appliance.errors import InvalidInput, NotFound, Unauthorized
 from appliance.store.db import Database
-from appliance.store.models import ApiKey
-from appliance.store.rate_limits import RateLimits, checked_limit
+from appliance.store.models import ApiKey, KeyGroup
+from appliance.store.rate_limits import Quota, RateLimits, checked_limit, group_quota, key_quota
 
 Scope = Literal["infer", "admin", "metrics"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -58,6 +59,16 @@ class KeyInfo:
     limits: RateLimits = RateLimits()
     #: "interactive" or "batch" (admitted after interactive work; refused first under overload).
     priority: str = "interactive"
+    #: The group's own limits, shared by every key in it (none when the key is in no group).
+    group_limits: RateLimits = RateLimits()
+
+    def quotas(self) -> tuple[Quota, ...]:
+        """What the key's requests are counted against, its own limits first, then its
+        group's; only those that limit something."""
+        quotas = [key_quota(self.prefix, self.limits)] if self.limits.any else []
+        if self.group is not None and self.group_limits.any:
+            quotas.append(group_quota(self.group, self.group_limits))
+        return tuple(quotas)
 
     def state(self, now: datetime | None = None) -> str:
         now = now or datetime.now(UTC)
@@ -86,7 +97,14 @@ class KeyInfo:
         }
 
 
-def _info(row: ApiKey) -> KeyInfo:
+def limits_of(row: ApiKey | KeyGroup | None) -> RateLimits:
+    """The limits a key's or a group's row holds (none for a missing group row)."""
+    if row is None:
+        return RateLimits()
+    return RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day, tokens_per_month=row.tokens_per_month)
+
+
+def _info(row: ApiKey, session: Session) -> KeyInfo:
     return KeyInfo(
         name=row.name,
         prefix=row.prefix,
@@ -96,8 +114,9 @@ def _info(row: ApiKey) -> KeyInfo:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         group=row.group,
-        limits=RateLimits(rpm=row.rpm, tpm=row.tpm, tokens_per_day=row.tokens_per_day, tokens_per_month=row.tokens_per_month),
+        limits=limits_of(row),
         priority=row.priority or "interactive",
+        group_limits=limits_of(session.get(KeyGroup, row.group)) if row.group is not None else RateLimits(),
     )
 
 
@@ -180,20 +199,22 @@ class KeyStore:
         try:
             with self.database.session() as session:
                 session.add(row)
+                session.flush()
+                info = _info(row, session)
         except IntegrityError:
             raise InvalidInput(f"name: a key named {name!r} already exists", field="name") from None
-        return key, _info(row)
+        return key, info
 
     def list(self) -> list[KeyInfo]:
         with self.database.session() as session:
-            return [_info(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
+            return [_info(row, session) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
 
     def revoke(self, name: str) -> KeyInfo:
         with self.database.session() as session:
             row = _named(session, name)
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
-            return _info(row)
+            return _info(row, session)
 
     def set_group(self, name: str, group: str | None) -> KeyInfo:
         """Put the key in `group` (None or '': in no group). Usage counted from then on goes to
@@ -202,7 +223,7 @@ class KeyStore:
         with self.database.session() as session:
             row = _named(session, name)
             row.group = group
-            return _info(row)
+            return _info(row, session)
 
     def set_limits(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, tokens_per_day: int | None = None,
@@ -222,7 +243,7 @@ class KeyStore:
             row = _named(session, name)
             for column, value in changes.items():
                 setattr(row, column, value)
-            return _info(row)
+            return _info(row, session)
 
     def set_priority(self, name: str, priority: str) -> KeyInfo:
         """Make the key's work interactive or batch (running servers: within seconds)."""
@@ -230,7 +251,7 @@ class KeyStore:
         with self.database.session() as session:
             row = _named(session, name)
             row.priority = priority
-            return _info(row)
+            return _info(row, session)
 
     def find(self, name_or_id: str) -> KeyInfo:
         """The key with this name, or with this id (its public prefix); NotFound otherwise."""
@@ -240,7 +261,7 @@ class KeyStore:
             )
             if row is None:
                 raise NotFound(f"key: no key named {name_or_id!r} or with that id", field="key")
-            return _info(row)
+            return _info(row, session)
 
     def by_id(self, key_id: str) -> KeyInfo:
         """The key whose public prefix is `key_id` (batch lines run as the key that created
@@ -249,7 +270,7 @@ class KeyStore:
             row = session.scalar(select(ApiKey).where(ApiKey.prefix == key_id))
             if row is None:
                 raise NotFound(f"key: no key with id {key_id!r}", field="key")
-            return _info(row)
+            return _info(row, session)
 
     def count_active(self) -> int:
         now = datetime.now(UTC)
@@ -275,4 +296,4 @@ class KeyStore:
                 raise Unauthorized("API key expired")
             if row.last_used_at is None or (now - row.last_used_at).total_seconds() >= LAST_USED_RESOLUTION_S:
                 row.last_used_at = now
-            return _info(row)
+            return _info(row, session)

@@ -61,3 +61,20 @@ class ApiKey(Base):
     tokens_per_month: Mapped[int | None] = mapped_column("rate_tokens_per_month", BigInteger, nullable=True)
     #: "interactive" (default) or "batch": the engines admit interactive work first.
     priority: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")
+
+
+class KeyGroup(Base):
+    """A group's own rate limits, shared by every key in it (None: no limit of that kind).
+
+    Membership stays on the keys (`api_keys.key_group`); a group has a row here only while it
+    has at least one limit, so a group with none needs no row."""
+
+    __tablename__ = "key_groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rpm: Mapped[int | None] = mapped_column("rate_rpm", BigInteger, nullable=True)
+    tpm: Mapped[int | None] = mapped_column("rate_tpm", BigInteger, nullable=True)
+    tokens_per_day: Mapped[int | None] = mapped_column("rate_tokens_per_day", BigInteger, nullable=True)
+    tokens_per_month: Mapped[int | None] = mapped_column("rate_tokens_per_month", BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
