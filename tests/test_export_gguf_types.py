@@ -252,6 +252,39 @@ def test_a_q4_0_gguf_keeps_its_own_grid_as_int4_exact(gguf_files: dict[str, Path
     # Two layers, five weight MatMuls each (fused qkv, o, gate, up, down), all on the Q4_0 grid.
     assert report.details["grid_exact_matmuls"] == 10
     assert report.verdict == "accepted" and report.budget["loss"] <= 0.02
+    # A Q4_0 minimum is a whole number of steps: one MatMulNBits per weight, no block sums.
+    ops = report.details["ops"]
+    assert "ReduceSum" not in ops, ops
+
+
+def test_a_q4_0_matrix_becomes_one_matmulnbits_with_integer_zero_points() -> None:
+    """Blocks whose largest magnitude is positive (zero point 7) and negative (8), and an odd
+    number of blocks per row (the last one alone in its zero-point byte)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from appliance.export.llm.grid_exact import encode_grid_exact, grid_exact_candidates
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((40, 96)).astype(np.float32)  # [out, in]: 3 blocks per row
+    rows[:20, ::32] = 5.0
+    rows[20:, ::32] = -5.0
+    weight = np.ascontiguousarray(gguf.quants.dequantize(gguf.quants.quantize(rows, T.Q4_0), T.Q4_0).T)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    grids = grid_exact_candidates(model, ["proj"], 32)
+    assert encode_grid_exact(model, grids, 32) == 1
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
+    x = rng.standard_normal((1, 4, 96)).astype(np.float32)
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    expected = x @ weight
+    # accuracy_level 4 rounds the activations to int8 inside MatMulNBits: close, not bit-equal.
+    assert np.abs(got - expected).max() <= 0.01 * np.abs(expected).max()
 
 
 def test_a_q4_0_weight_is_recovered_exactly_whichever_sign_its_largest_value_has() -> None:

@@ -6,9 +6,11 @@ weight is rounded a second time onto a different grid: on SmolLM2-135M that seco
 alone costs +20% perplexity, which is why the plain int4 recipe has to keep half its MatMuls in
 8 bits. Re-encoding the original grid instead costs nothing.
 
-MatMulNBits computes ``scale * (q - zero_point)`` with integer zero points, and its float
-zero-point form runs a slow dequantise-then-multiply path (25x slower at M = 1 on ONNX Runtime
-1.32), so the minimum is split off::
+MatMulNBits computes ``scale * (q - zero_point)`` with integer zero points. A Q4_0 grid's
+minimum is a whole number of steps (8, or 7 for a block whose largest magnitude is positive),
+so a Q4_0 matrix is one MatMulNBits with those zero points and nothing else. A Q4_1 minimum is
+a float, and MatMulNBits' float zero-point form runs a slow dequantise-then-multiply path (25x
+slower at M = 1 on ONNX Runtime 1.32), so there the minimum is split off::
 
     x @ W  =  MatMulNBits(x; q, d, zero_point 0)  +  blocksum(x) @ m
 
@@ -47,6 +49,17 @@ class GridBlocks:
     def packed_codes(self) -> np.ndarray:
         """Two codes per byte, the even position in the low nibble (MatMulNBits' B input)."""
         return (self.codes[..., 0::2] | (self.codes[..., 1::2] << 4)).astype(np.uint8)
+
+    def integer_zero_points(self) -> np.ndarray | None:
+        """Each block's minimum as a whole number of steps below zero (uint8 [N, blocks],
+        0..15), or None when any block's is not: a Q4_0 grid (``d * (q - 8)``) always is, a
+        Q4_1 grid's float minimum rarely. With them the matrix is one MatMulNBits, exactly."""
+        safe = np.where(self.scales != 0, self.scales, 1.0)
+        steps = np.rint(-self.mins / safe)
+        exact = np.abs(steps * self.scales + self.mins) <= ON_GRID_TOLERANCE * np.abs(safe)
+        if not (exact.all() and (steps >= 0).all() and (steps < GRID_LEVELS).all()):
+            return None
+        return steps.astype(np.uint8)
 
 
 def recover_grid(weight: np.ndarray, block_size: int) -> GridBlocks | None:
@@ -105,8 +118,19 @@ def grid_exact_candidates(model: onnx.ModelProto, names: list[str], block_size: 
     return found
 
 
+def pack_zero_points(points: np.ndarray) -> np.ndarray:
+    """uint8 [N, blocks] -> MatMulNBits' zero_points input: per row, two blocks per byte, the
+    even block in the low nibble (a last odd block alone in its byte)."""
+    n_dim, blocks = points.shape
+    padded = np.zeros((n_dim, blocks + blocks % 2), np.uint8)
+    padded[:, :blocks] = points
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+
+
 def encode_grid_exact(model: onnx.ModelProto, grids: dict[str, GridBlocks], block_size: int) -> int:
-    """Replace each MatMul in `grids` by the exact MatMulNBits + block-sum form; returns how many."""
+    """Replace each MatMul in `grids` by one MatMulNBits with integer zero points where every
+    block's minimum is a whole number of steps (Q4_0 sources), else by the exact MatMulNBits +
+    block-sum form; returns how many."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     block_sums: dict[str, str] = {}
@@ -121,6 +145,30 @@ def encode_grid_exact(model: onnx.ModelProto, grids: dict[str, GridBlocks], bloc
         replaced.add(weight_name)
         n_dim, blocks, _ = grid.codes.shape
         k_dim = blocks * block_size
+        zero_points = grid.integer_zero_points()
+        if zero_points is not None:
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(grid.packed_codes(), f"{weight_name}_q4"),
+                    numpy_helper.from_array(grid.scales.reshape(-1), f"{weight_name}_scales"),
+                    numpy_helper.from_array(pack_zero_points(zero_points), f"{weight_name}_zero_points"),
+                ]
+            )
+            rewritten.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [source, f"{weight_name}_q4", f"{weight_name}_scales", f"{weight_name}_zero_points"],
+                    list(node.output),
+                    name=f"{node.name}_Q4",
+                    domain="com.microsoft",
+                    K=k_dim,
+                    N=n_dim,
+                    bits=4,
+                    block_size=block_size,
+                    accuracy_level=ACCURACY_LEVEL,
+                )
+            )
+            continue
         if source not in block_sums:
             block_sums[source] = f"{node.name}/BlockSum/output_0"
             rewritten.extend(_block_sum_nodes(graph, node.name, source, blocks, block_size, block_sums[source]))
