@@ -120,3 +120,15 @@ def test_promoted_layers_follow_the_mixed_rule() -> None:
 
     assert sorted(promoted_layer_indices(30, "mixed")) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29]
     assert promoted_layer_indices(2, "all") == {0, 1}
+
+
+def test_large_models_decode_fewer_greedy_prompts_spread_over_the_set() -> None:
+    from appliance.export.llm.evaluation import GREEDY_FULL_SET_MAX_BYTES, MIN_GREEDY_PROMPTS, greedy_prompt_count, spread
+
+    assert greedy_prompt_count(GREEDY_FULL_SET_MAX_BYTES, 8) == 8
+    assert greedy_prompt_count(2 * GREEDY_FULL_SET_MAX_BYTES, 8) == 4
+    assert greedy_prompt_count(100 * GREEDY_FULL_SET_MAX_BYTES, 8) == MIN_GREEDY_PROMPTS
+    assert greedy_prompt_count(100 * GREEDY_FULL_SET_MAX_BYTES, 2) == 2
+    prompts = [[n] for n in range(8)]
+    assert spread(prompts, 3) == [[0], [4], [7]]
+    assert spread(prompts, 8) == prompts

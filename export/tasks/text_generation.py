@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from appliance.errors import ExportError
-from appliance.export.llm.eval_data import TokenizerFile
-from appliance.export.llm.evaluation import DecoderEvaluator
+from appliance.export.llm.eval_data import TokenizerFile, load_prompts
+from appliance.export.llm.evaluation import DecoderEvaluator, greedy_prompt_count
 from appliance.export.llm.graph_facts import eos_ids_from, generation_spec
 from appliance.export.llm.kv_quant import CALIBRATION_MARGIN, calibrate, compare_caches, supports_int8_kv, write_int8_kv
 from appliance.export.llm.onnx_decoder import OnnxDecoder
@@ -335,6 +335,7 @@ class TextGenerationExporter(TaskExporter):
                 data_dir=self.ctx.data_dir,
                 threads=self.ctx.threads,
                 progress=self.ctx.progress,
+                greedy_prompts=greedy_prompt_count(reference.size_bytes, len(load_prompts(self.ctx.data_dir))),
             )
         return self._evaluator
 
