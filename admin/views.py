@@ -45,6 +45,11 @@ NOTICES = {
     "pinned": "Pinned: this model is never evicted or unloaded for idleness.",
     "unpinned": "Unpinned: this model may be evicted when idle.",
     "keep-alive-set": "Keep-alive saved.",
+    "replicas-set": "Replicas saved: Ray Serve adds or removes replicas in place; running replicas keep serving.",
+    "replicas-restarting": (
+        "Replicas and resources saved: Ray Serve restarts this model's replicas with the new reservations, a fifth of "
+        "them at a time."
+    ),
     "override": "Rejected version marked deployable by explicit override.",
     "export-started": "Export started; its progress follows below.",
     "key-revoked": "Key revoked.",

@@ -200,6 +200,9 @@ class BatchApiSettings(BaseModel):
 #: Ray Serve's proxies: one on the head node (clients use the head's address), or one per node
 #: (a load balancer in front spreads clients over the nodes).
 ProxyLocation = Literal["HeadOnly", "EveryNode"]
+ModelFilesMode = Literal["shared", "copy"]
+#: Where a node keeps its copies of model versions in copy mode, under the state directory.
+NODE_MODELS_DIR = "node-models"
 
 
 class ScaleModelSettings(BaseModel):
@@ -234,6 +237,12 @@ class ScaleModelSettings(BaseModel):
     memory_bytes: int | None = Field(
         None, ge=1 << 20, description="Memory each replica reserves for Ray's scheduling (Ray's `memory`); default: none."
     )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="At most this many of the model's replicas on one node (1: spread them, so a lost node costs one); default: no limit.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ScaleModelSettings:
@@ -246,6 +255,18 @@ class ScaleModelSettings(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.max_replicas is not None
+
+    def with_changes(self, changes: dict[str, Any]) -> ScaleModelSettings:
+        """A validated copy with `changes` (an admin's, from the UI) over these values;
+        ValidationError names the field as the TOML file's would."""
+        return ScaleModelSettings.model_validate({**self.model_dump(), **changes})
+
+
+#: The per-model scale-out settings the admin UI may change (stored in the database, over the
+#: configuration's): the replicas (fixed or autoscaling) and what each replica reserves.
+ADMIN_SCALE_FIELDS = (
+    "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus", "memory_bytes"
+)
 
 
 class ScaleSettings(BaseModel):
@@ -282,6 +303,21 @@ class ScaleSettings(BaseModel):
     retry_after_s: float = Field(
         2.0, gt=0, le=600, description="Retry-After of the 503 answered when a replica died under a request or none is running."
     )
+    model_files: ModelFilesMode = Field(
+        "shared",
+        description=(
+            "How replicas reach the model repository: 'shared' (every node sees STATE_DIR/models at the same path, "
+            "e.g. NFS) or 'copy' (a replica on another node than the head copies its model's serving version from "
+            "the head through Ray, SHA-256-verified, into the node's copy_dir)."
+        ),
+    )
+    copy_dir: Path | None = Field(
+        None,
+        description=(
+            "Node-local folder of copied model versions in copy mode (default: STATE_DIR/node-models); a node's own "
+            "APPLIANCE_SCALE__COPY_DIR, in the environment of its `ray start`, overrides it on that node."
+        ),
+    )
     models: dict[str, ScaleModelSettings] = Field(
         default_factory=dict, description="Replicas and resources per model, by model name."
     )
@@ -289,6 +325,18 @@ class ScaleSettings(BaseModel):
     def model(self, name: str) -> ScaleModelSettings:
         """The settings of `name` (the defaults when it is not listed)."""
         return self.models.get(name) or ScaleModelSettings()
+
+    def with_model_changes(self, changes: dict[str, dict[str, Any]]) -> ScaleSettings:
+        """These settings with an admin's changes per model (`ADMIN_SCALE_FIELDS` only) over
+        the configured ones; ConfigError names a model whose changed values no longer fit."""
+        models = dict(self.models)
+        for name, fields in changes.items():
+            try:
+                models[name] = self.model(name).with_changes({key: fields[key] for key in ADMIN_SCALE_FIELDS if key in fields})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ConfigError(f"scale.models.{name} (changed in the admin UI): {first.get('msg')}", field=f"scale.models.{name}") from None
+        return self.model_copy(update={"models": models})
 
 
 class CostSettings(BaseModel):
@@ -435,6 +483,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def node_models_dir(self) -> Path:
+        """Scale-out copy mode: where a node keeps its copies of model versions."""
+        return self.scale.copy_dir or self.state_dir / NODE_MODELS_DIR
 
     @property
     def batch_files_dir(self) -> Path:

@@ -82,6 +82,19 @@ class ReplicaUnavailable(ModelNotReady):
         self.retry_after_s = retry_after_s
 
 
+class ModelCopyFailed(ModelNotReady):
+    """Scale-out copy mode (appliance.scale): a model version could not be copied to this node
+    from the node that holds the repository (a file vanished there, this node's disk is full).
+    Nothing half-copied is ever served."""
+
+    status_code = 503
+
+
+class ChecksumMismatch(ModelCopyFailed):
+    """A model file's SHA-256 after its copy to a node is not the repository's; the message
+    names the file. The copy is thrown away, never served."""
+
+
 class MemoryBudgetExceeded(ApplianceError):
     """A model cannot be loaded now: the memory budget is held by models that may not be
     evicted (busy or pinned). The client should retry after `retry_after_s`."""

@@ -15,7 +15,17 @@ import pytest
 from appliance.config import load_settings
 from appliance.errors import ConfigError
 from appliance.repository.store import ModelRepository
-from appliance.scale.plan import INGRESS, check_database, deployment_name, plan, serve_config, to_yaml, with_replicas
+from appliance.scale.plan import (
+    HEAD_NODE_RESOURCE,
+    INGRESS,
+    SOURCE,
+    check_database,
+    deployment_name,
+    plan,
+    serve_config,
+    to_yaml,
+    with_replicas,
+)
 from tests.helpers.server import ROOT, process_env
 from tests.helpers.tiny_models import publish_adder, publish_embedder
 
@@ -59,6 +69,47 @@ def test_replicas_option_and_undeployed_models(state_dir: Path, repository: Mode
     for wrong in ("embed", "embed=0", "Embed=2", "embed=x"):
         with pytest.raises(ConfigError, match="--replicas"):
             with_replicas(settings, [wrong])
+
+
+def test_copy_mode_adds_the_repository_source_on_the_head_node(state_dir: Path, repository: ModelRepository) -> None:
+    assert plan(load_settings(state_dir=state_dir)).source is None  # shared: every node mounts the repository
+    copy = load_settings(
+        state_dir=state_dir, scale={"model_files": "copy", "models": {"embed": {"replicas": 2, "max_replicas_per_node": 1}}}
+    )
+    current = plan(copy)
+    assert current.source is not None and current.source["name"] == SOURCE and current.source["num_replicas"] == 1
+    assert current.source["ray_actor_options"] == {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
+    embed = next(d for d in current.models if d.model == "embed")
+    assert embed.options["max_replicas_per_node"] == 1
+    document = serve_config(copy)
+    assert [deployment["name"] for deployment in document["applications"][0]["deployments"]] == [INGRESS, SOURCE, "model-adder", "model-embed"]
+    with pytest.raises(ConfigError, match="model_files"):
+        load_settings(state_dir=state_dir, scale={"model_files": "rsync"})
+    schema = pytest.importorskip("ray.serve.schema", reason="the `ray` extra checks the file against Ray's own schema", exc_type=ImportError)
+    schema.ServeDeploySchema.model_validate(document)
+
+
+def test_an_admins_saved_changes_override_the_configured_replicas_and_resources(state_dir: Path, repository: ModelRepository) -> None:
+    from appliance.store.audit import AuditLog
+    from appliance.store.db import Database
+    from appliance.store.scale_models import ScaleModelChanges, saved_changes
+
+    settings = load_settings(state_dir=state_dir, scale={"models": {"embed": {"replicas": 3, "max_replicas_per_node": 1}}})
+    assert saved_changes(settings.db_url) == {}  # migrates a new database first
+    database = Database(settings.db_url)
+    chosen = settings.scale.model("embed").with_changes({"min_replicas": 1, "max_replicas": 4, "num_cpus": 0.5})
+    ScaleModelChanges(database).set("embed", chosen, actor="alice", address="127.0.0.1")
+    ScaleModelChanges(database).set("gone", settings.scale.model("gone"), actor="alice", address="127.0.0.1")  # since deleted
+    [event] = [event for event in AuditLog(database).query() if event.target == "embed"]
+    assert event.action == "scale.model" and event.actor == "alice" and "autoscaling 1-4 replicas" in event.detail
+    database.close()
+    current = plan(settings, changes=saved_changes(settings.db_url))
+    embed = next(d for d in current.models if d.model == "embed")
+    assert "num_replicas" not in embed.options and embed.options["autoscaling_config"]["max_replicas"] == 4
+    assert embed.options["ray_actor_options"] == {"num_cpus": 0.5} and embed.options["max_replicas_per_node"] == 1
+    assert current.served == {"adder": "tensor", "embed": "tensor"}
+    with pytest.raises(ConfigError, match=r"scale.models.embed \(changed in the admin UI\)"):
+        plan(settings, changes={"embed": {"min_replicas": 5, "max_replicas": 2}})
 
 
 def test_settings_for_a_model_not_in_the_repository_are_refused_by_name(state_dir: Path, repository: ModelRepository) -> None:

@@ -1,7 +1,10 @@
 """Scale-out on Ray Serve, on one machine: a two-node Ray cluster on loopback (a head with 4
 CPUs and a worker node with 3, each its own `ray start`), the database on PostgreSQL, and
-`appliance serve --ray HEAD` deploying the appliance with 2 replicas of the embedder, 1 of
-the chat model, 1 of the adder and an autoscaling model (1..2). Through the Ray ingress the
+`appliance serve --ray HEAD` deploying the appliance with 2 replicas of the embedder (at most
+one per node), 1 of the chat model, 1 of the adder and an autoscaling model (1..2), in copy
+mode: replicas on the worker node serve a SHA-256-verified copy of their model in the worker's
+own copy folder (its `ray start` environment names it), and a copied file damaged on disk is
+fetched again when the replica restarts. Through the Ray ingress the
 official `openai` and `tritonclient` clients work unchanged (chat, streamed chat, embeddings,
 V2 infer); requests are spread over the embedder's replicas (counted per replica in
 /metrics); a replica killed with kill -9 under 8 clients costs only the requests that were on
@@ -9,7 +12,8 @@ it, each a 503 with Retry-After naming it, never a hang, and Ray brings it back;
 scales the autoscaling model up within its bounds and idleness scales it down; a revoked key
 is refused within the documented 2 s; in privacy mode `off` no text reaches the database or
 any node's logs; SQLite is refused on a cluster of two nodes; the admin's Models page shows the
-replicas and their nodes; SIGTERM drains and exits 0; `--ray auto` runs its own local cluster
+replicas and their nodes, and its form sets the embedder's replicas from 2 to 1 in place;
+SIGTERM drains and exits 0; `--ray auto` runs its own local cluster
 and leaves no process of it behind.
 
 Marked `ray` (select with `-m ray`); skipped only where the `ray` extra is not installed."""
@@ -17,6 +21,7 @@ Marked `ray` (select with `-m ray`); skipped only where the `ray` extra is not i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -35,7 +40,9 @@ pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install
 
 from appliance.config import load_settings  # noqa: E402
 from appliance.export.pipeline import ExportRequest, run_export  # noqa: E402
+from appliance.repository.checksums import sha256_file, version_digests  # noqa: E402
 from appliance.repository.store import ModelRepository  # noqa: E402
+from appliance.scale.mirror import COPY_DIR_ENVIRONMENT  # noqa: E402
 from tests.helpers.decoders import make_tiny_llama  # noqa: E402
 from tests.helpers.postgres import postgres_url  # noqa: E402,F401  (module fixture)
 from tests.helpers.ray_cluster import RayCluster, ray_cluster  # noqa: E402
@@ -83,8 +90,13 @@ class RayServer:
 
 
 def replica_pids(model: str) -> list[int]:
-    """Worker processes of the model's live replicas (Ray titles them `ray::ServeReplica:APP:DEPLOYMENT`)."""
-    title = f"ray::ServeReplica:appliance:model-{model}"
+    """Worker processes of the model's live replicas."""
+    return deployment_pids(f"model-{model}")
+
+
+def deployment_pids(deployment: str) -> list[int]:
+    """Worker processes of a deployment's live replicas (Ray titles them `ray::ServeReplica:APP:DEPLOYMENT`)."""
+    title = f"ray::ServeReplica:appliance:{deployment}"
     pids = []
     for process in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = process.info.get("cmdline") or []
@@ -98,8 +110,6 @@ def appliance(*args: str, env: dict[str, str], timeout: float = 120) -> subproce
 
 
 def base_env(cluster: RayCluster, state: Path, **extra: str) -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "RAY_"))}
     env.update(cluster.env)
     env["APPLIANCE_STATE_DIR"] = str(state)
@@ -107,11 +117,32 @@ def base_env(cluster: RayCluster, state: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def on_worker_node(pid: int, cluster: RayCluster) -> bool:
+    """Whether the process runs on the worker node (only its processes have its copy folder)."""
+    try:
+        environment = psutil.Process(pid).environ()
+    except psutil.Error:
+        return False
+    return environment.get(COPY_DIR_ENVIRONMENT) == cluster.worker_env[COPY_DIR_ENVIRONMENT]
+
+
+def damage(path: Path) -> None:
+    """Flip one byte in the middle, keeping size and mtime (bit rot, not an edit)."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     # Autoscaling reads the requests in flight every half second (Ray's default: 10 s).
     push = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
-    with ray_cluster(head_cpus=4, worker_cpus=3, env=push) as running:
+    # The worker node keeps its copies of models apart from the head's state directory, as a
+    # separate box would (both nodes share this machine's disk).
+    worker = {COPY_DIR_ENVIRONMENT: str(tmp_path_factory.mktemp("worker-node") / "model-copies")}
+    with ray_cluster(head_cpus=4, worker_cpus=3, env=push, worker_env=worker) as running:
         yield running
 
 
@@ -140,6 +171,8 @@ def server(cluster: RayCluster, state: Path, postgres_url: str, tmp_path_factory
         APPLIANCE_GENERATION__KV_BUDGET_BYTES=str(32 << 20),
         APPLIANCE_CPU_THREADS="1",
         APPLIANCE_REPOSITORY_POLL_S="0",
+        APPLIANCE_SCALE__MODEL_FILES="copy",
+        **{f"APPLIANCE_SCALE__MODELS__{EMBED.upper()}__MAX_REPLICAS_PER_NODE": "1"},
         APPLIANCE_SCALE__MODELS__ELASTIC__MIN_REPLICAS="1",
         APPLIANCE_SCALE__MODELS__ELASTIC__MAX_REPLICAS="2",
         APPLIANCE_SCALE__MODELS__ELASTIC__TARGET_ONGOING_REQUESTS="1",
@@ -245,16 +278,23 @@ def test_requests_are_spread_over_the_embedders_replicas(server: RayServer) -> N
     assert ready.status_code == 200
 
 
-def test_the_admin_models_page_shows_replicas_and_where_they_run(server: RayServer) -> None:
+@pytest.fixture(scope="module")
+def admin(server: RayServer) -> tuple[str, str]:
+    """An admin of the Ray server's database: (name, password)."""
     from appliance.store.admin_users import AdminUserStore
     from appliance.store.db import Database
-    from tests.helpers.admin import sign_in
 
     database = Database(server.database_url)
     AdminUserStore(database).create("ray-admin", "a long admin passphrase")
     database.close()
+    return "ray-admin", "a long admin passphrase"
+
+
+def test_the_admin_models_page_shows_replicas_and_where_they_run(server: RayServer, admin: tuple[str, str]) -> None:
+    from tests.helpers.admin import sign_in
+
     with httpx.Client(timeout=30) as browser:
-        sign_in(browser, server.url(), "ray-admin", "a long admin passphrase")
+        sign_in(browser, server.url(), *admin)
         page = browser.get(server.url("/admin/models")).text
     assert "Served through Ray Serve" in page
     section = page.split(f'data-model="{EMBED}"', 1)[1].split("</section>", 1)[0]
@@ -267,6 +307,42 @@ def test_the_admin_models_page_shows_replicas_and_where_they_run(server: RayServ
     assert "(autoscaling 1–2)" in elastic
     nodes = {chunk.split("</code>", 1)[0] for chunk in page.split("<small><code>")[1:]}
     assert len(nodes) == 2, f"every replica on one node: {nodes}"
+
+
+def test_the_worker_nodes_replica_serves_a_verified_copy_and_fetches_a_damaged_file_again(server: RayServer) -> None:
+    """Copy mode: the embedder's replica on the worker node (one per node) reads the copy in
+    the worker's copy folder, equal to the repository's files by SHA-256; a byte damaged there
+    is found when the replica restarts, that file is fetched again, and the new replica serves,
+    while the ingress keeps answering from the head's replica."""
+    copy_dir = Path(server.cluster.worker_env[COPY_DIR_ENVIRONMENT])
+    serving = ModelRepository(server.state / "models").get(EMBED)
+    local = copy_dir / EMBED / str(serving.version)
+    expected = {name: digest.sha256 for name, digest in version_digests(serving.path).items()}
+    assert {path.relative_to(local).as_posix(): sha256_file(path) for path in local.rglob("*") if path.is_file()} == expected
+    [worker_pid] = [pid for pid in replica_pids(EMBED) if on_worker_node(pid, server.cluster)]
+    before = server.replica_counts(EMBED)
+    damage(local / "model.onnx")
+    psutil.Process(worker_pid).kill()
+    killed_at = time.monotonic()
+    answers: list[tuple[int, str | None]] = []
+    served_by_new: list[str] = []
+    with httpx.Client(timeout=30, headers=server.auth) as http:
+        while not served_by_new and time.monotonic() - killed_at < RESTART_BOUND_S:
+            answer = http.post(server.url("/v1/embeddings"), json={"model": EMBED, "input": "the dog"})
+            answers.append((answer.status_code, answer.headers.get("retry-after")))
+            served_by_new = [replica for replica, count in server.replica_counts(EMBED).items() if replica not in before and count > 0]
+            time.sleep(0.1)
+    assert served_by_new, f"no new embedder replica served within {RESTART_BOUND_S:g} s"
+    assert all(status == 200 or (status == 503 and retry_after) for status, retry_after in answers), answers
+    assert answers[-1][0] == 200
+    [new_pid] = [pid for pid in replica_pids(EMBED) if on_worker_node(pid, server.cluster)]
+    assert new_pid != worker_pid
+    assert sha256_file(local / "model.onnx") == expected["model.onnx"], "the damaged file was not fetched again"
+    assert any(
+        "the copy of model.onnx on this node does not match the repository's SHA-256" in log.read_text(errors="replace")
+        for log in server.cluster.logs()
+    ), "the replica did not say it found the damaged file"
+    print(f"damaged copy on the worker node: fetched again, a new replica served {time.monotonic() - killed_at:.1f} s after the kill")
 
 
 def test_a_replica_killed_under_load_costs_only_its_requests_and_comes_back(server: RayServer) -> None:
@@ -440,6 +516,48 @@ def test_privacy_mode_off_stores_no_text_on_any_node(server: RayServer) -> None:
     assert MARKER not in server.output.read_text(errors="replace")
 
 
+def test_an_admin_sets_the_embedders_replicas_from_two_to_one_in_place(server: RayServer, admin: tuple[str, str]) -> None:
+    """The Models page's replicas form: refused with the field named when the values do not fit
+    `[scale.models.NAME]`'s rules; else saved (audited, in the database for the next deploy)
+    and applied to the running application: one of the two replicas stops, the other keeps
+    running (the same process: no restart), the ingress and the other models are untouched."""
+    from appliance.store.db import Database
+    from appliance.store.scale_models import ScaleModelChanges
+    from tests.helpers.admin import form_token, sign_in
+
+    before = replica_pids(EMBED)
+    others = {deployment: deployment_pids(deployment) for deployment in ("ingress", f"model-{CHAT}", f"model-{ADDER}")}
+    assert len(before) == 2
+    with httpx.Client(timeout=60, base_url=server.url()) as browser:
+        sign_in(browser, server.url(), *admin)
+        page = browser.get("/admin/models").text
+        section = page.split(f'data-model="{EMBED}"', 1)[1].split("</section>", 1)[0]
+        assert 'data-role="scale-form"' in section and 'name="replicas" type="number" min="1" max="1024" value="2"' in section
+        form = {"csrf_token": form_token(section), "num_cpus": "1", "num_gpus": "0", "memory_mib": ""}
+        refused = browser.post(
+            f"/admin/models/{EMBED}/replicas",
+            data={**form, "mode": "autoscaling", "min_replicas": "3", "max_replicas": "2", "target_ongoing_requests": "2"},
+        )
+        assert refused.status_code == 400 and "max_replicas" in refused.text and "must not exceed" in refused.text
+        applied = browser.post(f"/admin/models/{EMBED}/replicas", data={**form, "mode": "fixed", "replicas": "1"})
+        assert applied.status_code == 303 and applied.headers["location"].endswith("done=replicas-set"), applied.text
+        deadline = time.monotonic() + 60
+        while len(replica_pids(EMBED)) != 1:
+            assert time.monotonic() < deadline, f"still {replica_pids(EMBED)} after 60 s"
+            time.sleep(0.2)
+        assert set(replica_pids(EMBED)) < set(before), "the remaining replica was restarted"
+        assert {deployment: deployment_pids(deployment) for deployment in others} == others, "the ingress or another model was restarted"
+        answer = browser.post("/v1/embeddings", json={"model": EMBED, "input": "the cat"}, headers=server.auth)
+        assert answer.status_code == 200
+        while "1 running of 1 wanted" not in browser.get("/admin/models").text.split(f'data-model="{EMBED}"', 1)[1].split("</section>", 1)[0]:
+            assert time.monotonic() < deadline, "the Models page does not show the new count"
+            time.sleep(0.5)
+        assert "scale.model" in browser.get("/admin/audit").text
+    database = Database(server.database_url)
+    assert ScaleModelChanges(database).all()[EMBED]["replicas"] == 1
+    database.close()
+
+
 def test_sigterm_deletes_the_application_and_exits_zero(server: RayServer) -> None:
     server.proc.terminate()
     assert server.proc.wait(timeout=90) == 0, server.output.read_text()[-3000:]
@@ -456,7 +574,6 @@ def test_ray_auto_serves_on_a_local_cluster_and_stops_it_on_exit(tmp_path: Path)
     publish_adder(ModelRepository(state / "models"))
     key = create_key(state, "auto", ["infer"])
     port = free_port()
-    import os
     import shutil
     import tempfile
 
@@ -475,11 +592,14 @@ def test_ray_auto_serves_on_a_local_cluster_and_stops_it_on_exit(tmp_path: Path)
             assert proc.poll() is None, output.read_text()[-4000:]
             assert time.monotonic() < deadline, output.read_text()[-4000:]
             time.sleep(0.5)
+        while httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code != 200:  # as the server fixture
+            assert time.monotonic() < deadline, output.read_text()[-4000:]
+            time.sleep(0.2)
         cluster = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(child.cmdline()) for child in cluster)
         body = {"inputs": [{"name": n, "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]} for n in ("INPUT0", "INPUT1")]}
         answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/adder/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [2, 4, 6, 8]
+        assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [2, 4, 6, 8], answer.text
         proc.terminate()
         assert proc.wait(timeout=90) == 0, output.read_text()[-3000:]
         _gone, alive = psutil.wait_procs(cluster, timeout=30)

@@ -4,7 +4,9 @@ export report. Actions: deploy, undeploy, pin, unpin, keep-alive, set default, d
 or the whole model; the override that makes a rejected variant deployable; start an export
 and follow it. When the appliance serves through Ray Serve (docs/SCALE.md), each model also
 shows its replicas: how many run of how many wanted (and the autoscaling bounds), and where
-each runs (node, process, state), as Ray Serve's controller reported them last.
+each runs (node, process, state), as Ray Serve's controller reported them last; and a form
+that sets its replicas (fixed or autoscaling) and what each reserves (replicas.py), saved in
+the database (it outlives the server) and applied to the running application at once.
 
 Deploying records the decision (it survives restarts) and loads the serving version now (a
 model too large for the memory budget is refused here, with the reason); undeploying unloads
@@ -27,12 +29,14 @@ from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, AdminHTT
 from appliance.admin.context import AdminContext
 from appliance.admin.dashboard import budget_info
 from appliance.admin.exports import QUANT_CHOICES, TASK_CHOICES
+from appliance.admin.replicas import AUTOSCALING, FIXED, MIB, current_scale, parse_scale_form
 from appliance.admin.views import render
 from appliance.errors import ApplianceError, InvalidInput, NotFound
 from appliance.repository.store import ModelVersion
-from appliance.serving.cluster import ClusterHealth
+from appliance.serving.cluster import ClusterHealth, ClusterScaler
 from appliance.serving.states import ModelStatus, ServingState
 from appliance.serving.keep_alive import KEEP_FOREVER, parse_keep_alive
+from appliance.store.scale_models import ScaleModelChanges
 
 router = APIRouter()
 FormDep = Annotated[dict[str, str], Depends(form_of)]
@@ -63,10 +67,12 @@ def _version_row(version: ModelVersion, serving: int | None, loaded_version: int
 
 
 def model_rows(ctx: AdminContext, cluster: ClusterHealth | None = None) -> list[dict[str, Any]]:
-    """One row per model; with a cluster (scale-out on Ray), each with its deployment's replicas."""
+    """One row per model; with a cluster (scale-out on Ray), each with its deployment's replicas
+    and the replicas and resources it is set to."""
     repository = ctx.models.repository
     statuses = {status.name: status for status in ctx.models.statuses()}
     deployments = {deployment.model: deployment for deployment in cluster.deployments()} if cluster is not None else {}
+    saved = ScaleModelChanges(ctx.database).all() if cluster is not None else {}
     rows = []
     for name in repository.names():
         status = statuses.get(name)
@@ -87,6 +93,7 @@ def model_rows(ctx: AdminContext, cluster: ClusterHealth | None = None) -> list[
                 "broken": repository.broken_versions(name),
                 "loaded": status is not None and status.state in (ServingState.READY, ServingState.LOADING),
                 "deployment": deployments.get(name),
+                "scale": current_scale(ctx.settings, name, saved) if cluster is not None else None,
             }
         )
     return rows
@@ -111,6 +118,8 @@ def _page(request: Request, ctx: AdminContext, *, error: str | None = None, stat
         "task_choices": [t for t in TASK_CHOICES if t],
         "export_busy": ctx.exports.busy,
         "follow_job": job,
+        "scale_modes": (FIXED, AUTOSCALING),
+        "mib": MIB,
     }
     return render(request, "models.html", values, page="models", error=error, status_code=status_code)
 
@@ -193,6 +202,28 @@ async def keep_alive(name: str, request: Request, ctx: AdminCtxDep, admin: Admin
         ctx.deployments.set_keep_alive(name, seconds, actor=admin.user_name, address=address)
 
     return await _decide(request, ctx, name, record, "keep-alive-set")
+
+
+@router.post("/admin/models/{name}/replicas", include_in_schema=False)
+async def set_replicas(name: str, request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
+    """Ray mode: the model's replicas (fixed or autoscaling) and what each replica reserves,
+    saved with its audit event, then applied to the running application."""
+    scaler: ClusterScaler | None = getattr(request.app.state, "scaler", None)  # scale-out only (appliance.scale)
+    address = client_address(request)
+    try:
+        if scaler is None:
+            raise InvalidInput("model: replicas are set only when the appliance serves through Ray Serve (docs/SCALE.md)", field="model")
+        await anyio.to_thread.run_sync(_known, ctx, name)
+        store = ScaleModelChanges(ctx.database)
+        before = current_scale(ctx.settings, name, await anyio.to_thread.run_sync(store.all))
+        chosen = parse_scale_form(form, before)
+        changes = await anyio.to_thread.run_sync(lambda: store.set(name, chosen, actor=admin.user_name, address=address))
+        await scaler.rescale(changes)
+    except ApplianceError as exc:
+        return await _error_page(request, ctx, exc)
+    reserves = ("num_cpus", "num_gpus", "memory_bytes")
+    restarting = any(getattr(before, field) != getattr(chosen, field) for field in reserves)
+    return _done("replicas-restarting" if restarting else "replicas-set")
 
 
 @router.post("/admin/models/{name}/delete", include_in_schema=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from appliance.errors import ModelNotFound, ModelRejected
+from appliance.repository.checksums import digest_cache_path
 from appliance.repository.manifest import (
     MANIFEST_FILE,
     REPORT_FILE,
@@ -87,7 +88,8 @@ def read_version(path: Path) -> ModelVersion:
     return ModelVersion(path=path, manifest=manifest, report=report)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` on disk (before a rename makes them visible)."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for filename in filenames:
             fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
@@ -95,10 +97,10 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -229,11 +231,11 @@ class ModelRepository:
             (staged / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
             if report is not None:
                 (staged / REPORT_FILE).write_text(report.model_dump_json(indent=2))
-            _fsync_tree(staged)
+            fsync_tree(staged)
             target = model_dir / str(version)
             os.rename(staged, target)
             _write_atomic(model_dir / LAST_VERSION_FILE, str(version))
-            _fsync_dir(model_dir)
+            fsync_dir(model_dir)
         return read_version(target)
 
     def _clear_default(self, name: str) -> None:
@@ -277,6 +279,7 @@ class ModelRepository:
                 trash.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
+                digest_cache_path(path).unlink(missing_ok=True)
                 removed.append(int(path.name))
             # The model folder itself stays (holding only .last_version) so that a model
             # exported again under the same name continues its version numbers.

@@ -37,7 +37,7 @@ class ClusterWatch:
     async def run(self) -> None:
         while True:
             try:
-                details = await asyncio.to_thread(_serve_details)
+                details = await asyncio.to_thread(serve_details)
                 self.update(details)
             except asyncio.CancelledError:
                 raise
@@ -102,7 +102,7 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _serve_details() -> dict[str, Any]:
+def serve_details() -> dict[str, Any]:
     """Ray Serve's instance details (what `serve.status()` and `serve status` read), from the
     controller; blocking, so called in a worker thread."""
     from ray.serve.context import _get_global_client

@@ -1,7 +1,8 @@
 """The ingress deployment: the appliance's own FastAPI app (create_app: auth, rate limits,
 privacy logging, usage counting, the OpenAI and V2 routes, the Batch API, the admin UI,
 /metrics) running in a Ray Serve replica, with its ModelService opening models as Ray
-deployments (clients.RayOpener) instead of sessions in this process.
+deployments (clients.RayOpener) instead of sessions in this process. Its admin UI changes a
+model's replicas and resources through the scaler it is given (application.Redeployer).
 
 The ingress' ModelService keeps its own bookkeeping (states, leases, the index the doors read)
 but never holds a model's memory: its budget and keep-alive are switched off here, because the
@@ -25,6 +26,7 @@ from appliance.repository.store import ModelRepository
 from appliance.scale.clients import RayOpener, ReplicaCounter
 from appliance.scale.cluster import ClusterWatch
 from appliance.scale.plan import check_database
+from appliance.serving.cluster import ClusterScaler
 
 log = logging.getLogger("appliance.scale.ingress")
 
@@ -52,10 +54,14 @@ def ingress_settings(settings: Settings) -> Settings:
 class Ingress:
     """Built by Ray on the replica (`__serve_build_asgi_app__`), never pickled as an app."""
 
-    def __init__(self, settings: Settings, handles: dict[str, DeploymentHandle], deployments: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, handles: dict[str, DeploymentHandle], deployments: dict[str, str], scaler: ClusterScaler
+    ) -> None:
+        """`scaler`: applies an admin's replica and resource changes (application.Redeployer)."""
         self.settings = ingress_settings(settings)
         self.handles = handles
         self.deployments = deployments
+        self.scaler = scaler
         self._watching: asyncio.Task[None] | None = None
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
@@ -71,6 +77,7 @@ class Ingress:
         app = create_app(self.settings, opener=opener)
         app.state.ctx.cluster = watch
         app.state.cluster = watch
+        app.state.scaler = self.scaler
         self._watching = asyncio.get_running_loop().create_task(watch.run(), name="cluster-watch")
         log.info("ingress ready to serve %d model deployment(s): %s", len(self.deployments), ", ".join(sorted(self.deployments)))
         return app

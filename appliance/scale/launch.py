@@ -28,8 +28,9 @@ from ray import serve
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.ops.sdnotify import SystemdNotifier, watchdog_interval_s
-from appliance.scale.application import alive_nodes, build_app
-from appliance.scale.plan import plan
+from appliance.scale.application import alive_nodes, build_app, run_app
+from appliance.scale.plan import check_database, plan
+from appliance.store.scale_models import saved_changes
 
 log = logging.getLogger("appliance.scale")
 
@@ -74,7 +75,7 @@ def _connect(settings: Settings) -> bool:
 
 
 def _reserved_cpus(settings: Settings) -> float:
-    deployments = plan(settings)
+    deployments = plan(settings, changes=saved_changes(settings.db_url))
     total = float(deployments.ingress["num_replicas"]) * settings.scale.ingress_cpus
     for deployment in deployments.models:
         autoscaling = deployment.options.get("autoscaling_config")
@@ -84,11 +85,13 @@ def _reserved_cpus(settings: Settings) -> float:
 
 
 def deploy(settings: Settings, stop: threading.Event) -> bool:
-    """Build the application from the settings and run it on the connected cluster; returns
+    """Build the application from the settings (with the replicas and resources an admin
+    changed on the Models page) and run it on the connected cluster; returns
     True once every replica is up (the ingress' models connected), False when `stop` was set
     first. A deployment that failed raises CannotStart with Ray's reason."""
     try:
-        deployments = plan(settings)
+        check_database(settings, alive_nodes())  # before the database is opened
+        deployments = plan(settings, changes=saved_changes(settings.db_url))
         app = build_app(settings, deployments)
     except ApplianceError as exc:
         raise CannotStart(str(exc)) from None
@@ -99,11 +102,7 @@ def deploy(settings: Settings, stop: threading.Event) -> bool:
     replicas = ", ".join(f"{d.model}={_count(d.options)}" for d in deployments.models) or "no models"
     log.info("deploying %s on %d Ray node(s): %s", settings.scale.app_name, alive_nodes(), replicas)
     name = settings.scale.app_name
-    serve.run_many(
-        [serve.RunTarget(app, name=name, route_prefix="/")],
-        wait_for_ingress_deployment_creation=False,
-        wait_for_applications_running=False,
-    )
+    run_app(app, name)
     while not stop.wait(DEPLOY_POLL_S):
         application = serve.status().applications.get(name)
         status = str(application.status.value if application is not None else "NOT_STARTED")

@@ -6,7 +6,9 @@ scale config` for `serve deploy`) both read this plan, so they cannot disagree.
 - one `ingress` deployment: the appliance's own FastAPI app;
 - one deployment per model with a deployable version (`model-NAME`), unless
   `scale.models.NAME.deploy` is false, with its replicas (fixed, or autoscaling bounds),
-  what each replica reserves on its node, and how it is health-checked and drained.
+  what each replica reserves on its node, and how it is health-checked and drained;
+- in copy mode (`scale.model_files = "copy"`), the `repository` deployment: one replica on the
+  head node that hands the repository's files to replicas on other nodes (source.py).
 
 Also the rule for the database: SQLite only while every replica runs on one node. Never
 imports Ray (the config command works without the `ray` extra).
@@ -26,6 +28,12 @@ from appliance.repository.store import ModelRepository
 from appliance.serving.tasks import family_of
 
 INGRESS = "ingress"
+SOURCE = "repository"
+#: Ray's resource that only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME;
+#: Ray Serve pins its own controller with it): the copy mode's source runs where the repository is.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+#: Chunk requests the source takes at once (each at most files.CHUNK_BYTES in its memory).
+SOURCE_MAX_ONGOING = 64
 #: Requests the ingress replica takes at once (it is an async web app: the engines queue).
 INGRESS_MAX_ONGOING = 4096
 #: A replica whose constructor (loading its model) fails is retried this many times.
@@ -60,6 +68,10 @@ class ModelDeployment:
 class Plan:
     ingress: dict[str, Any]
     models: list[ModelDeployment]
+    #: Every model with a deployable version, deployed or not: {name: task family}.
+    served: dict[str, str] = field(default_factory=dict)
+    #: The copy mode's `repository` deployment; None when every node shares the repository.
+    source: dict[str, Any] | None = None
 
     def deployments(self) -> dict[str, str]:
         """Model name -> its deployment's name."""
@@ -94,10 +106,12 @@ def served_models(settings: Settings) -> dict[str, str]:
     return served
 
 
-def plan(settings: Settings, models: dict[str, str] | None = None) -> Plan:
-    """The application's deployments (`models`: {name: family}, default read from the repository)."""
-    scale = settings.scale
+def plan(settings: Settings, models: dict[str, str] | None = None, changes: dict[str, dict[str, Any]] | None = None) -> Plan:
+    """The application's deployments (`models`: {name: family}, default read from the
+    repository), with an admin's `changes` per model (store/scale_models.py) over the
+    configured replicas and resources; changes to models no longer served are left out."""
     chosen = served_models(settings) if models is None else models
+    scale = settings.scale.with_model_changes({name: fields for name, fields in (changes or {}).items() if name in chosen})
     unknown = sorted(set(scale.models) - set(chosen))
     if unknown:
         raise ConfigError(
@@ -119,7 +133,22 @@ def plan(settings: Settings, models: dict[str, str] | None = None) -> Plan:
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "logging_config": dict(REPLICA_LOGGING),
     }
-    return Plan(ingress=ingress, models=deployments)
+    return Plan(ingress=ingress, models=deployments, served=dict(chosen), source=_source_options(settings) if scale.model_files == "copy" else None)
+
+
+def _source_options(settings: Settings) -> dict[str, Any]:
+    """The copy mode's source: one replica on the head, no CPU reserved (it is idle but while a
+    node copies, and then bound by disk and network)."""
+    return {
+        "name": SOURCE,
+        "num_replicas": 1,
+        "max_ongoing_requests": SOURCE_MAX_ONGOING,
+        "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+        "health_check_period_s": settings.scale.health_check_period_s,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": settings.drain_grace_s,
+        "logging_config": dict(REPLICA_LOGGING),
+    }
 
 
 def _model_options(settings: Settings, name: str, family: str, model: ScaleModelSettings) -> dict[str, Any]:
@@ -147,6 +176,8 @@ def _model_options(settings: Settings, name: str, family: str, model: ScaleModel
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         "logging_config": dict(REPLICA_LOGGING),
     }
+    if model.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = model.max_replicas_per_node
     if model.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": model.min_replicas or 1,
@@ -195,7 +226,9 @@ def serve_config(settings: Settings, models: dict[str, str] | None = None) -> di
                 "route_prefix": "/",
                 "import_path": "appliance.scale:app",
                 "runtime_env": {"env_vars": environment},
-                "deployments": [_without_name_first(current.ingress)] + [_without_name_first(d.options) for d in current.models],
+                "deployments": [_without_name_first(current.ingress)]
+                + ([_without_name_first(current.source)] if current.source is not None else [])
+                + [_without_name_first(d.options) for d in current.models],
             }
         ],
     }

@@ -8,6 +8,11 @@ constructor returns only once the model is loaded, so Ray routes nothing to a re
 can answer. Every method answers a `wire.Reply` (or, for generation, yields stream items), and
 never lets an ApplianceError travel through Ray as an exception (wire.py says why).
 
+Where the model's files come from (`scale.model_files`): the shared repository every node
+mounts, or, in copy mode on a node other than the head, this node's verified copy of what the
+repository names (mirror.py), brought up to date before the model loads and at every
+repository poll, so a newly published version is copied, then served.
+
 Requests reach a replica only from the ingress, which has already authenticated, checked,
 logged (by the privacy mode) and counted them. A replica therefore writes nothing about a
 request anywhere: no request log, no text in its own log lines. It never touches the database.
@@ -21,19 +26,23 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 from prometheus_client import CollectorRegistry
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from appliance.app import batch_policy, provider_config
 from appliance.config import Settings
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ModelNotFound
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.tool_calls import special_token_ids
 from appliance.repository.store import ModelRepository
+from appliance.scale.mirror import MirroredWatch, NodeMirror, copy_root
+from appliance.scale.source import HandleSource
 from appliance.scale.wire import (
     Events,
     Failed,
@@ -84,7 +93,9 @@ def replica_settings(settings: Settings, num_cpus: float) -> Settings:
 class ModelReplica:
     """The deployment class of every model (one deployment per model, `application.py`)."""
 
-    async def __init__(self, settings: Settings, name: str, num_cpus: float) -> None:
+    async def __init__(self, settings: Settings, name: str, num_cpus: float, source: DeploymentHandle | None = None) -> None:
+        """`source`: the `repository` deployment in copy mode (source.py), None when every node
+        shares the repository."""
         context = serve.get_replica_context()
         runtime = ray.get_runtime_context()
         self.identity = ReplicaIdentity(
@@ -93,15 +104,14 @@ class ModelReplica:
             node_ip=ray.util.get_node_ip_address(),
             pid=os.getpid(),
         )
-        if not settings.models_dir.is_dir():
-            raise RuntimeError(
-                f"model {name}: the model repository {settings.models_dir} does not exist on node "
-                f"{self.identity.node_ip}; every node must see the state directory's models at the same path "
-                "(an NFS mount, docs/SCALE.md)"
-            )
         self.name = name
         self.settings = replica_settings(settings, num_cpus)
-        repository = ModelRepository(self.settings.models_dir)
+        self._mirror: NodeMirror | None = None
+        try:
+            models_dir = await self._model_files(source)
+        except ApplianceError as exc:
+            raise RuntimeError(f"model {name} cannot be served on node {self.identity.node_ip}: {exc.message}") from None
+        repository = ModelRepository(models_dir)
         registry = CollectorRegistry()
         loader = ModelLoader(
             repository, self.settings, provider_config(self.settings), batch_policy(self.settings), GenerationMetrics(registry)
@@ -109,17 +119,41 @@ class ModelReplica:
         self.service = ModelService(_OneModel(repository, name), self.settings, loader, metrics=ServingMetrics(registry))  # type: ignore[arg-type]
         await self.service.start()
         try:
-            status = await self.service.load(name)
+            async with self._mirror.reading() if self._mirror is not None else contextlib.nullcontext():
+                status = await self.service.load(name)
         except ApplianceError as exc:
             await self.service.close(0.0)
             raise RuntimeError(f"model {name} cannot be served on node {self.identity.node_ip}: {exc.message}") from None
         self.family = status.family or "tensor"
         self._watch: asyncio.Task[None] | None = None
         if self.settings.repository_poll_s:
-            watch = RepositoryWatch(self.service, self.settings.repository_poll_s)
+            poll_s = self.settings.repository_poll_s
+            watch = RepositoryWatch(self.service, poll_s) if self._mirror is None else MirroredWatch(self.service, poll_s, self._mirror)
             self._watch = asyncio.get_running_loop().create_task(watch.run(), name=f"repository-watch-{name}")
         self._special_tokens: dict[str, int] | None = None
-        log.info("model %s version %s ready in replica %s on %s", name, status.loaded_version, self.identity.replica_id, self.identity.node_ip)
+        log.info(
+            "model %s version %s ready in replica %s on %s, from %s", name, status.loaded_version, self.identity.replica_id,
+            self.identity.node_ip, models_dir if self._mirror is None else f"the node-local copy in {models_dir}",
+        )
+
+    async def _model_files(self, source: DeploymentHandle | None) -> Path:
+        """The repository this replica reads: the shared one, or (copy mode, another node than
+        the repository's) this node's copy, verified and completed first."""
+        if source is None:
+            if not self.settings.models_dir.is_dir():
+                raise ModelNotFound(
+                    f"the model repository {self.settings.models_dir} does not exist on this node; every node must see "
+                    "the state directory's models at the same path (an NFS mount), or set scale.model_files = \"copy\" "
+                    "(docs/SCALE.md)"
+                )
+            return self.settings.models_dir
+        files = HandleSource(source)
+        wanted = await files.wanted(self.name)
+        if wanted.source_node == self.identity.node_id:
+            return self.settings.models_dir
+        self._mirror = NodeMirror(copy_root(self.settings), self.name, files)
+        await self._mirror.sync(wanted)
+        return self._mirror.root
 
     async def _lease(self, route: Route) -> Lease[Any]:
         return await self.service.lease(self.name, route)

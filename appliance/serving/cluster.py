@@ -7,7 +7,7 @@ Plain types only; never imports Ray or the engines.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -56,4 +56,14 @@ class ClusterHealth(Protocol):
 
     def deployments(self) -> list[DeploymentStatus]:
         """Every model deployment with its replicas (admin UI)."""
+        ...
+
+
+class ClusterScaler(Protocol):
+    """Changes the running cluster's deployments (admin UI, Ray mode): each model's replicas
+    and what each replica reserves, from the configured settings with an admin's changes."""
+
+    async def rescale(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Apply `changes` ({model: {field: value}}, config.ADMIN_SCALE_FIELDS) to the running
+        application; ApplianceError when the cluster cannot take them."""
         ...

@@ -19,7 +19,7 @@ from appliance.store.db import Database
 
 #: The settings the UI may change; anything else stays in the configuration file.
 UI_SETTING_KEYS = frozenset(
-    {"logging_mode", "log_retention_days", "api_networks", "admin_networks", "cost"}
+    {"logging_mode", "log_retention_days", "api_networks", "admin_networks", "cost", "scale_models"}
 )
 
 
@@ -31,8 +31,10 @@ class AppSettingsStore:
         with self.database.session() as session:
             return {row.key: json.loads(row.value_json) for row in session.scalars(select(AppSetting))}
 
-    def set_many(self, values: dict[str, Any], *, actor: str, address: str, action: str, detail: str) -> None:
-        """Write several settings and one audit event atomically."""
+    def set_many(
+        self, values: dict[str, Any], *, actor: str, address: str, action: str, detail: str, target: str | None = None
+    ) -> None:
+        """Write several settings and one audit event atomically (its target: `target`, else the keys)."""
         unknown = set(values) - UI_SETTING_KEYS
         if unknown:
             raise ValueError(f"not a UI setting: {sorted(unknown)}")
@@ -45,7 +47,9 @@ class AppSettingsStore:
                     session.add(AppSetting(key=key, value_json=encoded, updated_at=now, updated_by=actor))
                 else:
                     row.value_json, row.updated_at, row.updated_by = encoded, now, actor
-            AuditLog.record_in(session, action, actor=actor, address=address, target=",".join(sorted(values)), detail=detail)
+            AuditLog.record_in(
+                session, action, actor=actor, address=address, target=target or ",".join(sorted(values)), detail=detail
+            )
 
     def clear(self, *, actor: str, address: str) -> list[str]:
         """Forget every UI override (the configuration applies again); returns the keys."""

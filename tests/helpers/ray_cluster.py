@@ -33,6 +33,8 @@ class RayCluster:
     #: The environment a driver (`appliance serve --ray`) needs to join: the auth token.
     env: dict[str, str]
     nodes: list[subprocess.Popen[str]]
+    #: What only the worker node's environment has (its processes, replicas included, inherit it).
+    worker_env: dict[str, str]
 
     def logs(self) -> list[Path]:
         """Every log file the cluster's processes wrote (replicas included)."""
@@ -83,13 +85,16 @@ class NodeDidNotStart(RuntimeError):
 
 
 @contextmanager
-def ray_cluster(*, head_cpus: int, worker_cpus: int, env: dict[str, str] | None = None) -> Iterator[RayCluster]:
+def ray_cluster(
+    *, head_cpus: int, worker_cpus: int, env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None
+) -> Iterator[RayCluster]:
     """The cluster, stopped at the end; one more try when a node does not start (a busy
-    machine once kept the worker from reaching the head's GCS for a minute)."""
+    machine once kept the worker from reaching the head's GCS for a minute). `env` goes to
+    both nodes, `worker_env` to the worker node only."""
     try:
-        cluster = _start(head_cpus=head_cpus, worker_cpus=worker_cpus, env=env)
+        cluster = _start(head_cpus=head_cpus, worker_cpus=worker_cpus, env=env, worker_env=worker_env or {})
     except NodeDidNotStart:
-        cluster = _start(head_cpus=head_cpus, worker_cpus=worker_cpus, env=env)
+        cluster = _start(head_cpus=head_cpus, worker_cpus=worker_cpus, env=env, worker_env=worker_env or {})
     try:
         yield cluster
     finally:
@@ -102,7 +107,7 @@ def _stop_all(nodes: list[subprocess.Popen[str]], temp_dir: Path) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _start(*, head_cpus: int, worker_cpus: int, env: dict[str, str] | None) -> RayCluster:
+def _start(*, head_cpus: int, worker_cpus: int, env: dict[str, str] | None, worker_env: dict[str, str]) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     token = uuid.uuid4().hex
     cluster_env = {
@@ -132,11 +137,11 @@ def _start(*, head_cpus: int, worker_cpus: int, env: dict[str, str] | None) -> R
         worker_log = temp_dir / "worker.out"
         worker = subprocess.Popen(
             _ray(f"--address={address}", f"--num-cpus={worker_cpus}", f"--dashboard-agent-listen-port={free_port()}", *common),
-            stdout=worker_log.open("w"), stderr=subprocess.STDOUT, env=process_env, text=True, start_new_session=True,
+            stdout=worker_log.open("w"), stderr=subprocess.STDOUT, env={**process_env, **worker_env}, text=True, start_new_session=True,
         )
         nodes.append(worker)
         _wait_started(worker, worker_log, "worker node")
     except BaseException:
         _stop_all(nodes, temp_dir)
         raise
-    return RayCluster(address=address, temp_dir=temp_dir, env=cluster_env, nodes=nodes)
+    return RayCluster(address=address, temp_dir=temp_dir, env=cluster_env, nodes=nodes, worker_env=worker_env)
