@@ -114,7 +114,7 @@ def time_attention(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def quality(version_dir: Path, threads: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    from appliance.export import DATA_DIR
+    from appliance.export.tasks.base import DATA_DIR
     from appliance.export.llm import kv_quant
     from appliance.export.llm.eval_data import TokenizerFile, load_prompts, load_prose, render_chat
     from appliance.export.llm.onnx_decoder import OnnxDecoder
