@@ -6,7 +6,8 @@ Two parts, one invocation:
 1. Speed of GroupQueryAttention alone (com.microsoft, the operator the model builder's graphs
    use) with fp32 activations and an fp32, fp16 or int8 (per-tensor and per-channel) cache, at
    a model's attention shape (default Qwen2.5-0.5B: 14 heads, 2 KV heads, head size 64), for
-   decode steps of 1, 8 and 32 rows at several past lengths; past and present bound to one
+   decode steps of 1, 8 and 32 rows and 256-token prefill chunks at several past lengths; past
+   and present bound to one
    preallocated buffer as the engine binds them. Median of `--repeats` timed runs after a
    warm-up, per layer.
 2. Quality (`--version DIR`, a published decoder version folder with an fp32 cache): the
@@ -39,8 +40,9 @@ CACHE_TYPES: dict[str, tuple[int, type[np.generic], str | None]] = {
     "int8 per tensor": (TensorProto.INT8, np.int8, "PER_TENSOR"),
     "int8 per channel": (TensorProto.INT8, np.int8, "PER_CHANNEL"),
 }
-#: (rows, past tokens) of the decode steps timed.
-STEPS = ((1, 100), (1, 2000), (8, 2000), (32, 500))
+#: (rows, new tokens per row, past tokens) of the runs timed: decode steps, then prefill chunks
+#: of the engine's default 256 tokens.
+STEPS = ((1, 1, 100), (1, 1, 2000), (8, 1, 2000), (32, 1, 500), (1, 256, 0), (1, 256, 1024), (1, 256, 1744))
 GREEDY_TOKENS = 64
 
 
@@ -83,11 +85,11 @@ def time_attention(args: argparse.Namespace) -> list[dict[str, Any]]:
     options.intra_op_num_threads = args.threads
     rng = np.random.default_rng(0)
     rows_out: list[dict[str, Any]] = []
-    max_len = max(past for _, past in STEPS) + 16
-    for rows, past in STEPS:
-        q = rng.standard_normal((rows, 1, args.heads * args.head_dim)).astype(np.float32)
-        k = rng.standard_normal((rows, 1, args.kv_heads * args.head_dim)).astype(np.float32)
-        v = rng.standard_normal((rows, 1, args.kv_heads * args.head_dim)).astype(np.float32)
+    max_len = max(past + new for _, new, past in STEPS) + 16
+    for rows, new, past in STEPS:
+        q = rng.standard_normal((rows, new, args.heads * args.head_dim)).astype(np.float32)
+        k = rng.standard_normal((rows, new, args.kv_heads * args.head_dim)).astype(np.float32)
+        v = rng.standard_normal((rows, new, args.kv_heads * args.head_dim)).astype(np.float32)
         values = rng.standard_normal((rows, args.kv_heads, max_len, args.head_dim)).astype(np.float32)
         for cache, (_, dtype, quant) in CACHE_TYPES.items():
             session = ort.InferenceSession(attention_graph(args.heads, args.kv_heads, args.head_dim, cache), options, providers=["CPUExecutionProvider"])
@@ -96,8 +98,8 @@ def time_attention(args: argparse.Namespace) -> list[dict[str, Any]]:
             binding = session.io_binding()
             for name, array in (("q", q), ("k", k), ("v", v), ("past_k", keys), ("past_v", vals)):
                 binding.bind_cpu_input(name, array)
-            binding.bind_cpu_input("seqlens_k", np.full(rows, past, np.int32))
-            binding.bind_cpu_input("total", np.array(past + 1, np.int32))
+            binding.bind_cpu_input("seqlens_k", np.full(rows, past + new - 1, np.int32))
+            binding.bind_cpu_input("total", np.array(past + new, np.int32))
             binding.bind_output("out")
             binding.bind_output("present_k", "cpu", 0, dtype, keys.shape, keys.ctypes.data)
             binding.bind_output("present_v", "cpu", 0, dtype, vals.shape, vals.ctypes.data)
@@ -108,7 +110,9 @@ def time_attention(args: argparse.Namespace) -> list[dict[str, Any]]:
                 started = time.perf_counter()
                 session.run_with_iobinding(binding)
                 samples.append(time.perf_counter() - started)
-            rows_out.append({"rows": rows, "past": past, "cache": cache, "ms_per_layer": round(statistics.median(samples) * 1000, 4)})
+            rows_out.append(
+                {"rows": rows, "new": new, "past": past, "cache": cache, "ms_per_layer": round(statistics.median(samples) * 1000, 4)}
+            )
     return rows_out
 
 
@@ -164,13 +168,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--version", type=Path, help="a published decoder version folder (fp32 KV cache) for the quality part")
+    parser.add_argument("--quality-only", action="store_true", help="skip the timing part (it needs a quiet machine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    figures: dict[str, Any] = {"onnxruntime": ort.__version__, "speed": time_attention(args)}
-    print(f"GroupQueryAttention, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, {args.threads} threads, ms per layer:")
-    for rows, past in STEPS:
-        cells = [f"{row['cache']} {row['ms_per_layer']:.3f}" for row in figures["speed"] if row["rows"] == rows and row["past"] == past]
-        print(f"  {rows:>2} rows x {past:>4} past: " + " | ".join(cells))
+    figures: dict[str, Any] = {"onnxruntime": ort.__version__, "speed": [] if args.quality_only else time_attention(args)}
+    if figures["speed"]:
+        print(f"GroupQueryAttention, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, {args.threads} threads, ms per layer:")
+    for rows, new, past in STEPS if figures["speed"] else ():
+        cells = [
+            f"{row['cache']} {row['ms_per_layer']:.3f}"
+            for row in figures["speed"] if (row["rows"], row["new"], row["past"]) == (rows, new, past)
+        ]
+        print(f"  {rows:>2} rows x {new:>3} new x {past:>4} past: " + " | ".join(cells))
     if args.version is not None:
         figures["quality"] = quality(args.version, args.threads)
         print(json.dumps(figures["quality"], indent=2))

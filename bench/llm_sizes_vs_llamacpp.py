@@ -480,7 +480,7 @@ def resolve_pairs(args: argparse.Namespace) -> list[Pair]:
     return pairs
 
 
-#: `--kv-cache` -> the manifest's KV datatype an existing version must have (auto: any).
+#: `--kv-cache` -> the manifest's KV datatype an existing version must have.
 KV_DATATYPES = {"fp32": "FP32", "int8": "INT8"}
 
 
@@ -782,7 +782,7 @@ def main() -> None:
     parser.add_argument("--llama-n-batch", type=int, default=2048)
     parser.add_argument("--llama-n-ubatch", type=int, default=512)
     parser.add_argument("--llama-kv-unified", action="store_true", help="one KV buffer for all sequences (default: one per sequence)")
-    parser.add_argument("--kv-cache", choices=("auto", "fp32", "int8"), default="auto", help="the export's --kv-cache (an existing version is reused only with that KV type)")
+    parser.add_argument("--kv-cache", choices=("fp32", "int8"), default="fp32", help="the export's --kv-cache (an existing version is reused only with that KV type)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure the appliance only (no bench/.venv-llamacpp needed)")
     parser.add_argument("--export-only", action="store_true", help="write the files and export the variants, then stop")
     parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")

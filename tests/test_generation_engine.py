@@ -52,7 +52,7 @@ def test_optimum_graph_kind_greedy_equals_its_reference_loop(tiny_decoders: Tiny
         engine.stop()
 
 
-@pytest.mark.parametrize("version", ["llama_fp32", "gpt2_fp32"])
+@pytest.mark.parametrize("version", ["llama_fp32", "gpt2_fp32", "llama_int4_kv8"])
 def test_concurrent_sequences_batched_equal_each_run_alone(tiny_decoders: TinyDecoders, version: str) -> None:
     model = getattr(tiny_decoders, version)
     engine = make_engine(model)
@@ -70,11 +70,17 @@ def test_concurrent_sequences_batched_equal_each_run_alone(tiny_decoders: TinyDe
         engine.stop()
 
 
-def test_chunked_prefill_gives_the_same_tokens_as_one_prefill(tiny_decoders: TinyDecoders) -> None:
+#: The int8 KV cache (`--kv-cache int8`) goes through the same engine paths as fp32.
+WITH_INT8_KV = pytest.mark.parametrize("version", ["llama_fp32", "llama_int4_kv8"])
+
+
+@WITH_INT8_KV
+def test_chunked_prefill_gives_the_same_tokens_as_one_prefill(tiny_decoders: TinyDecoders, version: str) -> None:
+    model = getattr(tiny_decoders, version)
     prompt = [(7 * i + 3) % 300 + 3 for i in range(70)]
-    engine = make_engine(tiny_decoders.llama_fp32, prefill_chunk_tokens=16)
+    engine = make_engine(model, prefill_chunk_tokens=16)
     try:
-        assert asyncio.run(generate(engine, prompt, greedy(12))).tokens == reference_greedy(tiny_decoders.llama_fp32, prompt, 12)
+        assert asyncio.run(generate(engine, prompt, greedy(12))).tokens == reference_greedy(model, prompt, 12)
     finally:
         engine.stop()
 
@@ -105,15 +111,17 @@ def test_long_prompt_prefill_does_not_stall_a_running_stream(tiny_decoders: Tiny
         engine.stop()
 
 
-def test_repeated_system_prompt_is_served_from_the_prefix_cache(tiny_decoders: TinyDecoders) -> None:
+@WITH_INT8_KV
+def test_repeated_system_prompt_is_served_from_the_prefix_cache(tiny_decoders: TinyDecoders, version: str) -> None:
+    model = getattr(tiny_decoders, version)
     system = [(3 * i + 2) % 300 + 3 for i in range(3 * BLOCK_TOKENS)]
-    engine = make_engine(tiny_decoders.llama_fp32)
+    engine = make_engine(model)
     try:
         first = system + [40, 41, 42]
         second = system + [50, 51]
-        assert asyncio.run(generate(engine, first, greedy(8))).tokens == reference_greedy(tiny_decoders.llama_fp32, first, 8)
+        assert asyncio.run(generate(engine, first, greedy(8))).tokens == reference_greedy(model, first, 8)
         result = asyncio.run(generate(engine, second, greedy(8)))
-        assert result.tokens == reference_greedy(tiny_decoders.llama_fp32, second, 8)
+        assert result.tokens == reference_greedy(model, second, 8)
         assert result.events[-1].cached_prompt_tokens == 3 * BLOCK_TOKENS
         assert engine.stats()["prefix_cache_hit_rate"] > 0.4
     finally:
@@ -121,11 +129,12 @@ def test_repeated_system_prompt_is_served_from_the_prefix_cache(tiny_decoders: T
 
 
 def test_prompt_lookup_speculation_gives_identical_greedy_output(tiny_decoders: TinyDecoders) -> None:
+    model = tiny_decoders.llama_fp32
     # A prompt that repeats itself, so n-gram drafts exist and some are accepted.
-    base = reference_greedy(tiny_decoders.llama_fp32, PROMPTS[3], 30)
+    base = reference_greedy(model, PROMPTS[3], 30)
     prompt = PROMPTS[3] + base + PROMPTS[3]
-    plain = make_engine(tiny_decoders.llama_fp32)
-    speculative = make_engine(tiny_decoders.llama_fp32, speculative="prompt-lookup")
+    plain = make_engine(model)
+    speculative = make_engine(model, speculative="prompt-lookup")
     try:
         expected = asyncio.run(generate(plain, prompt, greedy(30))).tokens
         assert asyncio.run(generate(speculative, prompt, greedy(30))).tokens == expected
@@ -157,10 +166,12 @@ class CheapDrafts(VerificationCost):
         del seconds
 
 
-def test_accepted_drafts_save_steps_and_keep_the_output(tiny_decoders: TinyDecoders) -> None:
+@WITH_INT8_KV
+def test_accepted_drafts_save_steps_and_keep_the_output(tiny_decoders: TinyDecoders, version: str) -> None:
+    model = getattr(tiny_decoders, version)
     # The model drafting for itself: every draft token is accepted.
-    plain = make_engine(tiny_decoders.llama_fp32)
-    engine = make_engine(tiny_decoders.llama_fp32, speculative="draft", draft=tiny_decoders.llama_fp32)
+    plain = make_engine(model)
+    engine = make_engine(model, speculative="draft", draft=model)
     engine.cost = CheapDrafts()
     try:
         expected = asyncio.run(generate(plain, PROMPTS[0], greedy(40))).tokens
@@ -172,8 +183,14 @@ def test_accepted_drafts_save_steps_and_keep_the_output(tiny_decoders: TinyDecod
         engine.stop()
 
 
-def test_draft_model_speculation_gives_the_target_greedy_output(tiny_decoders: TinyDecoders) -> None:
-    engine = make_engine(tiny_decoders.llama_fp32, speculative="draft", draft=tiny_decoders.llama_int4)
+@pytest.mark.parametrize(
+    ("target", "draft"), [("llama_fp32", "llama_int4"), ("llama_fp32", "llama_int4_kv8"), ("llama_int4_kv8", "llama_fp32")]
+)
+def test_draft_model_speculation_gives_the_target_greedy_output(tiny_decoders: TinyDecoders, target: str, draft: str) -> None:
+    """Drafts rejected part-way leave positions in the target's (and the draft's) cache that
+    the next run overwrites: the same for an int8 cache as for fp32."""
+    model = getattr(tiny_decoders, target)
+    engine = make_engine(model, speculative="draft", draft=getattr(tiny_decoders, draft))
     engine.cost = CheapDrafts()  # a tiny draft costs what its tiny target does: it would never draft
     try:
         # The two sessions take turns on the same cores: both park their pools after each run.
@@ -181,13 +198,13 @@ def test_draft_model_speculation_gives_the_target_greedy_output(tiny_decoders: T
         for runner in (engine.runner, engine.draft.runner):
             options = runner.session.get_session_options()  # type: ignore[attr-defined]
             assert options.get_session_config_entry("session.force_spinning_stop") == "1"
-        plain = make_engine(tiny_decoders.llama_fp32)
+        plain = make_engine(model)
         plain_options = plain.runner.session.get_session_options()  # type: ignore[attr-defined]
         plain.stop()
         with pytest.raises(RuntimeError, match="force_spinning_stop"):  # not set: a lone model keeps spinning
             plain_options.get_session_config_entry("session.force_spinning_stop")
         for prompt in PROMPTS[:2]:
-            assert asyncio.run(generate(engine, prompt, greedy(25))).tokens == reference_greedy(tiny_decoders.llama_fp32, prompt, 25)
+            assert asyncio.run(generate(engine, prompt, greedy(25))).tokens == reference_greedy(model, prompt, 25)
         assert engine.counters["draft_tokens"] > 0
     finally:
         engine.stop()

@@ -103,8 +103,8 @@ class ExportContext:
     progress: ProgressReporter = field(default_factory=ProgressReporter)
     #: Weight-only quantisation block size (MatMulNBits); None: the task's default.
     block_size: int | None = None
-    #: KV cache of decoder variants: "auto" (int8 within its perplexity budget), "fp32", "int8".
-    kv_cache: str = "auto"
+    #: KV cache of decoder variants: "fp32", or "int8" (where its perplexity budget allows).
+    kv_cache: str = "fp32"
 
     def subdir(self, name: str) -> Path:
         path = self.work_dir / name

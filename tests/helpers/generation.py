@@ -43,6 +43,8 @@ class TinyDecoders:
     llama_int4: ModelVersion
     gpt2_fp32: ModelVersion
     llama_fp16: ModelVersion
+    #: int4 weights with an int8 KV cache (`--kv-cache int8`), in a state directory of its own.
+    llama_int4_kv8: ModelVersion
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +64,10 @@ def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> TinyDecoders:
     # servers that tests start on `state_dir` do not serve it.
     fp16_settings = load_settings(state_dir=root / "state-fp16")
     fp16 = run_export(ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="fp16"), fp16_settings).version
+    kv8_settings = load_settings(state_dir=root / "state-kv8")
+    kv8 = run_export(
+        ExportRequest(source=str(llama), name="tiny-llama", task="text-generation", quant="int4", kv_cache="int8"), kv8_settings
+    ).version
     repository = ModelRepository(settings.models_dir)
     return TinyDecoders(
         settings.state_dir,
@@ -69,6 +75,7 @@ def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> TinyDecoders:
         repository.get("tiny-llama", int4.version),
         repository.get("tiny-gpt2", gpt.version),
         ModelRepository(fp16_settings.models_dir).get("tiny-llama", fp16.version),
+        ModelRepository(kv8_settings.models_dir).get("tiny-llama", kv8.version),
     )
 
 
