@@ -200,6 +200,8 @@ class BatchApiSettings(BaseModel):
 #: Ray Serve's proxies: one on the head node (clients use the head's address), or one per node
 #: (a load balancer in front spreads clients over the nodes).
 ProxyLocation = Literal["HeadOnly", "EveryNode"]
+#: How HTTP reaches the ingress: through Ray Serve's proxy, or straight into the ingress replica.
+IngressMode = Literal["proxy", "direct"]
 ModelFilesMode = Literal["shared", "copy"]
 #: Where a node keeps its copies of model versions in copy mode, under the state directory.
 NODE_MODELS_DIR = "node-models"
@@ -288,6 +290,15 @@ class ScaleSettings(BaseModel):
     proxy_location: ProxyLocation = Field(
         "HeadOnly", description="Where Ray Serve's HTTP proxy listens (host and port): the head node only, or every node."
     )
+    ingress: IngressMode = Field(
+        "direct",
+        description=(
+            "How clients reach the ingress: 'direct' (the ingress replica, pinned to the head node, listens on "
+            "host:port itself: no proxy process, no request relayed through Ray; Ray Serve's experimental direct "
+            "ingress, one ingress replica) or 'proxy' (Ray Serve's HTTP proxy on host:port forwards each request to the ingress "
+            "replicas; several ingress replicas, proxy_location = EveryNode)."
+        ),
+    )
     ingress_replicas: int = Field(
         1, ge=1, le=64, description="Replicas of the ingress (the appliance's own app: auth, logging, routes, admin UI)."
     )
@@ -321,6 +332,20 @@ class ScaleSettings(BaseModel):
     models: dict[str, ScaleModelSettings] = Field(
         default_factory=dict, description="Replicas and resources per model, by model name."
     )
+
+    @model_validator(mode="after")
+    def _direct_ingress(self) -> ScaleSettings:
+        if self.ingress == "direct" and self.ingress_replicas > 1:
+            raise ValueError(
+                f"ingress_replicas = {self.ingress_replicas} needs ingress = \"proxy\": with ingress = \"direct\" "
+                "one ingress replica on the head node listens on host:port itself"
+            )
+        if self.ingress == "direct" and self.proxy_location == "EveryNode":
+            raise ValueError(
+                "proxy_location = \"EveryNode\" needs ingress = \"proxy\": with ingress = \"direct\" clients reach "
+                "the head node's ingress replica, no proxy per node"
+            )
+        return self
 
     def model(self, name: str) -> ScaleModelSettings:
         """The settings of `name` (the defaults when it is not listed)."""

@@ -5,19 +5,25 @@ Two servers at once on the same state directory (the default models: MiniLM int8
 int4), each with the same ONNX Runtime threads per model:
 
 - single box: `appliance serve` (one process: uvicorn, the ModelService, the engines);
-- Ray: `appliance serve --ray auto` (a local Ray cluster: Ray Serve's HTTP proxy -> the
-  ingress replica (the same app) -> one replica per model, each a process of its own).
+- Ray: `appliance serve --ray auto` (a local Ray cluster: Ray Serve's HTTP proxy, unless the
+  ingress is direct -> the ingress replica (the same app) -> one replica per model, each a
+  process of its own).
 
 Passes alternate between the two (after a warm-up): embeddings from 32 clients (one sentence a
 request) and chat from 8 streams (64 tokens each, ignore_eos), as bench/serving_layer.py runs
 them. Reports each side's median requests/s (tokens/s) and p50/p99 latency (TTFT) and the
-ratio Ray / single box. Then, on the Ray server, the embedder's replica is killed with kill -9
-and the time until a new replica answers is measured (`--restarts` times).
+ratio Ray / single box, and the CPU each embedding request costs in each process (the single
+box's one; Ray's proxy, ingress replica and embedder replica). Then, on the Ray server, the
+embedder's replica is killed with kill -9 and the time until a new replica answers is measured
+(`--restarts` times).
 
-    .venv/bin/python bench/ray_overhead.py --state-dir DIR [--passes 3] [--restarts 3] [--json FILE]
+    .venv/bin/python bench/ray_overhead.py --state-dir DIR [--passes 3] [--restarts 3] [--ingress proxy|direct] [--json FILE]
+
+`--ingress` sets the Ray server's `scale.ingress` (default: the setting's default): `proxy`
+sends each request through Ray Serve's HTTP proxy, `direct` into the ingress replica itself.
 
 Differences under ~10% are noise on a shared 2-core box. On one box the Ray path pays its
-hops (proxy -> ingress -> replica, each a Ray actor call with its serialisation) out of the
+hops (proxy, if any -> ingress -> replica, each a Ray actor call with its serialisation) out of the
 same two cores that serve the models, so this is its worst case: across boxes the hops cost
 network time, not the model's CPU.
 """
@@ -47,19 +53,29 @@ from serving_layer import CHAT_MODEL, EMBED_MODEL, chat_load, embeddings_load, e
 EMBED_SECONDS = 10.0
 CHAT_SECONDS = 15.0
 READY_TIMEOUT_S = 600.0
+#: The Ray processes whose CPU per embedding request is reported, by the start of their title
+#: (Ray names its workers `ray::CLASS`, Serve's replicas `ray::ServeReplica:APP:DEPLOYMENT`).
+RAY_PARTS = {
+    "proxy": "ray::ProxyActor",
+    "ingress": "ray::ServeReplica:appliance:ingress",
+    "embedder": f"ray::ServeReplica:appliance:model-{EMBED_MODEL}",
+}
 
 
 class Server:
     """`appliance serve [--ray auto]` on a free port, auth off (loopback), until closed."""
 
-    def __init__(self, state_dir: Path, *, ray: bool, threads: int, log: Path) -> None:
+    def __init__(self, state_dir: Path, *, ray: bool, threads: int, log: Path, ingress: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ray = ray
         command = [sys.executable, "-m", "appliance", "serve", "--no-auth", "--port", str(self.port)]
         if ray:
             command += ["--ray", "auto"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
         env.update(APPLIANCE_STATE_DIR=str(state_dir), APPLIANCE_CPU_THREADS=str(threads), APPLIANCE_REPOSITORY_POLL_S="0")
+        if ingress is not None:
+            env["APPLIANCE_SCALE__INGRESS"] = ingress
         self.log = log.open("w")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
@@ -109,6 +125,29 @@ def restart_seconds(url: str) -> float:
     raise TimeoutError("the replica did not come back within 300 s")
 
 
+def cpu_seconds(server: Server) -> dict[str, float]:
+    """CPU seconds each part of `server` has used so far (the single box: its one process)."""
+    if not server.ray:
+        times = psutil.Process(server.proc.pid).cpu_times()
+        return {"server": times.user + times.system}
+    totals = dict.fromkeys(RAY_PARTS, 0.0)
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        title, times = (process.info.get("cmdline") or [""])[0], process.info.get("cpu_times")
+        for part, prefix in RAY_PARTS.items():
+            if times is not None and title.startswith(prefix):
+                totals[part] += times.user + times.system
+    return totals
+
+
+def embeddings_pass(server: Server) -> dict[str, float]:
+    """One embeddings load, with the CPU milliseconds per request of each part of the server."""
+    before = cpu_seconds(server)
+    figures = asyncio.run(embeddings_load(server.url, EMBED_SECONDS))
+    used = {part: seconds - before[part] for part, seconds in cpu_seconds(server).items()}
+    requests = figures["requests_per_s"] * EMBED_SECONDS
+    return {**figures, **{f"cpu_ms_{part}": 1000 * seconds / requests for part, seconds in used.items()}}
+
+
 def summary(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -119,6 +158,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per model, both servers")
+    parser.add_argument("--ingress", choices=("proxy", "direct"), help="the Ray server's scale.ingress (default: the setting's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ensure_defaults(args.state_dir)
@@ -126,7 +166,7 @@ def main() -> None:
     logs = args.state_dir / "bench-logs"
     logs.mkdir(exist_ok=True)
     single = Server(args.state_dir, ray=False, threads=args.threads, log=logs / "single.log")
-    ray = Server(args.state_dir, ray=True, threads=args.threads, log=logs / "ray.log")
+    ray = Server(args.state_dir, ray=True, threads=args.threads, log=logs / "ray.log", ingress=args.ingress)
     servers = {"single": single, "ray": ray}
     results: dict[str, dict[str, list[dict[str, float]]]] = {name: {"embeddings": [], "chat": []} for name in servers}
     try:
@@ -138,7 +178,7 @@ def main() -> None:
         for index in range(args.passes):
             order = list(servers.items()) if index % 2 == 0 else list(reversed(servers.items()))
             for name, server in order:
-                results[name]["embeddings"].append(asyncio.run(embeddings_load(server.url, EMBED_SECONDS)))
+                results[name]["embeddings"].append(embeddings_pass(server))
                 results[name]["chat"].append(asyncio.run(chat_load(server.url, CHAT_SECONDS)))
                 print(f"pass {index + 1} {name}: {results[name]['embeddings'][-1]} {results[name]['chat'][-1]}", flush=True)
         single.close()  # the restart measure runs with the Ray server alone
@@ -148,7 +188,7 @@ def main() -> None:
             server.close()
     figures: dict[str, Any] = {name: {workload: summary(runs) for workload, runs in per.items()} for name, per in results.items()}
     figures["restart_s"] = restarts
-    print(f"\nmachine: {machine()}; {args.passes} alternating passes, medians")
+    print(f"\nmachine: {machine()}; {args.passes} alternating passes, medians; Ray ingress: {args.ingress or 'default'}")
     print("| workload | single box | Ray Serve | Ray / single |")
     print("| --- | --- | --- | --- |")
     for workload, key, unit in (
@@ -161,6 +201,10 @@ def main() -> None:
         family = "embeddings" if workload.startswith("embeddings") else "chat"
         a, b = figures["single"][family][key], figures["ray"][family][key]
         print(f"| {workload} | {a:.1f} {unit} | {b:.1f} {unit} | {b / a:.2f} |")
+    cpu = {name: {key[len("cpu_ms_"):]: value for key, value in figures[name]["embeddings"].items() if key.startswith("cpu_ms_")} for name in servers}
+    print("CPU per embedding request: " + "; ".join(
+        f"{name}: " + ", ".join(f"{part} {ms:.1f} ms" for part, ms in parts.items()) for name, parts in cpu.items()
+    ))
     print(f"replica restart after kill -9 (until it answers): {', '.join(f'{s:.1f}' for s in restarts)} s")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

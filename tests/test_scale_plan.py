@@ -16,11 +16,15 @@ from appliance.config import load_settings
 from appliance.errors import ConfigError
 from appliance.repository.store import ModelRepository
 from appliance.scale.plan import (
+    DIRECT_INGRESS_PROXY_PORT,
     HEAD_NODE_RESOURCE,
     INGRESS,
     SOURCE,
     check_database,
+    controller_options,
     deployment_name,
+    direct_ingress_environment,
+    http_options,
     plan,
     serve_config,
     to_yaml,
@@ -89,6 +93,36 @@ def test_copy_mode_adds_the_repository_source_on_the_head_node(state_dir: Path, 
     schema.ServeDeploySchema.model_validate(document)
 
 
+def test_direct_ingress_pins_the_ingress_to_the_head_on_the_appliances_port(state_dir: Path, repository: ModelRepository) -> None:
+    """`scale.ingress = "direct"` (the default): Ray Serve's controller and every deployment
+    get the switch and a port range of exactly the appliance's port; the proxy Ray still
+    starts takes a free port; the ingress runs on the head node, alone."""
+    direct = load_settings(state_dir=state_dir, port=8100)
+    environment = {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8100",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8101",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+    assert direct_ingress_environment(direct) == environment
+    assert plan(direct).ingress["ray_actor_options"] == {"num_cpus": 1.0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
+    assert controller_options(direct) == {"runtime_env": {"env_vars": environment}}
+    assert http_options(direct)["port"] == DIRECT_INGRESS_PROXY_PORT
+    document = serve_config(direct)
+    assert document["controller_options"] == {"runtime_env": {"env_vars": environment}}
+    assert document["applications"][0]["runtime_env"]["env_vars"].items() >= environment.items()
+    proxy = load_settings(state_dir=state_dir, port=8100, scale={"ingress": "proxy"})
+    assert http_options(proxy) == {"host": "127.0.0.1", "port": 8100} and controller_options(proxy) is None
+    assert direct_ingress_environment(proxy) == {} and plan(proxy).ingress["ray_actor_options"] == {"num_cpus": 1.0}
+    with pytest.raises(ConfigError, match="needs ingress = \"proxy\""):
+        load_settings(state_dir=state_dir, scale={"ingress_replicas": 2}, batch_api={"enabled": False})
+    with pytest.raises(ConfigError, match="EveryNode"):
+        load_settings(state_dir=state_dir, scale={"proxy_location": "EveryNode"})
+    schema = pytest.importorskip("ray.serve.schema", reason="the `ray` extra checks the file against Ray's own schema", exc_type=ImportError)
+    schema.ServeDeploySchema.model_validate(document)
+
+
 def test_an_admins_saved_changes_override_the_configured_replicas_and_resources(state_dir: Path, repository: ModelRepository) -> None:
     from appliance.store.audit import AuditLog
     from appliance.store.db import Database
@@ -123,8 +157,9 @@ def test_autoscaling_bounds_and_a_single_batch_runner_are_checked_in_the_setting
     with pytest.raises(ConfigError, match="needs max_replicas"):
         load_settings(state_dir=state_dir, scale={"models": {"m": {"min_replicas": 2}}})
     with pytest.raises(ConfigError, match="batch_api.enabled"):
-        load_settings(state_dir=state_dir, scale={"ingress_replicas": 2})
-    assert load_settings(state_dir=state_dir, scale={"ingress_replicas": 2}, batch_api={"enabled": False}).scale.ingress_replicas == 2
+        load_settings(state_dir=state_dir, scale={"ingress": "proxy", "ingress_replicas": 2})
+    several = load_settings(state_dir=state_dir, scale={"ingress": "proxy", "ingress_replicas": 2}, batch_api={"enabled": False})
+    assert several.scale.ingress_replicas == 2
 
 
 def test_sqlite_only_while_every_replica_runs_on_one_node(state_dir: Path) -> None:
@@ -146,7 +181,7 @@ def test_scale_config_prints_a_serve_deploy_file(state_dir: Path, repository: Mo
     assert "import_path: \"appliance.scale:app\"" in done.stdout
     yaml = pytest.importorskip("yaml", reason="PyYAML (installed with the `ray` extra) reads the config back")
     document = yaml.safe_load(done.stdout)
-    assert document["http_options"] == {"host": "127.0.0.1", "port": 8100}
+    assert document["http_options"] == {"host": "127.0.0.1", "port": DIRECT_INGRESS_PROXY_PORT}
     [application] = document["applications"]
     assert application["runtime_env"]["env_vars"]["APPLIANCE_STATE_DIR"] == str(state_dir)
     names = {deployment["name"]: deployment for deployment in application["deployments"]}

@@ -1,25 +1,28 @@
 """Scale-out on Ray Serve, on one machine: a two-node Ray cluster on loopback (a head with 4
 CPUs and a worker node with 3, each its own `ray start`), the database on PostgreSQL, and
 `appliance serve --ray HEAD` deploying the appliance with 2 replicas of the embedder (at most
-one per node), 1 of the chat model, 1 of the adder and an autoscaling model (1..2), in copy
+one per node), 1 of the chat model, 1 of the adder and an autoscaling model (1..2), its
+ingress replica listening on the appliance's port itself (direct ingress, the default), in copy
 mode: replicas on the worker node serve a SHA-256-verified copy of their model in the worker's
 own copy folder (its `ray start` environment names it), and a copied file damaged on disk is
 fetched again when the replica restarts. Through the Ray ingress the
 official `openai` and `tritonclient` clients work unchanged (chat, streamed chat, embeddings,
 V2 infer); requests are spread over the embedder's replicas (counted per replica in
-/metrics); a replica killed with kill -9 under 8 clients costs only the requests that were on
+/metrics); concurrent embeddings leave the ingress as merged calls, each answered on its own;
+a second deploy with other HTTP settings is refused while Serve runs; a replica killed with kill -9 under 8 clients costs only the requests that were on
 it, each a 503 with Retry-After naming it, never a hang, and Ray brings it back; a burst
 scales the autoscaling model up within its bounds and idleness scales it down; a revoked key
 is refused within the documented 2 s; in privacy mode `off` no text reaches the database or
 any node's logs; SQLite is refused on a cluster of two nodes; the admin's Models page shows the
 replicas and their nodes, and its form sets the embedder's replicas from 2 to 1 in place;
-SIGTERM drains and exits 0; `--ray auto` runs its own local cluster
-and leaves no process of it behind.
+SIGTERM drains and exits 0; `--ray auto` (here with `scale.ingress = "proxy"`: Ray Serve's
+proxy in front) runs its own local cluster and leaves no process of it behind.
 
 Marked `ray` (select with `-m ray`); skipped only where the `ray` extra is not installed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -276,6 +279,36 @@ def test_requests_are_spread_over_the_embedders_replicas(server: RayServer) -> N
     assert len(replica_pids(EMBED)) == 2
     ready = httpx.get(server.url(f"/v2/models/{EMBED}/ready"), headers=server.auth, timeout=10)
     assert ready.status_code == 200
+
+
+def test_concurrent_embeddings_share_merged_calls_and_each_keeps_its_own_answer(server: RayServer) -> None:
+    """32 requests at once: the ingress merges their calls to the embedder (two in flight per
+    replica, the others leave together); each answer equals the one its sentence gets alone,
+    and a request the replica refuses gets its own 400 without failing its batch-mates."""
+    sentences = [f"sentence {index} about a cat" for index in range(32)]
+    with httpx.Client(timeout=30, headers=server.auth) as http:
+        alone = [http.post(server.url("/v1/embeddings"), json={"model": EMBED, "input": text}).json()["data"][0]["embedding"] for text in sentences[:3]]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, headers=server.auth, limits=httpx.Limits(max_connections=40)) as client:
+            bodies = [{"model": EMBED, "input": text} for text in sentences] + [{"model": EMBED, "input": "a cat", "dimensions": 999}]
+            return await asyncio.gather(*(client.post(server.url("/v1/embeddings"), json=body) for body in bodies))
+
+    before = sum(server.replica_counts(EMBED).values())
+    *answers, refused = asyncio.run(burst())
+    assert [answer.status_code for answer in answers] == [200] * len(sentences), [answer.text for answer in answers if answer.status_code != 200]
+    assert np.allclose([answer.json()["data"][0]["embedding"] for answer in answers[:3]], alone, atol=1e-4)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions", refused.text
+    assert sum(server.replica_counts(EMBED).values()) - before == len(sentences) + 1  # counted per request, not per merged call
+
+
+def test_a_second_deploy_with_other_http_settings_is_refused_while_serve_runs(server: RayServer) -> None:
+    """Ray Serve keeps the HTTP options and ingress mode its controller started with: a deploy
+    that wants others says so and how to stop it, rather than serve elsewhere."""
+    env = {**server.env, "APPLIANCE_SCALE__INGRESS": "proxy"}
+    done = appliance("serve", "--ray", server.cluster.address, "--port", str(free_port()), env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert 'Ray Serve already runs on this cluster with ingress = "direct"' in done.stderr and "serve shutdown" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +612,9 @@ def test_ray_auto_serves_on_a_local_cluster_and_stops_it_on_exit(tmp_path: Path)
 
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "RAY_"))}
-    env.update(APPLIANCE_STATE_DIR=str(state), RAY_TMPDIR=ray_tmp, APPLIANCE_SCALE__MODELS__ADDER__NUM_CPUS="0.5")
+    env.update(
+        APPLIANCE_STATE_DIR=str(state), RAY_TMPDIR=ray_tmp, APPLIANCE_SCALE__MODELS__ADDER__NUM_CPUS="0.5", APPLIANCE_SCALE__INGRESS="proxy",
+    )
     output = tmp_path / "serve.log"
     with output.open("w") as sink:
         proc = subprocess.Popen(

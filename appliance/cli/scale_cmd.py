@@ -26,8 +26,8 @@ app.add_typer(scale_app, name="scale")
 def scale_config(
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address Ray Serve's proxy listens on. Env: APPLIANCE_HOST.")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="Port of Ray Serve's proxy. Env: APPLIANCE_PORT.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address the appliance listens on (the ingress replica; Ray Serve's proxy with scale.ingress = proxy). Env: APPLIANCE_HOST.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port the appliance listens on (the ingress replica, or Ray Serve's proxy in proxy mode). Env: APPLIANCE_PORT.")] = None,
     replicas: Annotated[
         list[str] | None, typer.Option("--replicas", metavar="MODEL=N", help="N replicas of MODEL (repeatable); else scale.models.")
     ] = None,

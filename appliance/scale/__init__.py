@@ -8,6 +8,7 @@ the single-box server, its tests and the quickstart never load it. Layout:
 - `application.py`: the bound Ray Serve application; `ingress.py`: the appliance's own app as
   the ingress deployment; `replica.py`: one model per replica;
 - `clients.py`: the serving protocols over deployment handles (what the ingress' doors use);
+  `coalesce.py`: concurrent tensor calls to a model merged into few Ray calls;
   `wire.py`: what crosses the network; `cluster.py`: the replicas as the ingress sees them;
 - `launch.py`: `appliance serve --ray ADDRESS|auto`.
 

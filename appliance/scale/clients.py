@@ -12,6 +12,9 @@ contract; routes, auth and privacy logging do not change).
   Retry-After (`ReplicaUnavailable`) naming the replica; Ray's back-pressure is a 429; no call
   waits past its deadline (plus `DEADLINE_SLACK_S`), so nothing hangs on a lost replica.
 - Each reply names its replica: `appliance_replica_requests_total{model,replica}` counts them.
+- Concurrent tensor calls (embeddings, V2 infer, rerank) to one model leave as few merged Ray
+  calls (coalesce.py), unless the model autoscales: Ray's autoscaler counts the calls in flight
+  per replica, which merging would hide.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from appliance.errors import ApplianceError, CapacityExceeded, DeadlineExceeded,
 from appliance.generation.grammar import CompiledGrammar
 from appliance.repository.store import ModelVersion
 from appliance.scale.cluster import ClusterWatch
+from appliance.scale.coalesce import CallCoalescer, TensorCall
 from appliance.scale.wire import Events, Failed, ReplicaDescription, ReplicaIdentity, Reply, Started
 from appliance.serving.loaders import LoadedModel
 from appliance.generation.tool_calls import tool_format
@@ -62,6 +66,12 @@ DEADLINE_SLACK_S = 10.0
 OPEN_TIMEOUT_S = 900.0
 #: Deadline of small calls (describe, stats, prompt rendering) that carry none of their own.
 SMALL_CALL_TIMEOUT_S = 60.0
+#: Merged tensor calls in flight per running replica of a model: one computing while the next
+#: travels (coalesce.py).
+MERGED_CALLS_PER_REPLICA = 2
+#: Most tensor calls one merged call carries (the replica's own batcher splits them into its
+#: batches of `batching.max_batch_size` rows).
+MAX_MERGED_CALLS = 64
 
 _PID = re.compile(r"\bpid: (\d+)")
 _IP = re.compile(r"\bip: ([0-9a-fA-F.:]+)")
@@ -96,6 +106,7 @@ class RayCalls:
         self.cluster = cluster
         self.counter = counter
         self.retry_after_s = retry_after_s
+        self.coalescer = CallCoalescer(self._send_merged, limit=self._merged_limit, max_items=MAX_MERGED_CALLS)
 
     def refuse_without_replica(self) -> None:
         """503 at once while every replica is being restarted (rather than wait in Ray's router)."""
@@ -120,6 +131,32 @@ class RayCalls:
             raise self.translate(exc) from None
         self.counter.count(self.model, reply.replica)
         return reply.unwrap()
+
+    async def tensor(self, method: str, *args: Any, timeout_s: float) -> Any:
+        """A tensor model's call, merged with concurrent ones unless the model autoscales."""
+        self.refuse_without_replica()
+        if self.cluster is not None and self.cluster.autoscaling(self.model):
+            return await self.unary(method, *args, timeout_s=timeout_s, fast_fail=False)
+        try:
+            reply: Reply = await asyncio.wait_for(self.coalescer.call(TensorCall(method, args, timeout_s)), timeout_s + DEADLINE_SLACK_S)
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {self.model!r}: no replica answered within {timeout_s + DEADLINE_SLACK_S:g} s") from None
+        except Exception as exc:  # noqa: BLE001 - every Ray failure becomes a typed error here
+            raise self.translate(exc) from None
+        self.counter.count(self.model, reply.replica)
+        return reply.unwrap()
+
+    def _merged_limit(self) -> int:
+        running = self.cluster.running(self.model) if self.cluster is not None else 1
+        return MERGED_CALLS_PER_REPLICA * max(1, running)
+
+    async def _send_merged(self, calls: list[TensorCall], timeout_s: float) -> list[Reply]:
+        response: DeploymentResponse = self.handle.calls.remote(calls)
+        try:
+            return await asyncio.wait_for(_awaited(response), timeout_s + DEADLINE_SLACK_S)
+        except BaseException:
+            response.cancel()
+            raise
 
     def translate(self, exc: BaseException) -> ApplianceError:
         """A Ray failure as the error the doors map (once, in api/errors.py)."""
@@ -174,7 +211,7 @@ class RayTensorClient:
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, *, priority: int = 0
     ) -> TensorResult:
-        return await self.calls.unary("infer", inputs, outputs, timeout_s, priority, timeout_s=timeout_s)
+        return await self.calls.tensor("infer", inputs, outputs, timeout_s, priority, timeout_s=timeout_s)
 
     async def embed(
         self,
@@ -185,12 +222,12 @@ class RayTensorClient:
         timeout_s: float,
         priority: int = 0,
     ) -> EmbeddingResult:
-        return await self.calls.unary("embed", texts, token_ids, dimensions, timeout_s, priority, timeout_s=timeout_s)
+        return await self.calls.tensor("embed", texts, token_ids, dimensions, timeout_s, priority, timeout_s=timeout_s)
 
     async def rerank(
         self, query: str, documents: list[str], *, max_tokens_per_doc: int | None, timeout_s: float, priority: int = 0
     ) -> RerankResult:
-        return await self.calls.unary("rerank", query, documents, max_tokens_per_doc, timeout_s, priority, timeout_s=timeout_s)
+        return await self.calls.tensor("rerank", query, documents, max_tokens_per_doc, timeout_s, priority, timeout_s=timeout_s)
 
 
 class RemoteGrammar(CompiledGrammar):

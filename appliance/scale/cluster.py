@@ -86,6 +86,16 @@ class ClusterWatch:
         states = ", ".join(f"{replica.state.lower()}" for replica in deployment.replicas) or "none yet"
         return f"no running replica on the Ray cluster (replicas: {states}); Ray is starting one"
 
+    def running(self, name: str) -> int:
+        """Running replicas of `name` (0 before the first poll)."""
+        deployment = self._view.get(name)
+        return deployment.running if deployment is not None else 0
+
+    def autoscaling(self, name: str) -> bool:
+        """Whether `name`'s replica count follows its load (Ray's autoscaler)."""
+        deployment = self._view.get(name)
+        return deployment is not None and deployment.max_replicas is not None
+
     def ready(self) -> tuple[bool, str]:
         for name in sorted(self._view):
             problem = self.model_problem(name)

@@ -8,7 +8,10 @@ scale config` for `serve deploy`) both read this plan, so they cannot disagree.
   `scale.models.NAME.deploy` is false, with its replicas (fixed, or autoscaling bounds),
   what each replica reserves on its node, and how it is health-checked and drained;
 - in copy mode (`scale.model_files = "copy"`), the `repository` deployment: one replica on the
-  head node that hands the repository's files to replicas on other nodes (source.py).
+  head node that hands the repository's files to replicas on other nodes (source.py);
+- with `scale.ingress = "direct"`, the environment that turns on Ray Serve's direct ingress in
+  its controller and the ingress replica (`direct_ingress_environment`), and the ingress pinned
+  to the head node, where clients find host:port.
 
 Also the rule for the database: SQLite only while every replica runs on one node. Never
 imports Ray (the config command works without the `ray` extra).
@@ -43,6 +46,22 @@ HEALTH_CHECK_TIMEOUT_S = 30.0
 #: Ray Serve's own per-call access log off: the ingress logs requests as the privacy mode says
 #: (api/request_logging.py), and a line per replica call would be noise at any rate.
 REPLICA_LOGGING = {"enable_access_log": False}
+#: Ray Serve's switch for direct ingress (ray.serve._private.constants): an ingress replica runs
+#: its own HTTP server on a port its controller hands out from a range.
+DIRECT_INGRESS_SWITCH = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+DIRECT_INGRESS_MIN_PORT = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+DIRECT_INGRESS_MAX_PORT = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+#: How long a direct ingress replica keeps serving after it was told to stop, for an external
+#: load balancer to take it out (Ray's default 30 s); none is in front of the appliance, which
+#: drains its requests with `drain_grace_s` as in proxy mode.
+DIRECT_INGRESS_DRAINING = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+#: How long a released port stays out of the controller's pool (Ray's default 150 s, for HAProxy
+#: to forget it); the appliance's port has no HAProxy in front, and an ingress replica that
+#: died must get it back at once.
+DIRECT_INGRESS_QUARANTINE = "RAY_SERVE_PORT_QUARANTINE_S"
+#: Ray Serve's proxy port in direct mode: it still starts one on the head node (Ray's fallback
+#: way in), which must not take host:port from the ingress; 0 lets the system pick a free one.
+DIRECT_INGRESS_PROXY_PORT = 0
 #: The environment a `serve deploy` build reads the appliance's settings from.
 SETTINGS_ENVIRONMENT = ("APPLIANCE_STATE_DIR", "APPLIANCE_CONFIG", "APPLIANCE_DATABASE_URL")
 _REPLICAS_ARG = re.compile(r"^(?P<model>[a-z0-9][a-z0-9._-]{0,63})=(?P<count>\d+)$")
@@ -123,17 +142,58 @@ def plan(settings: Settings, models: dict[str, str] | None = None, changes: dict
         for name, family in sorted(chosen.items())
         if scale.model(name).deploy
     ]
+    ingress_actor: dict[str, Any] = {"num_cpus": scale.ingress_cpus}
+    if scale.ingress == "direct":
+        ingress_actor["resources"] = {HEAD_NODE_RESOURCE: 0.001}
     ingress = {
         "name": INGRESS,
         "num_replicas": scale.ingress_replicas,
         "max_ongoing_requests": INGRESS_MAX_ONGOING,
-        "ray_actor_options": {"num_cpus": scale.ingress_cpus},
+        "ray_actor_options": ingress_actor,
         "graceful_shutdown_timeout_s": settings.drain_grace_s,
         "health_check_period_s": scale.health_check_period_s,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "logging_config": dict(REPLICA_LOGGING),
     }
     return Plan(ingress=ingress, models=deployments, served=dict(chosen), source=_source_options(settings) if scale.model_files == "copy" else None)
+
+
+def direct_ingress_environment(settings: Settings) -> dict[str, str]:
+    """What Ray Serve's controller (which hands out the port) and the ingress replica (which
+    listens) need for direct ingress on the appliance's own port: a port range of exactly
+    `settings.port`, so the one ingress replica gets that port. Empty in proxy mode.
+
+    Every deployment gets it, not only the ingress (other replicas ignore it): as the job's
+    environment (launch.py) or the application's (`serve_config`). A deployment's own
+    environment would not do: a redeploy from the ingress (an admin's change) gives the
+    deployments without one the ingress' environment, which Ray Serve would take for a change
+    of every model and restart their replicas."""
+    if settings.scale.ingress != "direct":
+        return {}
+    return {
+        DIRECT_INGRESS_SWITCH: "1",
+        DIRECT_INGRESS_MIN_PORT: str(settings.port),
+        DIRECT_INGRESS_MAX_PORT: str(settings.port + 1),
+        DIRECT_INGRESS_DRAINING: "0",
+        DIRECT_INGRESS_QUARANTINE: "0",
+    }
+
+
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Ray Serve's HTTP options: the proxy on host:port, or (direct ingress) the ingress replica
+    there and the proxy Ray still starts on a free port of the same host; TLS for both."""
+    port = DIRECT_INGRESS_PROXY_PORT if settings.scale.ingress == "direct" else settings.port
+    http: dict[str, Any] = {"host": settings.host, "port": port}
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        http.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
+    return http
+
+
+def controller_options(settings: Settings) -> dict[str, Any] | None:
+    """Ray Serve's controller options: its environment for direct ingress (it is read when the
+    controller starts, so a controller already running keeps its mode)."""
+    environment = direct_ingress_environment(settings)
+    return {"runtime_env": {"env_vars": environment}} if environment else None
 
 
 def _source_options(settings: Settings) -> dict[str, Any]:
@@ -214,12 +274,12 @@ def serve_config(settings: Settings, models: dict[str, str] | None = None) -> di
     if settings.database_url is not None:
         environment.setdefault("APPLIANCE_DATABASE_URL", settings.database_url)
     environment["RAY_USAGE_STATS_ENABLED"] = "0"
-    http: dict[str, Any] = {"host": settings.host, "port": settings.port}
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        http.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
+    environment.update(direct_ingress_environment(settings))
+    controller = controller_options(settings)
     return {
         "proxy_location": settings.scale.proxy_location,
-        "http_options": http,
+        "http_options": http_options(settings),
+        **({"controller_options": controller} if controller is not None else {}),
         "applications": [
             {
                 "name": settings.scale.app_name,

@@ -6,7 +6,9 @@ replacing the old one, reloading after a session ran out of memory and the memor
 behave as on one box), with keep-alive off (a replica exists to serve its model). The
 constructor returns only once the model is loaded, so Ray routes nothing to a replica before it
 can answer. Every method answers a `wire.Reply` (or, for generation, yields stream items), and
-never lets an ApplianceError travel through Ray as an exception (wire.py says why).
+never lets an ApplianceError travel through Ray as an exception (wire.py says why). `calls`
+takes the tensor calls the ingress merged (coalesce.py) and runs them side by side, so the
+dynamic batcher batches them as it would requests on one box.
 
 Where the model's files come from (`scale.model_files`): the shared repository every node
 mounts, or, in copy mode on a node other than the head, this node's verified copy of what the
@@ -41,6 +43,7 @@ from appliance.errors import ApplianceError, ModelNotFound
 from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.tool_calls import special_token_ids
 from appliance.repository.store import ModelRepository
+from appliance.scale.coalesce import TensorCall
 from appliance.scale.mirror import MirroredWatch, NodeMirror, copy_root
 from appliance.scale.source import HandleSource
 from appliance.scale.wire import (
@@ -66,6 +69,8 @@ log = logging.getLogger("appliance.scale.replica")
 #: The route a replica leases its model for, per kind of call (the ingress checked the real one).
 _GENERATION = Route.COMPLETIONS
 _TENSOR = Route.V2_INFER
+#: The methods a merged call (`calls`, coalesce.py) may run.
+MERGEABLE = frozenset({"infer", "embed", "rerank"})
 
 
 class _OneModel:
@@ -274,6 +279,21 @@ class ModelReplica:
             lease.release()
 
     # -- tensor models ---------------------------------------------------------------------------------
+    async def calls(self, calls: list[TensorCall]) -> list[Reply]:
+        """Several tensor calls merged by the ingress (coalesce.py), run at once so the dynamic
+        batcher batches them as it would on one box; one Reply per call, in order."""
+        return list(await asyncio.gather(*(self._merged(call) for call in calls)))
+
+    async def _merged(self, call: TensorCall) -> Reply:
+        if call.method not in MERGEABLE:
+            return Reply(self.identity, error=WireError("InvalidInput", f"{call.method!r} cannot be merged"))
+        try:
+            reply: Reply = await getattr(self, call.method)(*call.args)
+        except Exception as exc:  # noqa: BLE001 - one call's failure must not fail its batch-mates
+            log.error("model %s: a merged %s call failed: %s", self.name, call.method, type(exc).__name__)
+            return Reply(self.identity, error=WireError("ApplianceError", f"model {self.name!r}: the replica failed: {type(exc).__name__}"))
+        return reply
+
     async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, timeout_s: float, priority: int) -> Reply:
         return await self._unary(_TENSOR, lambda client: client.infer(inputs, outputs, timeout_s, priority=priority))
 
