@@ -146,55 +146,17 @@ def encode_grid_exact(model: onnx.ModelProto, grids: dict[str, GridBlocks], bloc
         n_dim, blocks, _ = grid.codes.shape
         k_dim = blocks * block_size
         zero_points = grid.integer_zero_points()
-        if zero_points is not None:
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(grid.packed_codes(), f"{weight_name}_q4"),
-                    numpy_helper.from_array(grid.scales.reshape(-1), f"{weight_name}_scales"),
-                    numpy_helper.from_array(pack_zero_points(zero_points), f"{weight_name}_zero_points"),
-                ]
-            )
-            rewritten.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    [source, f"{weight_name}_q4", f"{weight_name}_scales", f"{weight_name}_zero_points"],
-                    list(node.output),
-                    name=f"{node.name}_Q4",
-                    domain="com.microsoft",
-                    K=k_dim,
-                    N=n_dim,
-                    bits=4,
-                    block_size=block_size,
-                    accuracy_level=ACCURACY_LEVEL,
-                )
-            )
+        exact = zero_points is not None
+        packed_points = pack_zero_points(zero_points) if zero_points is not None else np.zeros(n_dim * ((blocks + 1) // 2), dtype=np.uint8)
+        codes_output = list(node.output) if exact else [f"{node.name}/codes_output"]
+        rewritten.append(_matmul_nbits(graph, node.name, source, weight_name, grid, packed_points, codes_output, k_dim, block_size))
+        if exact:
             continue
         if source not in block_sums:
             block_sums[source] = f"{node.name}/BlockSum/output_0"
             rewritten.extend(_block_sum_nodes(graph, node.name, source, blocks, block_size, block_sums[source]))
         prefix = node.name
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(grid.packed_codes(), f"{weight_name}_q4"),
-                numpy_helper.from_array(grid.scales.reshape(-1), f"{weight_name}_scales"),
-                numpy_helper.from_array(np.zeros(n_dim * ((blocks + 1) // 2), dtype=np.uint8), f"{weight_name}_zero_points"),
-                numpy_helper.from_array(np.ascontiguousarray(grid.mins.T), f"{weight_name}_mins"),
-            ]
-        )
-        rewritten.append(
-            helper.make_node(
-                "MatMulNBits",
-                [source, f"{weight_name}_q4", f"{weight_name}_scales", f"{weight_name}_zero_points"],
-                [f"{prefix}/codes_output"],
-                name=f"{prefix}_Q4",
-                domain="com.microsoft",
-                K=k_dim,
-                N=n_dim,
-                bits=4,
-                block_size=block_size,
-                accuracy_level=ACCURACY_LEVEL,
-            )
-        )
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.mins.T), f"{weight_name}_mins"))
         rewritten.append(helper.make_node("MatMul", [block_sums[source], f"{weight_name}_mins"], [f"{prefix}/mins_output"], name=f"{prefix}/Mins"))
         rewritten.append(helper.make_node("Add", [f"{prefix}/codes_output", f"{prefix}/mins_output"], list(node.output), name=f"{prefix}/AddMins"))
     del graph.node[:]
@@ -204,6 +166,40 @@ def encode_grid_exact(model: onnx.ModelProto, grids: dict[str, GridBlocks], bloc
         if name not in used:
             graph.initializer.remove(initializers[name])
     return len(grids)
+
+
+def _matmul_nbits(
+    graph: onnx.GraphProto,
+    prefix: str,
+    source: str,
+    weight_name: str,
+    grid: GridBlocks,
+    zero_points: np.ndarray,
+    outputs: list[str],
+    k_dim: int,
+    block_size: int,
+) -> onnx.NodeProto:
+    """The 4-bit MatMulNBits over `grid`'s codes and scales with the given packed zero points
+    (its initializers added to `graph`)."""
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(grid.packed_codes(), f"{weight_name}_q4"),
+            numpy_helper.from_array(grid.scales.reshape(-1), f"{weight_name}_scales"),
+            numpy_helper.from_array(zero_points, f"{weight_name}_zero_points"),
+        ]
+    )
+    return helper.make_node(
+        "MatMulNBits",
+        [source, f"{weight_name}_q4", f"{weight_name}_scales", f"{weight_name}_zero_points"],
+        outputs,
+        name=f"{prefix}_Q4",
+        domain="com.microsoft",
+        K=k_dim,
+        N=grid.codes.shape[0],
+        bits=4,
+        block_size=block_size,
+        accuracy_level=ACCURACY_LEVEL,
+    )
 
 
 def _block_sum_nodes(graph: onnx.GraphProto, prefix: str, source: str, blocks: int, block_size: int, output: str) -> list[onnx.NodeProto]:
