@@ -40,12 +40,11 @@ from appliance.export.tasks.base import (
 from appliance.export.variants import QUANT_CHOICES
 from appliance.offline import enforce_offline
 from appliance.repository import Manifest, ModelRepository, ModelVersion, Report
+from appliance.repository.kv_cache import DEFAULT_KV_CACHE, KV_CACHE_CHOICES
 from appliance.repository.manifest import check_model_name
 
 #: Present when an NVIDIA kernel driver is loaded (the setup script reads the same file).
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
-#: `--kv-cache` values: fp32 (the default), or int8 where its perplexity budget allows.
-KV_CACHE_CHOICES: tuple[str, ...] = ("fp32", "int8")
 STAGES: tuple[str, ...] = ("resolve", "export", "optimise", "quantise", "evaluate", "measure", "publish")
 
 
@@ -64,7 +63,7 @@ class ExportRequest:
     #: Target execution provider for `auto` ("cpu", "cuda", "tensorrt"); None: this box's.
     provider: str | None = None
     #: KV cache of a decoder's weight-quantised variant: one of KV_CACHE_CHOICES.
-    kv_cache: str = "fp32"
+    kv_cache: str = DEFAULT_KV_CACHE
 
     def validate(self) -> None:
         try:

@@ -3,7 +3,8 @@ order): first-admin setup with the token from the log, sign out and in, failed-l
 create a key and use it (API and Playground), set, change and clear a key's group, set and
 change a group's limits, undeploy
 and deploy a model, pin it and set its
-keep-alive, delete a whole model (refused while it serves), switch the privacy
+keep-alive, delete a whole model (refused while it serves), the export form's KV cache select
+(int8 refused for fp16 weights), switch the privacy
 mode and find it in the audit log, and a dashboard screenshot in test-artifacts/. Throughout,
 the page must load nothing from outside the appliance and break no Content-Security-Policy."""
 
@@ -230,6 +231,21 @@ def test_pin_keep_alive_and_whole_model_delete_from_the_models_page(ui: Session)
     assert page.query_selector("#model-tiny-embed") is None and ui.server.state("tiny-embed") is None
     ui.go("/admin/audit")
     assert "model.delete" in page.inner_text("#audit") and "model.pin" in page.inner_text("#audit")
+
+
+def test_the_export_forms_kv_cache_select_refuses_int8_for_fp16_weights(ui: Session) -> None:
+    page = ui.page
+    ui.go("/admin/models")
+    assert page.eval_on_selector_all("#export-kv-cache option", "options => options.map(o => o.value)") == ["fp32", "int8"]
+    assert page.input_value("#export-kv-cache") == "fp32", "fp32 is the default"
+    assert "a quarter of the KV memory per token" in page.inner_text("#export-kv-cache-hint")
+    page.fill("#export-source", "package:some-package")
+    page.fill("#export-name", "llm")
+    page.select_option("#export-form select[name=quant]", "fp16")
+    page.select_option("#export-kv-cache", "int8")
+    page.click("#export-form button[type=submit]")
+    page.wait_for_selector("text=kv_cache: int8 applies to a decoder's int4 / int8 / int4-exact variants, not to fp16")
+    assert ui.server.app.state.admin.export_jobs.recent() == [], "nothing was started"
 
 
 def test_switching_the_privacy_mode_shows_in_the_audit_log(ui: Session) -> None:

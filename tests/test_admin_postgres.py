@@ -62,7 +62,7 @@ def test_admin_stores_work_on_postgresql(database: Database, tmp_path: Path) -> 
     DeploymentStore(database).set("adder", False, actor="alice", address="10.0.0.1")
     assert DeploymentStore(database).held_back() == {"adder"}
     jobs = ExportJobStore(database)
-    job = jobs.create(source="package:x", name="x", quant="int8", task=None, log_file="", actor="alice", address="10.0.0.1")
+    job = jobs.create(source="package:x", name="x", quant="int8", kv_cache="fp32", task=None, log_file="", actor="alice", address="10.0.0.1")
     assert jobs.finished(job.id, "failed", 1).status == "failed"
     settings = load_settings(state_dir=tmp_path, database_url=database.url)
     PrivacyPolicy(settings, database).set_logging("full", 2, actor="alice", address="10.0.0.1")

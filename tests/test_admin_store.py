@@ -23,6 +23,7 @@ from appliance.store.admin_users import AdminUserStore
 from appliance.store.audit import AuditFilter, AuditLog, DeniedAuditLimiter, to_csv
 from appliance.store.db import Database
 from appliance.store.deployments import DeploymentStore
+from appliance.store.export_jobs import ExportJobStore
 from appliance.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from appliance.store.privacy import PrivacyPolicy
 
@@ -48,6 +49,27 @@ def test_migrations_go_up_and_down_and_up_again(tmp_path: Path) -> None:
     assert current_revision(db) is None
     assert upgrade(db) == head_revision()
     assert ADMIN_TABLES <= set(inspect(db.engine).get_table_names())
+    db.close()
+
+
+def test_migration_0009_keeps_earlier_export_jobs_as_fp32_kv_cache_and_goes_back(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'migrate.db'}")
+    upgrade(db, "0008_group_limits")
+    with db.session() as session:
+        session.execute(
+            text(
+                "INSERT INTO export_jobs (id, source, name, quant, task, status, log_file, created_by, created_at) "
+                "VALUES (1, 'package:x', 'x', 'int4', NULL, 'succeeded', '', 'alice', '2026-12-01 00:00:00')"
+            )
+        )
+    assert upgrade(db) == head_revision()
+    jobs = ExportJobStore(db)
+    assert jobs.get(1).kv_cache == "fp32", "every job before the column ran with the export's default"
+    assert jobs.create(source="package:y", name="y", quant="int4", task=None, kv_cache="int8", log_file="", actor="a", address="local").kv_cache == "int8"
+    command.downgrade(alembic_config(db), "0008_group_limits")
+    assert "kv_cache" not in {column["name"] for column in inspect(db.engine).get_columns("export_jobs")}
+    assert upgrade(db) == head_revision()
+    assert [job.kv_cache for job in jobs.recent()] == ["fp32", "fp32"]
     db.close()
 
 

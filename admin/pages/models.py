@@ -1,6 +1,7 @@
 """Models page: every model with its serving state, the memory it holds against the budget,
 its last use, pin and keep-alive; every version with its task, quantisation, size, provider and
-export report. Actions: deploy, undeploy, pin, unpin, keep-alive, set default, delete a version
+export report (for a generation export, also the KV cache it kept: datatype, perplexity over
+each cache, bytes per token). Actions: deploy, undeploy, pin, unpin, keep-alive, set default, delete a version
 or the whole model; the override that makes a rejected variant deployable; start an export
 and follow it. When the appliance serves through Ray Serve (docs/SCALE.md), each model also
 shows its replicas: how many run of how many wanted (and the autoscaling bounds), and where
@@ -18,6 +19,7 @@ Never imports the export stage: exports run as a separate process (exports.py).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -28,18 +30,58 @@ from starlette.responses import Response
 from appliance.admin.auth import AdminActionDep, AdminCtxDep, AdminDep, AdminHTTPError, client_address, form_of
 from appliance.admin.context import AdminContext
 from appliance.admin.dashboard import budget_info
-from appliance.admin.exports import QUANT_CHOICES, TASK_CHOICES
+from appliance.admin.exports import AUTO_QUANT, KV_CACHE_CHOICES, QUANT_CHOICES, TASK_CHOICES
 from appliance.admin.replicas import AUTOSCALING, FIXED, MIB, current_scale, parse_scale_form
 from appliance.admin.views import render
 from appliance.errors import ApplianceError, InvalidInput, NotFound
+from appliance.repository.manifest import Report
 from appliance.repository.store import ModelVersion
 from appliance.serving.cluster import ClusterHealth, ClusterScaler
 from appliance.serving.states import ModelStatus, ServingState
 from appliance.serving.keep_alive import KEEP_FOREVER, parse_keep_alive
+from appliance.repository.kv_cache import DEFAULT_KV_CACHE
 from appliance.store.scale_models import ScaleModelChanges
 
 router = APIRouter()
 FormDep = Annotated[dict[str, str], Depends(form_of)]
+
+
+@dataclass(frozen=True)
+class KvCacheOutcome:
+    """What a generation export decided about its KV cache (report.json `details.kv_cache`): the
+    datatype it kept and why, and, when int8 was tried, the perplexity over each cache and the
+    bytes per token: what an admin weighs (a quarter of the memory against the quality)."""
+
+    #: FP32 or INT8, as the export kept it.
+    datatype: str
+    #: The export's own reason ("--kv-cache int8 within +1% perplexity over the fp32 cache").
+    chosen_by: str
+    #: Short lines for the version table: perplexities, bytes per token.
+    facts: tuple[str, ...]
+
+    @classmethod
+    def from_report(cls, report: Report | None) -> KvCacheOutcome | None:
+        """None for exports without a KV cache and for reports written before it was recorded.
+        report.json is a file on disk: a figure of the wrong type is left out, not an error."""
+        details = (report.model_extra or {}).get("details") if report is not None else None
+        recorded = details.get("kv_cache") if isinstance(details, dict) else None
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("datatype"), str):
+            return None
+
+        def figure(key: str) -> float | None:
+            value = recorded.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        facts: list[str] = []
+        fp32, int8, increase = figure("perplexity_fp32_cache"), figure("perplexity_int8_cache"), figure("perplexity_increase")
+        if fp32 is not None and int8 is not None:
+            change = f" ({increase:+.2%})" if increase is not None else ""
+            facts.append(f"perplexity {fp32:.4g} over the fp32 cache, {int8:.4g} over int8{change}")
+        per_token, per_token_fp32 = figure("bytes_per_token"), figure("bytes_per_token_fp32")
+        if per_token is not None:
+            than_fp32 = f" (fp32 cache: {per_token_fp32:,.0f})" if per_token_fp32 not in (None, per_token) else ""
+            facts.append(f"{per_token:,.0f} bytes per token{than_fp32}")
+        return cls(datatype=recorded["datatype"], chosen_by=str(recorded.get("chosen_by", "")), facts=tuple(facts))
 
 
 def _version_row(version: ModelVersion, serving: int | None, loaded_version: int | None, provider: str | None) -> dict[str, Any]:
@@ -63,6 +105,7 @@ def _version_row(version: ModelVersion, serving: int | None, loaded_version: int
         "quality": report.quality if report is not None else {},
         "latency": report.latency if report is not None else {},
         "variant": report.variant if report is not None else None,
+        "kv_cache": KvCacheOutcome.from_report(report),
     }
 
 
@@ -115,6 +158,7 @@ def _page(request: Request, ctx: AdminContext, *, error: str | None = None, stat
         "keep_alive_text": keep_alive_text,
         "jobs": ctx.export_jobs.recent(),
         "quant_choices": QUANT_CHOICES,
+        "kv_cache_choices": KV_CACHE_CHOICES,
         "task_choices": [t for t in TASK_CHOICES if t],
         "export_busy": ctx.exports.busy,
         "follow_job": job,
@@ -311,8 +355,9 @@ async def delete_version(name: str, version: int, request: Request, ctx: AdminCt
 async def start_export(request: Request, ctx: AdminCtxDep, admin: AdminActionDep, form: FormDep) -> Response:
     try:
         job = await ctx.exports.start(
-            source=form.get("source", ""), name=form.get("name", ""), quant=form.get("quant", "auto"),
-            task=form.get("task", ""), actor=admin.user_name, address=client_address(request),
+            source=form.get("source", ""), name=form.get("name", ""), quant=form.get("quant", AUTO_QUANT),
+            task=form.get("task", ""), kv_cache=form.get("kv_cache", DEFAULT_KV_CACHE),
+            actor=admin.user_name, address=client_address(request),
         )
     except ApplianceError as exc:
         return await _error_page(request, ctx, exc)

@@ -2,8 +2,9 @@
 UI, export jobs, the audit log and the request log.
 
 Declared on the shared `Base` (so one metadata describes the whole database) and created only
-by the migration `0002_admin`. Never stores a password, a session token or an API key in clear:
-only their argon2id hash or SHA-256. Never imports the runtime or the APIs.
+by the migrations (`0002_admin`; `0009_export_kv_cache` adds the export jobs' KV cache). Never
+stores a password, a session token or an API key in clear: only their argon2id hash or SHA-256.
+Never imports the runtime or the APIs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from appliance.store.models import Base, UtcDateTime
+
+#: The KV cache of jobs recorded before migration 0009: the export's only cache then, fp32.
+KV_CACHE_OF_OLDER_JOBS = "fp32"
 
 
 class AdminUser(Base):
@@ -77,6 +81,8 @@ class ExportJob(Base):
     source: Mapped[str] = mapped_column(String(1024))
     name: Mapped[str] = mapped_column(String(64))
     quant: Mapped[str] = mapped_column(String(16))
+    #: `--kv-cache` of the job: fp32 (the export's default) or int8.
+    kv_cache: Mapped[str] = mapped_column(String(8), server_default=KV_CACHE_OF_OLDER_JOBS)
     task: Mapped[str | None] = mapped_column(String(32), nullable=True)
     #: queued, running, succeeded, failed, cancelled
     status: Mapped[str] = mapped_column(String(16))

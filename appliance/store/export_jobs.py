@@ -25,6 +25,8 @@ class JobInfo:
     source: str
     name: str
     quant: str
+    #: `--kv-cache` the job passed: fp32 (the export's default) or int8.
+    kv_cache: str
     task: str | None
     status: str
     exit_code: int | None
@@ -40,7 +42,7 @@ class JobInfo:
 
 def _info(row: ExportJob) -> JobInfo:
     return JobInfo(
-        row.id, row.source, row.name, row.quant, row.task, row.status, row.exit_code, row.log_file,
+        row.id, row.source, row.name, row.quant, row.kv_cache, row.task, row.status, row.exit_code, row.log_file,
         row.created_by, row.created_at, row.finished_at,
     )
 
@@ -49,9 +51,11 @@ class ExportJobStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def create(self, *, source: str, name: str, quant: str, task: str | None, log_file: str, actor: str, address: str) -> JobInfo:
+    def create(
+        self, *, source: str, name: str, quant: str, kv_cache: str, task: str | None, log_file: str, actor: str, address: str
+    ) -> JobInfo:
         row = ExportJob(
-            source=source, name=name, quant=quant, task=task, status="queued", log_file=log_file,
+            source=source, name=name, quant=quant, kv_cache=kv_cache, task=task, status="queued", log_file=log_file,
             created_by=actor, created_at=datetime.now(UTC),
         )
         with self.database.session() as session:
@@ -59,7 +63,7 @@ class ExportJobStore:
             session.flush()
             AuditLog.record_in(
                 session, "export.start", actor=actor, address=address, target=name,
-                detail=f"job {row.id}: {source} as {quant}",
+                detail=f"job {row.id}: {source} as {quant}, KV cache {kv_cache}",
             )
             return _info(row)
 

@@ -61,6 +61,7 @@ import numpy as np
 from appliance.errors import ExportError
 from appliance.export.sources.base import ResolvedSource, load_builtin_modules
 from appliance.repository import EmbeddingSpec, GenerationSpec, TensorSpec, TokenizerSpec
+from appliance.repository.kv_cache import kv_cache_mismatch
 from appliance.repository.manifest import ProviderHints, Quantization, ScoringSpec, Task
 
 if TYPE_CHECKING:
@@ -224,12 +225,9 @@ class TaskExporter(ABC):
                 f"{', '.join((*self.variants, 'auto'))}",
                 field="quant",
             )
-        if self.ctx.kv_cache == "int8" and name not in self.int8_kv_variants:
-            raise ExportError(
-                f"kv-cache: int8 applies to a decoder's {' / '.join(self.int8_kv_variants) or 'weight-quantised'} "
-                f"variants, not to {self.task} {name}",
-                field="kv_cache",
-            )
+        mismatch = kv_cache_mismatch(self.ctx.kv_cache, self.task, name, self.int8_kv_variants)
+        if mismatch is not None:
+            raise ExportError(f"kv-cache: {mismatch}", field="kv_cache")
         return name
 
     # -- stages ---------------------------------------------------------------------------
