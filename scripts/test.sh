@@ -6,4 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev,ray
 scripts/test_system_deps.sh
-exec .venv/bin/python -m pytest "$@"
+# Test modules run in parallel worker processes (pytest-xdist), one module per worker at a time
+# (--dist loadfile: module fixtures are built once): most of the suite waits on servers and
+# subprocesses with one core busy, so two workers on a 2-core box nearly halve its time. At most
+# MAX_WORKERS: each worker holds its own models and servers in memory. `-n 0` runs serially.
+MAX_WORKERS=4
+workers=$(nproc)
+if ((workers > MAX_WORKERS)); then workers=$MAX_WORKERS; fi
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"

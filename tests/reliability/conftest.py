@@ -10,7 +10,6 @@ Setting RELIABILITY_MODELS_DIR to an already exported `models/` folder reuses it
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from appliance.repository.store import ModelRepository
 from tests.helpers.server import create_key
+from tests.helpers.shared_exports import link_models
 from tests.helpers.tiny_models import publish_adder, publish_embedder
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -37,26 +37,6 @@ class PreparedState:
         return self.state_dir / "appliance.db"
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    """A hard link when both sides share a filesystem, else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def _copy_version_folders(models_dir: Path, target: Path, names: tuple[str, ...]) -> None:
-    """Hard-link every published version of `names` (never the staging area or the lock)."""
-    for name in names:
-        source = models_dir / name
-        if not source.is_dir():
-            continue
-        shutil.copytree(
-            source, target / name, copy_function=_link_or_copy, dirs_exist_ok=True,
-            ignore=shutil.ignore_patterns(".staging", ".lock"),
-        )
-
-
 @pytest.fixture(scope="session")
 def default_models_dir(request: pytest.FixtureRequest) -> Path:
     """A `models/` folder holding the default embedding model (int8) and LLM (int4)."""
@@ -67,8 +47,8 @@ def default_models_dir(request: pytest.FixtureRequest) -> Path:
     smollm2 = request.getfixturevalue("exported_smollm2")
     combined = request.getfixturevalue("tmp_path_factory").mktemp("default-models") / "models"
     combined.mkdir()
-    _copy_version_folders(minilm.path.parent.parent, combined, (EMBEDDING_MODEL,))
-    _copy_version_folders(smollm2.root, combined, (CHAT_MODEL,))
+    link_models(minilm.path.parent.parent, combined, (EMBEDDING_MODEL,))
+    link_models(smollm2.root, combined, (CHAT_MODEL,))
     return combined
 
 
@@ -88,7 +68,7 @@ def prepare_state(state_dir: Path, models_dir: Path | None = None, *, tiny: bool
     models = state_dir / "models"
     models.mkdir(exist_ok=True)
     if models_dir is not None:
-        _copy_version_folders(models_dir, models, (EMBEDDING_MODEL, CHAT_MODEL))
+        link_models(models_dir, models, (EMBEDDING_MODEL, CHAT_MODEL))
         _deploy_even_if_rejected(ModelRepository(models), CHAT_MODEL)
     if tiny:
         repository = ModelRepository(models)
