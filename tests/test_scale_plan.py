@@ -190,6 +190,32 @@ def test_scale_config_prints_a_serve_deploy_file(state_dir: Path, repository: Mo
     schema.ServeDeploySchema.model_validate(document)
 
 
+def test_scale_config_carries_the_replicas_an_admin_saved(state_dir: Path, repository: ModelRepository) -> None:
+    """A file written after an admin scaled a model on the Models page must not scale it back
+    when `serve deploy`ed: the saved change wins over the configuration, as with `serve --ray`."""
+    from appliance.config import ScaleModelSettings
+    from appliance.store.db import Database
+    from appliance.store.migrate import upgrade
+    from appliance.store.scale_models import ScaleModelChanges
+
+    database = Database(load_settings(state_dir=state_dir).db_url)
+    try:
+        upgrade(database)
+        ScaleModelChanges(database).set("adder", ScaleModelSettings(replicas=3), actor="alice", address="local")
+    finally:
+        database.close()
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "scale", "config", "--replicas", "embed=2"],
+        cwd=ROOT, env=process_env(state_dir), text=True, capture_output=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "# With the replica changes an admin saved for: adder (over the configuration's)." in done.stdout
+    yaml = pytest.importorskip("yaml", reason="PyYAML (installed with the `ray` extra) reads the config back")
+    [application] = yaml.safe_load(done.stdout)["applications"]
+    names = {deployment["name"]: deployment for deployment in application["deployments"]}
+    assert names["model-adder"]["num_replicas"] == 3 and names["model-embed"]["num_replicas"] == 2
+
+
 def test_yaml_writer_round_trips_nested_values() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML reads the output back")
     value = {"a": [{"b": 1, "c": {"d": "x: y", "e": [1, 2]}}, {"f": None}], "g": True, "h": 0.5, "i": {}, "j": []}

@@ -263,10 +263,14 @@ def check_database(settings: Settings, nodes: int) -> None:
         )
 
 
-def serve_config(settings: Settings, models: dict[str, str] | None = None) -> dict[str, Any]:
+def serve_config(
+    settings: Settings, models: dict[str, str] | None = None, changes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """A `serve deploy` config: the HTTP options, and the application with every deployment's
-    options written out (editable; `serve deploy` applies them over the code's)."""
-    current = plan(settings, models)
+    options written out (editable; `serve deploy` applies them over the code's), with an
+    admin's saved `changes` as `appliance serve --ray` deploys them: a file written after an
+    admin scaled a model must not scale it back when deployed."""
+    current = plan(settings, models, changes)
     environment = {name: os.environ[name] for name in SETTINGS_ENVIRONMENT if os.environ.get(name)}
     environment.setdefault("APPLIANCE_STATE_DIR", str(settings.state_dir))
     if settings.config is not None:
