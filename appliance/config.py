@@ -314,6 +314,22 @@ class ScaleSettings(BaseModel):
     retry_after_s: float = Field(
         2.0, gt=0, le=600, description="Retry-After of the 503 answered when a replica died under a request or none is running."
     )
+    stream_interval_tokens: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description=(
+            "While a model replica streams several sequences, it sends each one's tokens to the ingress in groups of "
+            "up to this many (one Ray item each; 1: every token on its own). A replica's only sequence, and each "
+            "sequence's first and last token, are never held. Clients still receive every token, in order."
+        ),
+    )
+    stream_interval_s: float = Field(
+        0.1,
+        ge=0,
+        le=1.0,
+        description="Longest a token waits for its group (stream_interval_tokens) before it is sent anyway (0: no token waits).",
+    )
     model_files: ModelFilesMode = Field(
         "shared",
         description=(

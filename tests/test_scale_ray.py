@@ -260,6 +260,41 @@ def test_the_official_clients_work_through_the_ray_ingress(server: RayServer) ->
     assert refused.value.body["param"] == "temperature"
 
 
+def test_concurrent_streams_arrive_complete_and_in_order_while_the_replica_groups_their_tokens(server: RayServer) -> None:
+    """Several sequences on the one chat replica: their tokens cross Ray in groups (the stream
+    interval, `scale.stream_interval_*`), and each SSE stream still carries every token, in
+    order: its text is the unstreamed answer's, its usage counts every token."""
+    streams, tokens = 6, 40
+    prompts = [f"story number {index}:" for index in range(streams)]
+    body = {"model": CHAT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+    async def run() -> tuple[list[str], list[tuple[str, int]]]:
+        async with httpx.AsyncClient(base_url=server.url(""), headers=server.auth, timeout=120) as client:
+            answers = [(await client.post("/v1/completions", json={**body, "prompt": prompt})).json() for prompt in prompts]
+
+            async def stream(prompt: str) -> tuple[str, int]:
+                text, usage = "", 0
+                request = {**body, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True}}
+                async with client.stream("POST", "/v1/completions", json=request) as response:
+                    assert response.status_code == 200, await response.aread()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[len("data: "):])
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]["completion_tokens"]
+                        for choice in chunk.get("choices") or ():
+                            text += choice["text"]
+                return text, usage
+
+            return [answer["choices"][0]["text"] for answer in answers], list(await asyncio.gather(*(stream(p) for p in prompts)))
+
+    expected, streamed = asyncio.run(run())
+    for prompt, answer, (text, usage) in zip(prompts, expected, streamed, strict=True):
+        assert text == answer, f"{prompt!r}: the stream's text differs from the answer (tokens lost or reordered)"
+        assert usage == tokens, f"{prompt!r}: usage counts {usage} tokens, wanted {tokens}"
+
+
 def test_requests_are_spread_over_the_embedders_replicas(server: RayServer) -> None:
     before = server.replica_counts(EMBED)
     with httpx.Client(timeout=30, headers=server.auth) as http:

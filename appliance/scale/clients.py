@@ -25,6 +25,7 @@ import re
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -315,16 +316,17 @@ class RemoteSequenceStream:
         self._response: DeploymentResponseGenerator = client.calls.streaming.generate.remote(
             prompt_ids, replace(request, grammar=None), constraint, timeout_s, queue_limit
         )
-        self._buffer: list[TokenEvent] = []
+        self._buffer: deque[TokenEvent] = deque()
         self._started = False
         self._done = False
         self.replica: ReplicaIdentity | None = None
 
     async def _next(self) -> Started | Events | Failed:
-        """The replica's next item; Ray's failures and a lost replica as typed errors."""
-        remaining = self._deadline - time.monotonic()
+        """The replica's next item; Ray's failures and a lost replica as typed errors. (A
+        deadline on the caller's task, not `wait_for`, which costs a task per item.)"""
         try:
-            return await asyncio.wait_for(self._response.__anext__(), max(0.0, remaining))
+            async with asyncio.timeout(max(0.0, self._deadline - time.monotonic())):
+                return await self._response.__anext__()
         except TimeoutError:
             self.close()
             raise DeadlineExceeded(f"model {self._client.calls.model!r}: the replica stopped answering") from None
@@ -370,7 +372,7 @@ class RemoteSequenceStream:
             if isinstance(item, Events):
                 self._client._learn(item.token_texts)
                 self._buffer.extend(item.events)
-        event = self._buffer.pop(0)
+        event = self._buffer.popleft()
         if event.finish_reason is not None:
             self._done = True
             self._buffer.clear()

@@ -5,8 +5,9 @@ view of the repository that shows only that model (so loading, a newly published
 replacing the old one, reloading after a session ran out of memory and the memory budget all
 behave as on one box), with keep-alive off (a replica exists to serve its model). The
 constructor returns only once the model is loaded, so Ray routes nothing to a replica before it
-can answer. Every method answers a `wire.Reply` (or, for generation, yields stream items), and
-never lets an ApplianceError travel through Ray as an exception (wire.py says why). `calls`
+can answer. Every method answers a `wire.Reply` (or, for generation, yields stream items,
+grouped by the adaptive stream interval while the replica is busy: interval.py), and never
+lets an ApplianceError travel through Ray as an exception (wire.py says why). `calls`
 takes the tensor calls the ingress merged (coalesce.py) and runs them side by side, so the
 dynamic batcher batches them as it would requests on one box.
 
@@ -44,6 +45,7 @@ from appliance.generation.metrics import GenerationMetrics
 from appliance.generation.tool_calls import special_token_ids
 from appliance.repository.store import ModelRepository
 from appliance.scale.coalesce import TensorCall
+from appliance.scale.interval import BUSY_SEQUENCES, StreamInterval, event_groups
 from appliance.scale.mirror import MirroredWatch, NodeMirror, copy_root
 from appliance.scale.source import HandleSource
 from appliance.scale.wire import (
@@ -111,6 +113,9 @@ class ModelReplica:
         )
         self.name = name
         self.settings = replica_settings(settings, num_cpus)
+        self._interval = StreamInterval(settings.scale.stream_interval_tokens, settings.scale.stream_interval_s)
+        #: Sequences streaming from this replica now (the stream interval applies from BUSY_SEQUENCES).
+        self._streaming = 0
         self._mirror: NodeMirror | None = None
         try:
             models_dir = await self._model_files(source)
@@ -234,16 +239,17 @@ class ModelReplica:
         timeout_s: float,
         queue_limit: bool,
     ) -> AsyncIterator[Started | Events | Failed]:
-        """One sequence: `Started` once it has a slot, then its events (batched when several
-        queued up), or `Failed` with the refusal. Cancelling the call (the client went away)
-        closes the sequence, which frees its KV at the engine's next step."""
+        """One sequence: `Started` once it has a slot, then its events (several to an item when
+        they queued up, or by the stream interval while other sequences stream too), or `Failed`
+        with the refusal. Cancelling the call (the client went away) closes the sequence, which
+        frees its KV at the engine's next step."""
         try:
             lease = await self._lease(_GENERATION)
         except ApplianceError as exc:
             yield Failed(WireError.of(exc))
             return
         stream = None
-        pump: asyncio.Task[None] | None = None
+        streaming = False
         try:
             client = lease.client
             try:
@@ -254,29 +260,24 @@ class ModelReplica:
                 yield Failed(WireError.of(exc))
                 return
             yield Started(self.identity)
-            pending: asyncio.Queue[TokenEvent | ApplianceError | None] = asyncio.Queue()
-            pump = asyncio.get_running_loop().create_task(_pump(stream, pending))
-            while True:
-                items = [await pending.get()]
-                while not pending.empty():
-                    items.append(pending.get_nowait())
-                events = [item for item in items if isinstance(item, TokenEvent)]
-                if events:
-                    yield Events(events, _token_texts(client, events))
-                error = next((item for item in items if isinstance(item, ApplianceError)), None)
-                if error is not None:
-                    yield Failed(WireError.of(error))
-                    return
-                if any(item is None for item in items):
-                    return
+            self._streaming += 1
+            streaming = True
+            async with contextlib.aclosing(event_groups(stream, self._interval, self._busy)) as groups:
+                try:
+                    async for events in groups:
+                        yield Events(events, _token_texts(client, events))
+                except ApplianceError as exc:
+                    yield Failed(WireError.of(exc))
         finally:
-            if pump is not None:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
+            if streaming:
+                self._streaming -= 1
             if stream is not None:
                 stream.close()
             lease.release()
+
+    def _busy(self) -> bool:
+        """Whether other sequences stream from this replica too (their events are grouped)."""
+        return self._streaming >= BUSY_SEQUENCES
 
     # -- tensor models ---------------------------------------------------------------------------------
     async def calls(self, calls: list[TensorCall]) -> list[Reply]:
@@ -318,16 +319,6 @@ class ModelReplica:
 
 async def _ready(value: Any) -> Any:
     return value
-
-
-async def _pump(stream: Any, pending: asyncio.Queue[TokenEvent | ApplianceError | None]) -> None:
-    """Move a local stream's events into `pending`; its error, then None, at the end."""
-    try:
-        async for event in stream:
-            pending.put_nowait(event)
-    except ApplianceError as exc:
-        pending.put_nowait(exc)
-    pending.put_nowait(None)
 
 
 def _token_texts(client: Any, events: list[TokenEvent]) -> dict[int, tuple[str, list[int]]]:
