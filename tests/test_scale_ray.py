@@ -626,6 +626,39 @@ def test_an_admin_sets_the_embedders_replicas_from_two_to_one_in_place(server: R
     database.close()
 
 
+def test_an_admin_changes_the_adders_cpus_and_only_its_replica_restarts(server: RayServer, admin: tuple[str, str]) -> None:
+    """The replicas form's resource path: new CPUs per replica are saved and restart that
+    model's replica (Ray Serve replaces it: the process changes), while the ingress and the
+    other models keep their processes; the model answers again afterwards."""
+    from appliance.store.db import Database
+    from appliance.store.scale_models import ScaleModelChanges
+    from tests.helpers.admin import form_token, sign_in
+
+    [before] = replica_pids(ADDER)
+    others = {deployment: deployment_pids(deployment) for deployment in ("ingress", f"model-{CHAT}", f"model-{EMBED}")}
+    with httpx.Client(timeout=60, base_url=server.url()) as browser:
+        sign_in(browser, server.url(), *admin)
+        section = browser.get("/admin/models").text.split(f'data-model="{ADDER}"', 1)[1].split("</section>", 1)[0]
+        form = {"csrf_token": form_token(section), "mode": "fixed", "replicas": "1", "num_cpus": "0.5", "num_gpus": "0", "memory_mib": ""}
+        applied = browser.post(f"/admin/models/{ADDER}/replicas", data=form)
+        assert applied.status_code == 303, applied.text
+        deadline = time.monotonic() + 120
+        while replica_pids(ADDER) in ([], [before]):
+            assert time.monotonic() < deadline, f"the adder's replica was not replaced within 120 s: {replica_pids(ADDER)}"
+            time.sleep(0.5)
+        assert {deployment: deployment_pids(deployment) for deployment in others} == others, "the ingress or another model was restarted"
+        inputs = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]} for name in ("INPUT0", "INPUT1")]}
+        while (answer := browser.post(f"/v2/models/{ADDER}/infer", json=inputs, headers=server.auth)).status_code != 200:
+            assert answer.status_code == 503 and "retry-after" in answer.headers, answer.text
+            assert time.monotonic() < deadline, "the new replica does not answer"
+            time.sleep(0.5)
+        outputs = {output["name"]: output["data"] for output in answer.json()["outputs"]}
+        assert outputs["OUTPUT0"] == [2, 4, 6, 8]
+    database = Database(server.database_url)
+    assert ScaleModelChanges(database).all()[ADDER]["num_cpus"] == 0.5
+    database.close()
+
+
 def test_sigterm_deletes_the_application_and_exits_zero(server: RayServer) -> None:
     server.proc.terminate()
     assert server.proc.wait(timeout=90) == 0, server.output.read_text()[-3000:]
