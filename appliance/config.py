@@ -33,6 +33,9 @@ SYSTEMD_STATE_DIR = Path("/var/lib/appliance")
 #: Hours in an average year (365.25 days), so leap years are amortised too.
 HOURS_PER_YEAR = 365.25 * 24
 WATTS_PER_KILOWATT = 1000.0
+#: Default stall limit (generation.decode_stall_factor); chosen from the sweep in
+#: docs/BENCHMARKS.md (inter-token p99 against time to first token at 8 and 32 streams).
+DEFAULT_DECODE_STALL_FACTOR = 6.0
 
 
 def default_state_dir() -> Path:
@@ -89,6 +92,17 @@ class GenerationSettings(BaseModel):
     )
     prefill_chunk_tokens: int = Field(
         256, ge=16, le=65536, description="Prompt tokens prefilled per step (chunked prefill)."
+    )
+    decode_stall_factor: float = Field(
+        DEFAULT_DECODE_STALL_FACTOR,
+        ge=0,
+        le=1000,
+        description=(
+            "While streams decode, a step that also prefills a prompt chunk is held to about this "
+            "many decode steps of a lone sequence (timed on this box): the chunk is cut shorter "
+            "(never under 16 tokens), so running streams do not stutter when others start; 0 "
+            "turns the limit off (chunks are always prefill_chunk_tokens)."
+        ),
     )
     max_tokens_limit: int = Field(4096, ge=1, le=1_000_000, description="Largest max_tokens a request may ask.")
     speculative: Literal["off", "prompt-lookup", "draft"] = Field(

@@ -285,6 +285,7 @@ def streams_figures(runs: list[StreamRun]) -> dict[str, Any]:
     return {
         **concurrent_stream_figures([StreamTiming(run.first_s, run.last_s, run.tokens) for run in runs]),
         "decode_tok_s_counted": after / (end - decode_start) if end > decode_start else None,
+        "ttft_max_s": decode_start,
         "itl_p50_s": percentile(gaps, 50) if gaps else None,
         "itl_p99_s": percentile(gaps, 99) if gaps else None,
         "tokens": sum(run.tokens for run in runs),
@@ -300,7 +301,10 @@ class ApplianceSide:
 
     name = "appliance"
 
-    def __init__(self, version: Any, work: Path, threads: int, max_streams: int, chunk_tokens: int) -> None:  # noqa: ANN401 - ModelVersion
+    def __init__(  # noqa: ANN401 - ModelVersion
+        self, version: Any, work: Path, threads: int, max_streams: int, chunk_tokens: int, extra_env: dict[str, str] | None = None
+    ) -> None:
+        """`extra_env`: more settings for the server (APPLIANCE_... variables), over these."""
         self.model = version.name
         env = {
             "APPLIANCE_CPU_THREADS": str(threads),
@@ -311,6 +315,7 @@ class ApplianceSide:
             "APPLIANCE_GENERATION__SPECULATIVE": "off",
             "APPLIANCE_GENERATION__MAX_RUNNING_SEQUENCES": str(max(max_streams, 1)),
             "APPLIANCE_GENERATION__PREFILL_CHUNK_TOKENS": str(chunk_tokens),
+            **(extra_env or {}),
         }
         self.server = PrivateServer(version, work / "servers", extra_env=env)
 

@@ -37,6 +37,7 @@ from appliance.generation.placement import Placement, place_decoder
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.scheduler import Scheduler, Sequence
 from appliance.generation.speculative import MAX_DRAFT_TOKENS, DraftModel, PromptLookupDrafter, Speculator, VerificationCost
+from appliance.generation.stall_limit import StallLimit
 from appliance.generation.step_loop import StepLoop
 from appliance.generation.stream import SequenceStream
 from appliance.generation.text import PromptTokenizer, StopStringFilter
@@ -146,6 +147,7 @@ class GenerationEngine:
         )
         self.kv = KvCacheManager(stores, budget_bytes=budget, bytes_per_token=geometry.bytes_per_token * len(stores))
         prefix = PrefixCache(int(budget * PREFIX_CACHE_SHARE)) if settings.prefix_cache else None
+        stall_limit = StallLimit(settings.decode_stall_factor)
         self.scheduler = Scheduler(
             self.kv,
             max_waiting=settings.max_waiting_sequences,
@@ -153,6 +155,7 @@ class GenerationEngine:
             prefix_cache=prefix,
             on_prefix_lookup=self._count_prefix_lookup,
             reserved_slots=max_slots // INTERACTIVE_SLOT_SHARE_DIVISOR,
+            stall_limit=stall_limit,
         )
         self._ids = itertools.count()
         self._m = LabelledMetrics(self.metrics, name)
@@ -182,6 +185,7 @@ class GenerationEngine:
             kv=self.kv,
             emitter=emitter,
             speculator=self._speculator,
+            stall_limit=stall_limit,
             metrics=self._m,
             counters=self.counters,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_CHUNK_BUCKETS_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TOKEN_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -54,6 +55,10 @@ class GenerationMetrics:
             "appliance_preempted_steps", "Decode runs of batch-priority rows stopped for an interactive prompt (and repeated).",
             ["model"], registry=r,
         )
+        self.prefill_chunk_tokens = Histogram(
+            "appliance_prefill_chunk_tokens", "Prompt tokens per prefill run (the stall limit cuts chunks beside decoding streams).",
+            ["model"], buckets=_CHUNK_BUCKETS_TOKENS, registry=r,
+        )
         self.request_queue_time = Histogram(
             "appliance_request_queue_time_seconds", "Time a sequence waited for a slot (admitted or refused).", ["model"],
             buckets=_LATENCY_BUCKETS_S, registry=r,
@@ -86,6 +91,7 @@ class LabelledMetrics:
         self.spec_emitted_tokens = metrics.spec_emitted_tokens.labels(model=model)
         self.forced_tokens = metrics.forced_tokens.labels(model=model)
         self.preempted_steps = metrics.preempted_steps.labels(model=model)
+        self.prefill_chunk_tokens = metrics.prefill_chunk_tokens.labels(model=model)
 
     def count_finished(self, reason: str) -> None:
         """One sequence ended with `reason` (a second label, so not looked up in advance)."""

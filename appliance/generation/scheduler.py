@@ -24,7 +24,8 @@ Contract (one call of each per engine step, on the engine thread only):
   4. plans at most `prefill_chunk_tokens` prompt tokens of ONE prefilling sequence (the oldest
      of the best priority) plus one decode token for every running sequence. A long prompt is
      therefore cut into chunks that alternate with everybody else's decode steps (chunked
-     prefill). While batch-priority sequences run, a chunk of an interactive prompt runs
+     prefill); while streams decode beside it, the stall limit (stall_limit.py) may cut the
+     chunk shorter, so their inter-token gaps stay bounded. While batch-priority sequences run, a chunk of an interactive prompt runs
      alone: the decode batch sits that step out, so the interactive time to first token does
      not pay for a dozen batch rows — but never two steps in a row, so running batch streams
      always progress (at worst every other step).
@@ -52,6 +53,7 @@ from appliance.generation.kv_cache import KvCacheManager
 from appliance.generation.params import SamplingParams
 from appliance.generation.prefix_cache import PrefixCache
 from appliance.generation.speculative import SpeculationGate
+from appliance.generation.stall_limit import StallLimit
 from appliance.generation.text import IncrementalDetokenizer, StopStringFilter
 
 #: A sequence that has waited this long is admitted as if it were interactive (aging).
@@ -144,10 +146,13 @@ class Scheduler:
         prefix_cache: PrefixCache | None,
         on_prefix_lookup: Callable[[int, int], None] | None = None,
         reserved_slots: int = 0,
+        stall_limit: StallLimit | None = None,
     ) -> None:
         """`reserved_slots`: sequence slots only interactive (or aged) work may take, so an
-        interactive request finds one free even when batch work could fill them all."""
+        interactive request finds one free even when batch work could fill them all.
+        `stall_limit`: cuts chunks that run beside decoding streams (None: never cut)."""
         self.kv = kv
+        self.stall_limit = stall_limit
         self.reserved_slots = reserved_slots
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -208,10 +213,12 @@ class Scheduler:
         decode = list(self.running)
         if self.prefilling:
             seq = min(self.prefilling, key=lambda candidate: candidate.params.priority)  # the oldest of the best
-            end = min(len(seq.prompt), seq.num_cached + self.prefill_chunk_tokens)
-            prefill = PrefillChunk(seq, seq.num_cached, end)
             if seq.params.priority == 0 and not self._decode_sat_out and any(other.params.priority > 0 for other in decode):
                 decode = []
+            chunk = self.prefill_chunk_tokens
+            if decode and self.stall_limit is not None:
+                chunk = self.stall_limit.chunk_tokens(chunk)
+            prefill = PrefillChunk(seq, seq.num_cached, min(len(seq.prompt), seq.num_cached + chunk))
         self._decode_sat_out = prefill is not None and not decode and bool(self.running)
         return StepPlan(prefill=prefill, decode=decode, retired=retired, admitted=admitted)
 

@@ -32,6 +32,7 @@ from appliance.generation.params import TOP_LOGPROBS_MAX
 from appliance.generation.sampling import sampling_arrays
 from appliance.generation.scheduler import PrefillChunk, Scheduler, Sequence, Status
 from appliance.generation.speculative import Speculator
+from appliance.generation.stall_limit import StallLimit
 from appliance.kernels.sampling import sample
 from appliance.kernels.sampling_onnx import GreedyLogprobsKernel
 
@@ -56,16 +57,19 @@ class StepLoop:
         kv: KvCacheManager,
         emitter: Emitter,
         speculator: Speculator,
+        stall_limit: StallLimit,
         metrics: LabelledMetrics,
         counters: dict[str, int],
     ) -> None:
-        """`counters` is the engine's own dict, where the steps add up."""
+        """`counters` is the engine's own dict, where the steps add up; `stall_limit` gets
+        the timings of the plain runs (the scheduler asks it for chunk sizes)."""
         self._name = name
         self._runner = runner
         self._scheduler = scheduler
         self._kv = kv
         self._emitter = emitter
         self._speculator = speculator
+        self._stall_limit = stall_limit
         self._m = metrics
         self._counters = counters
         self._logprob_kernel = GreedyLogprobsKernel(TOP_LOGPROBS_MAX)
@@ -172,9 +176,12 @@ class StepLoop:
     def _run_prefill(self, chunk: PrefillChunk) -> None:
         seq = chunk.seq
         ids = np.asarray([seq.prompt[chunk.start : chunk.end]], np.int64)
+        started = time.perf_counter()
         logits = self._runner.forward(
             seq.slot, ids, np.asarray([chunk.start]), np.asarray([chunk.end - chunk.start]), all_logits=False
         )
+        self._stall_limit.observe_prefill(chunk.end - chunk.start, time.perf_counter() - started)
+        self._m.prefill_chunk_tokens.observe(chunk.end - chunk.start)
         seq.num_cached = chunk.end
         if not chunk.completes_prompt:
             return
@@ -200,8 +207,10 @@ class StepLoop:
             if options is not None:
                 with self._cv:
                     self._preemptible = None
+        elapsed = time.perf_counter() - started
+        self._stall_limit.observe_decode(len(seqs), elapsed)
         if len(seqs) == 1:
-            self._speculator.observe_plain_step(time.perf_counter() - started)
+            self._speculator.observe_plain_step(elapsed)
         for seq in seqs:
             seq.num_cached += 1
         self._sample_and_emit(seqs, logits)
