@@ -157,8 +157,11 @@ class LineProgress(ProgressReporter):
         self.stage = None
 
     def step(self, message: str) -> None:
+        """The sub-step's line carries the seconds since its stage began, so a log shows where
+        a long stage spends its time (an evaluation's reference, perplexity and greedy runs)."""
         if self.stage is not None:
-            self.console.print(f"{self.stage}: {message}", highlight=False, soft_wrap=True)
+            elapsed = time.perf_counter() - self.started
+            self.console.print(f"{self.stage}: {message} (at {elapsed:.1f} s)", highlight=False, soft_wrap=True)
 
 
 class _SilentStages(ProgressReporter):

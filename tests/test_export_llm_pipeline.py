@@ -264,3 +264,32 @@ def test_logits_start_runs_the_lm_head_on_the_last_position_only(llama_versions:
         assert last.shape == (1, spec.vocab_size)
         np.testing.assert_allclose(last[0], every[0, -1], atol=tolerance)
         assert int(last[0].argmax()) == int(every[0, -1].argmax())
+
+
+@pytest.mark.parametrize("stand_in_diff", [5e-4, 0.0])
+def test_a_large_models_evaluation_lets_a_faithful_fp32_graph_stand_in_for_the_pytorch_perplexity(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_diff: float
+) -> None:
+    """The tiny Llama evaluated as if it were a large model (size threshold 0): its fp32 graph
+    is within 5e-4 of PyTorch's logits, so the PyTorch perplexity pass is skipped and the fp32
+    export's perplexity is the budget's basis; with no tolerance the PyTorch perplexity is
+    computed after all (loading the model again) and is the basis, as for small models."""
+    from appliance.export.llm import evaluation
+
+    monkeypatch.setattr(evaluation, "GREEDY_FULL_SET_MAX_BYTES", 0)
+    monkeypatch.setattr(evaluation, "STAND_IN_LOGITS_DIFF", stand_in_diff)
+    settings = load_settings(state_dir=tmp_path / "state")
+    result = run_export(ExportRequest(source=str(models_dir / "llama"), name="tiny-large", quant="int8"), settings)
+    report = result.version.report
+    assert report is not None and report.verdict == "accepted"
+    quality = report.quality
+    assert quality["prompts"] == evaluation.MIN_GREEDY_PROMPTS
+    if stand_in_diff:
+        assert quality["torch_perplexity"] is None
+        assert quality["perplexity_basis"].startswith("fp32 export")
+        base = quality["reference_perplexity"]
+    else:
+        assert quality["perplexity_basis"] == "PyTorch"
+        assert quality["torch_perplexity"] == pytest.approx(quality["reference_perplexity"], rel=1e-4)
+        base = quality["torch_perplexity"]
+    assert quality["perplexity_increase"] == pytest.approx(max(0.0, quality["perplexity"] / base - 1), abs=2e-5)

@@ -5,17 +5,20 @@ verdict against the quality budget; refusals publish nothing and leave nothing b
 from __future__ import annotations
 
 import fcntl
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from rich.console import Console
 from tokenizers import Tokenizer
 
 from appliance.config import Settings, load_settings
 from appliance.errors import ExportError
-from appliance.export.pipeline import ExportRequest, run_export
+from appliance.export.pipeline import ExportRequest, LineProgress, run_export
 from appliance.repository import ModelRepository
 from appliance.repository.store import STAGING_DIR
 from helpers.encoders import TINY_HIDDEN_SIZE, build_tiny_classifier, build_tiny_encoder
@@ -258,3 +261,17 @@ def test_an_interrupt_while_the_staging_lease_is_set_up_leaves_nothing(
             pytest.fail("the lease must not be entered")
     monkeypatch.undo()
     assert list((tmp_path / "models" / STAGING_DIR).iterdir()) == []
+
+
+def test_plain_progress_lines_say_when_each_sub_step_began() -> None:
+    """A log (not a terminal) gets one line per sub-step with the seconds since its stage
+    began, so a long evaluation shows where its time went."""
+    out = io.StringIO()
+    progress = LineProgress(Console(file=out, width=200))
+    progress.start_stage("evaluate", "comparing with the unquantised reference")
+    progress.step("PyTorch reference: perplexity")
+    progress.finish_stage()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "evaluate: comparing with the unquantised reference"
+    assert re.fullmatch(r"evaluate: PyTorch reference: perplexity \(at \d+\.\d s\)", lines[1]), lines[1]
+    assert re.fullmatch(r"evaluate: done in \d+\.\d s", lines[2]), lines[2]

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from appliance.errors import ExportError
 from appliance.export.llm.eval_data import TokenizerFile, load_prompts
-from appliance.export.llm.evaluation import DecoderEvaluator, greedy_prompt_count
+from appliance.export.llm.evaluation import STAND_IN_LOGITS_DIFF, DecoderEvaluator, greedy_prompt_count, needs_torch_perplexity
 from appliance.export.llm.graph_facts import eos_ids_from, generation_spec
 from appliance.export.llm.kv_quant import CALIBRATION_MARGIN, calibrate, compare_caches, supports_int8_kv, write_int8_kv
 from appliance.export.llm.onnx_decoder import OnnxDecoder
@@ -105,7 +105,11 @@ class TextGenerationExporter(TaskExporter):
     variants: ClassVar[tuple[str, ...]] = ("int4", "int4-exact", "int8", "fp16", "fp32")
     int8_kv_variants: ClassVar[tuple[str, ...]] = tuple(VARIANT_RECIPES)
     default_max_quality_loss = VARIANT_BUDGETS["int4"]
-    quality_metric = "perplexity / torch_perplexity - 1 (the PyTorch model on the same text)"
+    quality_metric = (
+        "perplexity / torch_perplexity - 1 (the PyTorch model on the same text; for a large model the fp32 "
+        f"export's perplexity stands in when its logits are within {STAND_IN_LOGITS_DIFF:g} of PyTorch's: "
+        "quality.perplexity_basis)"
+    )
 
     def __init__(self, source: ResolvedSource, ctx: ExportContext) -> None:
         super().__init__(source, ctx)
@@ -338,6 +342,7 @@ class TextGenerationExporter(TaskExporter):
                 threads=self.ctx.threads,
                 progress=self.ctx.progress,
                 greedy_prompts=greedy_prompt_count(reference.size_bytes, len(load_prompts(self.ctx.data_dir))),
+                torch_perplexity=needs_torch_perplexity(reference.size_bytes),
             )
         return self._evaluator
 
