@@ -25,7 +25,8 @@ Contract (one call of each per engine step, on the engine thread only):
      of the best priority) plus one decode token for every running sequence. A long prompt is
      therefore cut into chunks that alternate with everybody else's decode steps (chunked
      prefill); while streams decode beside it, the stall limit (stall_limit.py) may cut the
-     chunk shorter, so their inter-token gaps stay bounded. While batch-priority sequences run, a chunk of an interactive prompt runs
+     chunk shorter, so their inter-token gaps stay bounded. While batch-priority sequences
+     run, a chunk of an interactive prompt runs
      alone: the decode batch sits that step out, so the interactive time to first token does
      not pay for a dozen batch rows — but never two steps in a row, so running batch streams
      always progress (at worst every other step).

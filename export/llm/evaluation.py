@@ -9,6 +9,8 @@ Keys written to report.json (INTERFACES.md plus extras):
   first 32 greedy tokens against PyTorch `generate` with EOS off; `greedy_agreement_64`: the
   same over 64 tokens; `greedy_identical_64`: prompts whose 64 tokens all match.
 * `logits_max_abs_diff`: max |ONNX - PyTorch| over every position of the longest prompt.
+* `perplexity_basis`: whose perplexity the loss divides by ("PyTorch", or the fp32 export
+  standing in for a large model: below).
 
 The budget's loss is `perplexity / torch_perplexity - 1` (>= 0): every variant is judged
 against PyTorch, not only against the fp32 ONNX graph. Above GREEDY_FULL_SET_MAX_BYTES of fp32
