@@ -65,9 +65,11 @@ def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: 
 
 
 def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
-    """Several requests of ~1 s of CPU each, so that work is certainly left when the zero grace
-    ends, however fast the machine (one 32-row request took 50 ms and raced the signal)."""
-    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=320)
+    """Several requests of ~3 s of CPU each, so that work is certainly left when the zero grace
+    ends, however fast the machine (one 32-row request took 50 ms and raced the signal; with
+    ~1 s requests, a full parallel run once saw the last one finish between the metrics poll
+    and the signal). The server exits at the signal, so longer requests cost no test time."""
+    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=960)
     key = create_key(state_dir, "t", ["infer"])
     port = free_port()
     rows = 512
