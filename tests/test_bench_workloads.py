@@ -69,6 +69,18 @@ def test_chat_requests_stream_with_usage_and_take_output_length_from_the_range()
     assert len({c.body["max_tokens"] for c in calls}) > 1
 
 
+def test_sampled_chat_requests_carry_a_seed_that_replays_with_the_run_seed() -> None:
+    prompts, source = load_prompts(None)
+    sampled = ChatWorkload(model="llm", prompts=prompts, source=source, temperature=0.8)
+    first = [sampled.next_call(random.Random(7)).body for _ in range(3)]
+    again = [sampled.next_call(random.Random(7)).body for _ in range(3)]
+    assert first == again and all(0 <= body["seed"] < 2**31 for body in first)
+    assert sampled.next_call(random.Random(8)).body["seed"] != first[0]["seed"]
+    for temperature in (None, 0.0):
+        greedy = ChatWorkload(model="llm", prompts=prompts, source=source, temperature=temperature)
+        assert "seed" not in greedy.next_call(random.Random(7)).body
+
+
 def test_embeddings_requests_carry_n_sentences_and_check_the_answer_count() -> None:
     prompts, source = load_prompts(None)
     workload = EmbeddingsWorkload(model="emb", prompts=prompts, source=source, sentences_per_request=5)

@@ -35,6 +35,10 @@ MAX_RERANK_DOCUMENTS = 10_000
 #: Length given to dynamic non-batch dimensions of generated V2 tensors.
 DEFAULT_INFER_SEQUENCE = 16
 
+#: Per-request sampling seeds are drawn below 2**31: every OpenAI-compatible server we compare
+#: against accepts a seed of that size.
+REQUEST_SEED_RANGE = 2**31
+
 
 @dataclass(frozen=True)
 class PromptEntry:
@@ -190,6 +194,10 @@ class ChatWorkload:
         }
         if self.temperature is not None:
             body["temperature"] = self.temperature
+            if self.temperature > 0:
+                # Sampled output then repeats from run to run: the same seed replays the same
+                # prompts, lengths and tokens, so two servers (or two variants) see one workload.
+                body["seed"] = rng.randrange(REQUEST_SEED_RANGE)
         if self.ignore_eos:
             body["ignore_eos"] = True
         return HttpCall(path="/v1/chat/completions", body=body, stream=True, inputs=1)

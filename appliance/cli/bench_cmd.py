@@ -90,7 +90,7 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout instead of the table.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a target outside loopback and private networks.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of prompt choice and arrival times.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of prompt choice, arrival times and the per-request sampling seeds.")] = 0,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
