@@ -145,6 +145,27 @@ def test_gguf_weights_dequantise_to_the_original_model(tiny_llama: Path, dequant
     assert "model.layers.1.self_attn.q_proj.weight" in loaded
 
 
+def test_the_four_transformers_loads_share_one_parse_of_the_file(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    from appliance.export.llm.gguf_load import gguf_to_hf_folder
+
+    parsed: list[str] = []
+    original_class, original_init = gguf.GGUFReader, gguf.GGUFReader.__init__
+
+    def counting_init(self: object, path: object, mode: str = "r") -> None:
+        parsed.append(Path(str(path)).name)
+        original_init(self, path, mode)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting_init)
+    gguf_to_hf_folder(read_gguf_header(tiny_gguf), tmp_path / "hf")
+    assert parsed == [tiny_gguf.name]
+    # restored afterwards: the next reader parses the file again
+    assert gguf.GGUFReader is original_class
+    gguf.GGUFReader(tiny_gguf)
+    assert parsed == [tiny_gguf.name, tiny_gguf.name]
+
+
 # -- tokenizer ----------------------------------------------------------------------------
 
 
