@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from helpers.decoders import make_tiny_llama, write_tiny_gguf
 from typer.testing import CliRunner
@@ -252,14 +253,18 @@ def test_a_q4_0_gguf_keeps_its_own_grid_as_int4_exact(gguf_files: dict[str, Path
     # Two layers, five weight MatMuls each (fused qkv, o, gate, up, down), all on the Q4_0 grid.
     assert report.details["grid_exact_matmuls"] == 10
     assert report.verdict == "accepted" and report.budget["loss"] <= 0.02
-    # A Q4_0 minimum is a whole number of steps: one MatMulNBits per weight, no block sums.
+    # A Q4_0 block is MatMulNBits' symmetric form: one MatMulNBits per weight, no block sums,
+    # no zero points.
     ops = report.details["ops"]
     assert "ReduceSum" not in ops, ops
+    graph = onnx.load(str(version.model_path), load_external_data=False).graph
+    nbits = [node for node in graph.node if node.op_type == "MatMulNBits" and node.name.startswith("/model/layers.")]
+    assert len(nbits) == 10 and all(len(node.input) == 3 for node in nbits), [list(node.input) for node in nbits]
 
 
-def test_a_q4_0_matrix_becomes_one_matmulnbits_with_integer_zero_points() -> None:
-    """Blocks whose largest magnitude is positive (zero point 7) and negative (8), and an odd
-    number of blocks per row (the last one alone in its zero-point byte)."""
+def test_a_q4_0_matrix_becomes_one_matmulnbits_without_zero_points() -> None:
+    """Blocks whose largest magnitude is positive (a negative scale) and negative, an all-zero
+    block (scale 0), and an odd number of blocks per row."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -269,6 +274,7 @@ def test_a_q4_0_matrix_becomes_one_matmulnbits_with_integer_zero_points() -> Non
     rows = rng.standard_normal((40, 96)).astype(np.float32)  # [out, in]: 3 blocks per row
     rows[:20, ::32] = 5.0
     rows[20:, ::32] = -5.0
+    rows[7, 32:64] = 0.0
     weight = np.ascontiguousarray(gguf.quants.dequantize(gguf.quants.quantize(rows, T.Q4_0), T.Q4_0).T)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
@@ -278,8 +284,10 @@ def test_a_q4_0_matrix_becomes_one_matmulnbits_with_integer_zero_points() -> Non
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     grids = grid_exact_candidates(model, ["proj"], 32)
+    assert grids["proj"].is_symmetric()
     assert encode_grid_exact(model, grids, 32) == 1
     assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]
+    assert len(model.graph.node[0].input) == 3, "no zero-point input: every block's is the default 8"
     x = rng.standard_normal((1, 4, 96)).astype(np.float32)
     (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     expected = x @ weight
@@ -296,7 +304,8 @@ def test_a_q4_0_weight_is_recovered_exactly_whichever_sign_its_largest_value_has
     rows[24:, ::32] = -5.0  # ... half negative
     dequantised = gguf.quants.dequantize(gguf.quants.quantize(rows, T.Q4_0), T.Q4_0)
     grid = recover_grid(np.ascontiguousarray(dequantised.T), 32)
-    assert grid is not None
+    assert grid is not None and grid.is_symmetric()
+    assert (grid.scales[:24] < 0).all() and (grid.scales[24:] > 0).all(), "the largest value takes code 0"
     rebuilt = (grid.codes * grid.scales[..., None] + grid.mins[..., None]).reshape(dequantised.shape)
     np.testing.assert_array_equal(rebuilt.astype(np.float32), dequantised)
 

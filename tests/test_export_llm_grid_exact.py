@@ -41,6 +41,7 @@ def test_a_q4_1_weight_is_recovered_exactly() -> None:
     grid = recover_grid(weight, BLOCK)
     assert grid is not None
     assert grid.codes.max() == 15 and grid.codes.min() == 0
+    assert not grid.is_symmetric(), "a Q4_1 minimum is a float: the node needs its zero points"
     rebuilt = (grid.codes * grid.scales[..., None] + grid.mins[..., None]).reshape(48, 64).T
     np.testing.assert_allclose(rebuilt, weight, rtol=0, atol=1e-7)
 
