@@ -79,7 +79,7 @@ VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
     # The source's own 4-bit grid, re-encoded without a second rounding (export/llm/grid_exact.py):
     # SmolLM2 (Q4_1) perplexity +1.1% instead of int4's +7.3%, 9% smaller than int4; on the
     # 2-core AVX2 box a Q4_1 source's block-sum nodes cost 12% of single-stream decode speed
-    # (docs/BENCHMARKS.md); a Q4_0 source needs none (integer zero points).
+    # (docs/BENCHMARKS.md); a Q4_0 source needs none (MatMulNBits' symmetric form, no zero points).
     "int4-exact": WeightOnlyRecipe(
         bits=4, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=None, share_embedding=True, grid_exact=True
     ),
