@@ -4,17 +4,18 @@ symmetric form (signed scales, no zero-point input), timed alone at decode and p
 Why: `--quant int4-exact` keeps a Q4_0 file's own 4-bit codes (export/llm/grid_exact.py). The
 same codes can be written with a positive scale and a per-block zero point of 7 or 8, or with a
 signed scale and the default zero point 8; the two compute the same product, but ONNX Runtime
-picks a different CPU kernel for each. This script says which is faster on this box, so the
-export's choice rests on a number.
+may take a different CPU kernel path for each. This script says whether one is faster on this
+box, so the export's choice rests on a number (2026-12-04: no, within noise).
 
 Both forms come from the same weights: `--layers` matrices of `--k` x `--n` (default the
 Qwen2.5-1.5B MLP's gate/up shape), drawn seeded, written as Q4_0 by the `gguf` package and
 dequantised, then recovered by the export's own `recover_grid`; the zero-point form flips each
 negative-scale block back to a positive scale (codes 15 - q, zero point 7). One graph per form
 runs the matrices side by side on one input (as a decoder layer's projections read one
-activation), accuracy_level 4, `--threads` intra-op threads. Each figure is the median of
-`--repeats` timed batches of five runs after a warm-up; the relative error against the fp32
-product is printed as a check that both forms compute the same thing.
+activation), accuracy_level 4, `--threads` intra-op threads. Both sessions stay open and their
+timed batches of five runs alternate after a warm-up (drift on a shared box hits both alike);
+each figure is the median of `--repeats` batches. The relative error against the fp32 product
+is printed as a check that both forms compute the same thing.
 
     .venv/bin/python bench/matmulnbits_forms.py                    # 1536 x 8960 (gate/up)
     .venv/bin/python bench/matmulnbits_forms.py --k 8960 --n 1536  # down
@@ -93,16 +94,12 @@ def session(weights: list[np.ndarray], symmetric: bool, threads: int) -> ort.Inf
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def time_runs(runner: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int) -> float:
-    for _ in range(3):
+def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: bool = False) -> float:
+    """Seconds per run over a batch of RUNS_PER_BATCH runs (a warm-up batch is not timed)."""
+    start = time.perf_counter()
+    for _ in range(RUNS_PER_BATCH):
         runner.run(None, feed)
-    batches = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(RUNS_PER_BATCH):
-            runner.run(None, feed)
-        batches.append((time.perf_counter() - start) / RUNS_PER_BATCH)
-    return statistics.median(batches)
+    return 0.0 if warmup else (time.perf_counter() - start) / RUNS_PER_BATCH
 
 
 def main() -> None:
@@ -111,27 +108,32 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8960, help="output features (default 8960: its MLP)")
     parser.add_argument("--layers", type=int, default=8, help="matrices run side by side in one graph")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     weights = q4_0_weights(args.k, args.n, args.layers, args.seed)
     mebibytes = sum(w.size for w in weights) * (4 + 32 / BLOCK) / 8 / 2**20
     print(f"{args.layers} Q4_0 matrices of {args.k} x {args.n} ({mebibytes:.0f} MiB as 4-bit codes + fp32 scales), {args.threads} threads")
     rng = np.random.default_rng(args.seed + 1)
-    seconds: dict[tuple[bool, int], float] = {}
-    for symmetric in (False, True):
-        runner = session(weights, symmetric, args.threads)
-        form = "symmetric (no zero points)" if symmetric else "explicit zero points"
-        for rows in ROWS:
-            x = rng.standard_normal((1, rows, args.k)).astype(np.float32)
+    runners = {symmetric: session(weights, symmetric, args.threads) for symmetric in (False, True)}
+    names = {False: "explicit zero points", True: "symmetric (no zero points)"}
+    for rows in ROWS:
+        x = rng.standard_normal((1, rows, args.k)).astype(np.float32)
+        batches: dict[bool, list[float]] = {False: [], True: []}
+        for symmetric, runner in runners.items():
             outputs = runner.run(None, {"x": x})
             error = max(float(np.abs(got - x @ w).max() / np.abs(x @ w).max()) for got, w in zip(outputs, weights, strict=True))
-            seconds[(symmetric, rows)] = time_runs(runner, {"x": x}, args.repeats)
-            print(f"  {form:28s} M={rows:<4d} {seconds[(symmetric, rows)] * 1e3:8.2f} ms  relative error {error:.4f}")
-    for rows in ROWS:
-        slower = seconds[(False, rows)] / seconds[(True, rows)]
-        bandwidth = mebibytes * 2**20 / seconds[(True, rows)] / 1e9
-        print(f"M={rows:<4d} zero points / symmetric: {slower:.2f}x   (symmetric form reads {bandwidth:.1f} GB/s)")
+            print(f"  {names[symmetric]:28s} M={rows:<4d} relative error {error:.4f}")
+            time_batch(runner, {"x": x}, warmup=True)
+        for _ in range(args.repeats):  # alternating, so drift on the shared box hits both forms alike
+            for symmetric, runner in runners.items():
+                batches[symmetric].append(time_batch(runner, {"x": x}))
+        medians = {symmetric: statistics.median(times) for symmetric, times in batches.items()}
+        bandwidth = mebibytes * 2**20 / medians[True] / 1e9
+        print(
+            f"M={rows:<4d} zero points {medians[False] * 1e3:8.2f} ms, symmetric {medians[True] * 1e3:8.2f} ms: "
+            f"{medians[False] / medians[True]:.2f}x   (symmetric form reads {bandwidth:.1f} GB/s)"
+        )
 
 
 if __name__ == "__main__":

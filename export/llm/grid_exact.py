@@ -9,8 +9,9 @@ alone costs +20% perplexity, which is why the plain int4 recipe has to keep half
 MatMulNBits computes ``scale * (q - zero_point)`` with integer zero points, 8 when the node
 has no zero-point input. A Q4_0 block is exactly that form with a signed scale (ggml stores
 ``d = v / -8`` for the block's largest-magnitude value v, which takes code 0), so a Q4_0 matrix
-is one MatMulNBits without zero points: the kernel's symmetric path, which on ONNX Runtime 1.32
-runs faster at M = 1 than the same codes with explicit zero points. A Q4_1 minimum is
+is one MatMulNBits without zero points (the same codes with positive scales would need zero
+points of 7 and 8; bench/matmulnbits_forms.py times both forms alike on ONNX Runtime 1.32, so
+the gain is one input fewer, not speed). A Q4_1 minimum is
 a float, and MatMulNBits' float zero-point form runs a slow dequantise-then-multiply path (25x
 slower at M = 1 on ONNX Runtime 1.32), so there the minimum is split off::
 
