@@ -13,6 +13,7 @@ Usage: python bench/export_llm_tradeoffs.py [WORK_DIR] [--threads N]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -48,6 +49,10 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int4, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4),
     "int4 default (attn + down 8-bit, emb shared)": VARIANT_RECIPES["int4"],
     "int4-exact (the GGUF's own Q4_1 grid, lm_head 8, emb shared)": VARIANT_RECIPES["int4-exact"],
+    "int4-exact, 8-bit blocks 32": dataclasses.replace(VARIANT_RECIPES["int4-exact"], eight_bit_block_size=None),
+    "int8 default (8-bit blocks 128, emb shared)": VARIANT_RECIPES["int8"],
+    "int8, 8-bit blocks 32": dataclasses.replace(VARIANT_RECIPES["int8"], eight_bit_block_size=None),
+    "int4 default, 8-bit blocks 32": dataclasses.replace(VARIANT_RECIPES["int4"], eight_bit_block_size=None),
     "int4, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4),
     "int4 asym, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4, symmetric=False),
     "int4 asym, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4, symmetric=False),

@@ -16,7 +16,7 @@ measured alternately (appliance pass, llama.cpp pass, ...), each figure the medi
 2. the appliance's variants: `appliance export FILE.gguf --name bench-SHAPE-TYPE --quant QUANT
    --force` into WORK/state (`--force`: random weights, the quality gate is not the point),
    skipped when a version of that name and variant exported from the same file (sha256) is
-   there; the export's per-stage seconds come from its report.json;
+   there (`--fresh-export`: export anyway, e.g. after a recipe changed); the export's per-stage seconds come from its report.json;
 3. for each pair (default: int4 from the Q4_0 file, int8 from the Q8_0 file), the appliance
    (`appliance serve` on a private state dir: prefix cache and speculation off, chunked prefill
    at `--prefill-chunk-tokens`, max running sequences >= the largest stream count; requests
@@ -72,7 +72,7 @@ server during its passes (it is part of "end to end"); llama.cpp runs in-process
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape qwen2.5-1.5b --chunk-sweep 128,256,512,1024 --json bench/.work/sizes/qwen2.5-1.5b.json
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape llama3.2-1b --json bench/.work/sizes/llama3.2-1b.json
     # options: --pair Q4_K_M:int4 (repeatable; FILE.gguf:QUANT for your own file), --threads N,
-    # --repeats 3, --chunk-sweep 128,256,512,1024, --export-only, --skip-llamacpp
+    # --repeats 3, --chunk-sweep 128,256,512,1024, --export-only, --fresh-export, --skip-llamacpp
     # smoke test (seconds to a minute, no llama.cpp needed):
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape tiny --skip-llamacpp --no-gate --repeats 1 --bandwidth-mib 256
 """
@@ -512,7 +512,7 @@ def ensure_export(pair: Pair, args: argparse.Namespace) -> tuple[Any, dict[str, 
         ]
         return same[-1] if same else None
 
-    version = existing()
+    version = None if args.fresh_export else existing()
     facts: dict[str, Any] = {"exported_now": version is None}
     if version is None:
         (args.work / "logs").mkdir(parents=True, exist_ok=True)
@@ -790,6 +790,7 @@ def main() -> None:
     parser.add_argument("--kv-cache", choices=("fp32", "int8"), default="fp32", help="the export's --kv-cache (an existing version is reused only with that KV type)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure the appliance only (no bench/.venv-llamacpp needed)")
     parser.add_argument("--export-only", action="store_true", help="write the files and export the variants, then stop")
+    parser.add_argument("--fresh-export", action="store_true", help="export a new version even when one from the same file is there")
     parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--max-tries", type=int, default=3)

@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=gguf_shapes.DEFAULT_SEED)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
     parser.add_argument("--kv-cache", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--fresh-export", action="store_true", help="export a new version even when one from the same file is there")
     parser.add_argument("--max-foreign", type=float, default=0.05)
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--max-tries", type=int, default=3)

@@ -41,6 +41,10 @@ class WeightOnlyRecipe:
 
     bits: int
     block_size: int = 32
+    #: Block size of the 8-bit MatMuls (8-bit weights, promoted MatMuls, the LM head); None:
+    #: `block_size`. A MatMul whose K it does not divide gets the largest power of two down to
+    #: `block_size` that does (a padded block would keep the embedding from being shared).
+    eight_bit_block_size: int | None = None
     lm_head_bits: int | None = None
     embedding_bits: int | None = None
     #: Bits for the quantisation-sensitive MatMuls (None: same as `bits`). Which ones: the
@@ -77,10 +81,18 @@ class WeightOnlyRecipe:
             raise ExportError(f"quant: promoted layers must be 'mixed' or 'all', not {self.promoted_layers!r}", field="quant")
         if self.grid_exact and self.bits != 4:
             raise ExportError("quant: the exact grid encoding stores 4-bit codes only", field="quant")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
-            raise ExportError(
-                f"block_size: {self.block_size} must be a power of two between 16 and 256", field="block_size"
-            )
+        for field, size in (("block_size", self.block_size), ("eight_bit_block_size", self.eight_bit_block_size)):
+            if size is not None and (size < 16 or size & (size - 1) or size > 256):
+                raise ExportError(f"{field}: {size} must be a power of two between 16 and 256", field=field)
+
+    def block_for(self, bits: int, k_dim: int) -> int:
+        """The block size of one MatMul of `bits` bits whose weight has `k_dim` rows."""
+        if bits != 8 or self.eight_bit_block_size is None:
+            return self.block_size
+        block = self.eight_bit_block_size
+        while block > self.block_size and k_dim % block:
+            block //= 2
+        return block
 
     def promoted_nodes(self, model: onnx.ModelProto, num_layers: int) -> list[str]:
         """Names of the MatMuls that get `promoted_bits` instead of `bits`."""
@@ -286,6 +298,34 @@ def _grid_exact_layers(model: onnx.ModelProto, recipe: WeightOnlyRecipe, lm_head
     return grids
 
 
+def _matmul_plan(
+    model: onnx.ModelProto,
+    recipe: WeightOnlyRecipe,
+    lm_head: onnx.NodeProto | None,
+    promoted: set[str],
+    grid_exact: set[str],
+) -> dict[tuple[int, int], list[str]]:
+    """The MatMuls with a constant weight to quantise, grouped by (bits, block size): the LM
+    head at `lm_head_bits`, promoted ones at `promoted_bits`, the rest at `bits`; grid-exact
+    MatMuls and groups kept in fp32 are left out."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    plan: dict[tuple[int, int], list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name in grid_exact or node.input[1] not in initializers:
+            continue
+        if lm_head is not None and node.name == lm_head.name:
+            bits = recipe.lm_head_bits
+        elif node.name in promoted:
+            bits = recipe.promoted_bits
+        else:
+            bits = recipe.bits
+        if bits is None:
+            continue
+        k_dim = int(initializers[node.input[1]].dims[0])
+        plan.setdefault((bits, recipe.block_for(bits, k_dim)), []).append(node.name)
+    return plan
+
+
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> dict[str, Any]:
     """Write `source` quantised by `recipe` to `target`; returns what was done (report)."""
     model = load_with_weights(source)
@@ -299,33 +339,14 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     promoted = recipe.promoted_nodes(model, num_layers)
     tied = bool(untied) and lm_head is not None and embedding is not None and _is_tied(model, lm_head, embedding)
     grids = _grid_exact_layers(model, recipe, lm_head) if recipe.grid_exact else {}
-    exclude = ([lm_head.name] if lm_head is not None else []) + promoted + list(grids)
-    model = _quantizer(
-        model,
-        bits=recipe.bits,
-        block_size=recipe.block_size,
-        accuracy_level=recipe.accuracy_level,
-        is_symmetric=recipe.symmetric,
-        nodes_to_exclude=exclude,
-        op_types_to_quantize=("MatMul",),
-    )
-    if promoted:
+    plan = _matmul_plan(model, recipe, lm_head, set(promoted), set(grids))
+    for (bits, block_size), names in sorted(plan.items()):
         model = _quantize_only(
             model,
-            promoted,
+            names,
             "MatMul",
-            bits=recipe.promoted_bits,
-            block_size=recipe.block_size,
-            accuracy_level=recipe.accuracy_level,
-            is_symmetric=recipe.symmetric,
-        )
-    if lm_head is not None and recipe.lm_head_bits is not None:
-        model = _quantize_only(
-            model,
-            [lm_head.name],
-            "MatMul",
-            bits=recipe.lm_head_bits,
-            block_size=recipe.block_size,
+            bits=bits,
+            block_size=block_size,
             accuracy_level=recipe.accuracy_level,
             is_symmetric=recipe.symmetric,
         )
@@ -356,6 +377,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         "ops": counts,
         "lm_head": lm_head.name if lm_head else None,
         "promoted_matmuls": 0 if grids else len(promoted),
+        "blocks": {f"{bits}-bit/{block_size}": len(names) for (bits, block_size), names in sorted(plan.items())},
         "grid_exact_matmuls": len(grids),
         "embedding_shared_with_lm_head": bool(recipe.share_embedding and tied and recipe.lm_head_bits == 8),
     }

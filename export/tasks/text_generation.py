@@ -57,6 +57,12 @@ from appliance.repository import GenerationSpec, TokenizerSpec
 from appliance.repository.manifest import ProviderHints
 
 DEFAULT_BLOCK_SIZE = 32
+#: Block size of every 8-bit MatMul (int8 weights, int4's 8-bit layers, the LM head).
+#: ONNX Runtime 1.32's 8-bit MatMulNBits kernel (accuracy level 4) pays per block: on the
+#: 2-core AVX-512 VNNI box a Qwen2.5-1.5B int8 decode step took 0.75x the time with blocks of
+#: 128 (0.89x the bytes), and prefill-sized products 0.75x (docs/BENCHMARKS.md); 4-bit blocks
+#: stay at 32, where the coarser grid costs perplexity.
+EIGHT_BIT_BLOCK_SIZE = 128
 #: The weight-only recipe of each quantised variant (block size filled in per export).
 #: int4 keeps the attention projections and down_proj in 8 bits: measured on SmolLM2 (a Q4_1
 #: GGUF, so its int4 is a second rounding), plain 4-bit RTN everywhere cost +20% perplexity;
@@ -66,6 +72,7 @@ VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
     "int4": WeightOnlyRecipe(
         bits=4,
         block_size=DEFAULT_BLOCK_SIZE,
+        eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
         lm_head_bits=8,
         embedding_bits=4,
         promoted_bits=8,
@@ -74,14 +81,25 @@ VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
         share_embedding=True,
     ),
     "int8": WeightOnlyRecipe(
-        bits=8, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=None, share_embedding=True
+        bits=8,
+        block_size=DEFAULT_BLOCK_SIZE,
+        eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
+        lm_head_bits=8,
+        embedding_bits=None,
+        share_embedding=True,
     ),
     # The source's own 4-bit grid, re-encoded without a second rounding (export/llm/grid_exact.py):
     # SmolLM2 (Q4_1) perplexity +1.1% instead of int4's +7.3%, 9% smaller than int4; on the
     # 2-core AVX2 box a Q4_1 source's block-sum nodes cost 12% of single-stream decode speed
     # (docs/BENCHMARKS.md); a Q4_0 source needs none (MatMulNBits' symmetric form, no zero points).
     "int4-exact": WeightOnlyRecipe(
-        bits=4, block_size=DEFAULT_BLOCK_SIZE, lm_head_bits=8, embedding_bits=None, share_embedding=True, grid_exact=True
+        bits=4,
+        block_size=DEFAULT_BLOCK_SIZE,
+        eight_bit_block_size=EIGHT_BIT_BLOCK_SIZE,
+        lm_head_bits=8,
+        embedding_bits=None,
+        share_embedding=True,
+        grid_exact=True,
     ),
 }
 #: Largest accepted perplexity increase over the fp32 export, per variant (the issue's targets).
@@ -207,7 +225,9 @@ class TextGenerationExporter(TaskExporter):
             return self._fp16(reference)
         recipe = self.recipe(name)
         out_dir = self.ctx.subdir(f"variant-{name}")
-        self.ctx.progress.step(f"weight-only {name}: MatMulNBits, block {recipe.block_size}")
+        self.ctx.progress.step(
+            f"weight-only {name}: MatMulNBits, blocks of {recipe.block_size} (8-bit: {recipe.eight_bit_block_size or recipe.block_size})"
+        )
         details = quantize_weight_only(reference.model_path, out_dir / MODEL_FILE, recipe)
         if (reference.directory / GENAI_CONFIG_FILE).exists():
             shutil.copyfile(reference.directory / GENAI_CONFIG_FILE, out_dir / GENAI_CONFIG_FILE)
@@ -233,7 +253,7 @@ class TextGenerationExporter(TaskExporter):
         )
         notes = [
             f"{weights}, LM head {recipe.lm_head_bits or 32}-bit, embedding {embedding}, "
-            f"block {recipe.block_size}, accuracy_level {recipe.accuracy_level}"
+            f"blocks {_describe_blocks(details, recipe.block_size)}, accuracy_level {recipe.accuracy_level}"
         ]
         quantization = "int4" if recipe.grid_exact else name
         artifact = Artifact(directory=out_dir, variant=name, quantization=quantization, details=details, notes=notes)  # type: ignore[arg-type]
@@ -421,6 +441,14 @@ class TextGenerationExporter(TaskExporter):
 _CONTRIB_OPS = frozenset(
     {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding"}
 )
+
+
+def _describe_blocks(details: dict[str, Any], block_size: int) -> str:
+    """'4-bit/32 x112, 8-bit/128 x85': how many MatMuls got which bits and block size."""
+    groups = dict(details["blocks"])
+    if details.get("grid_exact_matmuls"):
+        groups[f"4-bit/{block_size} (source grid)"] = details["grid_exact_matmuls"]
+    return ", ".join(f"{group} x{count}" for group, count in groups.items())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
