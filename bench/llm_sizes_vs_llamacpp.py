@@ -72,7 +72,7 @@ server during its passes (it is part of "end to end"); llama.cpp runs in-process
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape qwen2.5-1.5b --chunk-sweep 128,256,512,1024 --json bench/.work/sizes/qwen2.5-1.5b.json
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape llama3.2-1b --json bench/.work/sizes/llama3.2-1b.json
     # options: --pair Q4_K_M:int4 (repeatable; FILE.gguf:QUANT for your own file), --threads N,
-    # --repeats 3, --chunk-sweep 128,256,512,1024, --export-only, --fresh-export, --skip-llamacpp
+    # --repeats 3, --chunk-sweep 128,256,512,1024, --export-only, --fresh-export, --jobs decode_after_100, --skip-llamacpp
     # smoke test (seconds to a minute, no llama.cpp needed):
     .venv/bin/python bench/llm_sizes_vs_llamacpp.py --shape tiny --skip-llamacpp --no-gate --repeats 1 --bandwidth-mib 256
 """
@@ -627,6 +627,8 @@ def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: W
             for count, prompts in workload.streams.items():
                 jobs.append((f"streams_{count}", _streams(prompts, args.new_tokens), _streams(prompts, WARMUP_TOKENS)))
             for job, measure, warm in jobs:
+                if args.jobs and job not in args.jobs:
+                    continue
                 print(f"  {pair.label} {job}: warm-up", flush=True)
                 for side in sides:
                     warm(side)
@@ -791,6 +793,10 @@ def main() -> None:
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure the appliance only (no bench/.venv-llamacpp needed)")
     parser.add_argument("--export-only", action="store_true", help="write the files and export the variants, then stop")
     parser.add_argument("--fresh-export", action="store_true", help="export a new version even when one from the same file is there")
+    parser.add_argument(
+        "--jobs", type=lambda s: s.split(","), default=[],
+        help="measure only these workloads, e.g. decode_after_100,ttft_2000 (default: all; names as in the JSON)",
+    )
     parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--max-tries", type=int, default=3)

@@ -10,7 +10,10 @@ What it proves, each as one line with a verdict:
 5. MatMulNBits with float zero points (the one-node form of the export's int4-exact) against
    integer zero points, on the best provider: on the CPU the float form is ~25x slower, which is
    why int4-exact splits the block minimum off; if CUDA runs both alike, a CUDA int4-exact can
-   be one node per weight.
+   be one node per weight;
+6. 8-bit MatMulNBits in blocks of 32 and of 128 (the export's 8-bit block since 2026-12-04) on
+   the best provider with CPU fallback disabled: whether the provider runs that form at all,
+   whether it computes the product, and its time at M 1 and 8.
 
 Needs onnxruntime-gpu (or an image's onnxruntime with CUDA/TensorRT), numpy and onnx; runs on
 CPU too (then it just reports the GPU providers as unavailable). The synthetic model is an
@@ -184,7 +187,57 @@ def main() -> int:
         _, report = create_session(model_path, manifest, ProviderConfig(trt_cache_dir=work / "appliance-trt"))
         line("OK", "appliance selection", report.summary())
     zero_point_forms(built)
+    eight_bit_blocks(built)
     return 1 if failures else 0
+
+
+def eight_bit_blocks(built: list[str]) -> None:
+    """8-bit MatMulNBits (K 1536, N 1536) in blocks of 32 and 128 on the best provider alone."""
+    provider = next((p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in built), "CPUExecutionProvider")
+    k_dim = n_dim = 1536
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((k_dim, n_dim)).astype(np.float32)
+    figures = []
+    for block in (32, 128):
+        blocks = weight.T.reshape(n_dim, k_dim // block, block)
+        scales = np.abs(blocks).max(axis=2, keepdims=True) / 127
+        codes = (np.rint(blocks / scales) + 128).astype(np.uint8)
+        node = helper.make_node(
+            "MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft",
+            K=k_dim, N=n_dim, bits=8, block_size=block, accuracy_level=4,
+        )
+        graph = helper.make_graph(
+            [node], "q8", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k_dim])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n_dim])],
+            [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales.reshape(-1).astype(np.float32), "s")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        options = ort.SessionOptions()
+        if provider != "CPUExecutionProvider":
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+        except Exception as exc:  # noqa: BLE001 - a provider without the form is the finding
+            line("WARN", f"MatMulNBits 8-bit block {block}", f"{provider} cannot run it: {str(exc).splitlines()[0]}")
+            continue
+        times = []
+        for rows in (1, 8):
+            a = rng.standard_normal((rows, k_dim)).astype(np.float32)
+            (got,) = session.run(None, {"a": a})
+            error = float(np.abs(got - a @ weight).max() / np.abs(a @ weight).max())
+            for _ in range(10):
+                session.run(None, {"a": a})
+            runs = []
+            for _ in range(50):
+                start = time.perf_counter()
+                session.run(None, {"a": a})
+                runs.append(time.perf_counter() - start)
+            times.append(statistics.median(runs) * 1e6)
+        verdict = "OK" if error < 0.02 else "FAIL"
+        figures.append(f"block {block}: {times[0]:.0f}/{times[1]:.0f} us at M 1/8 (error {error:.1e}, {verdict})")
+    if figures:
+        line("OK" if all("FAIL" not in f for f in figures) else "WARN", "MatMulNBits 8-bit blocks", f"{provider}: " + "; ".join(figures))
 
 
 def zero_point_forms(built: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The GPU scripts stay runnable where CI runs, without a GPU (they ran on an H200 once; see
 docs/BENCHMARKS.md): scripts/gpu_check.py must finish with exit 0, name the missing GPU
 providers as warnings and still time the CPU parts (the appliance's selection, MatMulNBits'
-zero-point forms); scripts/gpu_decoder.py's loop and scripts/gpu_engine.py must give the
+zero-point forms, its 8-bit blocks); scripts/gpu_decoder.py's loop and scripts/gpu_engine.py must give the
 reference tokens on the CPU provider."""
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def test_gpu_check_runs_on_a_cpu_only_box_and_says_what_is_missing() -> None:
     assert any(line.startswith("OK   appliance selection: cpu") for line in lines), done.stdout
     timing = next(line for line in lines if "MatMulNBits zero points" in line)
     assert "uint8" in timing and "float" in timing
+    blocks = next(line for line in lines if "MatMulNBits 8-bit blocks" in line)
+    assert blocks.startswith("OK") and "block 32:" in blocks and "block 128:" in blocks, blocks
 
 
 def _script(name: str):  # noqa: ANN202 - a module loaded from scripts/
