@@ -58,10 +58,11 @@ from appliance.repository.manifest import ProviderHints
 
 DEFAULT_BLOCK_SIZE = 32
 #: Block size of every 8-bit MatMul (int8 weights, int4's 8-bit layers, the LM head).
-#: ONNX Runtime 1.32's 8-bit MatMulNBits kernel (accuracy level 4) pays per block: on the
-#: 2-core AVX-512 VNNI box a Qwen2.5-1.5B int8 decode step took 0.75x the time with blocks of
-#: 128 (0.89x the bytes), and prefill-sized products 0.75x (docs/BENCHMARKS.md); 4-bit blocks
-#: stay at 32, where the coarser grid costs perplexity.
+#: ONNX Runtime 1.32's 8-bit MatMulNBits kernel (accuracy level 4) pays per block, not only
+#: per byte: on the 2-core AVX-512 VNNI box a Qwen2.5-1.5B int8 decode step took 0.72x the time
+#: with blocks of 128 (0.91x the bytes) and a 2,000-token prefill 0.78x; SmolLM2's perplexity
+#: did not move (docs/BENCHMARKS.md). 4-bit blocks stay at 32: a coarser 4-bit grid costs
+#: perplexity.
 EIGHT_BIT_BLOCK_SIZE = 128
 #: The weight-only recipe of each quantised variant (block size filled in per export).
 #: int4 keeps the attention projections and down_proj in 8 bits: measured on SmolLM2 (a Q4_1
