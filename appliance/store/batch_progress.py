@@ -24,6 +24,11 @@ from appliance.store.batch_store import Progress
 
 OUTPUT_NAME = "output.jsonl"
 ERROR_NAME = "errors.jsonl"
+#: Characters JSON leaves raw inside strings but common line splitters (Python's
+#: str.splitlines, some JSON Lines readers) treat as line ends: written escaped, so one
+#: answer is one line for every reader. They can only occur inside strings, so replacing them
+#: in the encoded text is exact.
+LINE_BREAKING_CHARACTERS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 @dataclass
@@ -70,6 +75,14 @@ def _read_complete_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def encode_line(line: dict[str, Any]) -> bytes:
+    """One JSON Lines record: UTF-8, compact, no character any line splitter breaks on."""
+    text = json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+    for raw, escaped in LINE_BREAKING_CHARACTERS.items():
+        text = text.replace(raw, escaped)
+    return text.encode("utf-8") + b"\n"
+
+
 class BatchProgress:
     """The two append-only files of one batch (thread-safe appends)."""
 
@@ -102,7 +115,7 @@ class BatchProgress:
         return recovered
 
     def append(self, line: dict[str, Any], *, error: bool) -> None:
-        data = json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        data = encode_line(line)
         with self._lock:
             handle = self._handles.get(error)
             if handle is None:
