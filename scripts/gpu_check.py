@@ -222,22 +222,28 @@ def eight_bit_blocks(built: list[str]) -> None:
             line("WARN", f"MatMulNBits 8-bit block {block}", f"{provider} cannot run it: {str(exc).splitlines()[0]}")
             continue
         times = []
+        error = 0.0
         for rows in (1, 8):
             a = rng.standard_normal((rows, k_dim)).astype(np.float32)
             (got,) = session.run(None, {"a": a})
-            error = float(np.abs(got - a @ weight).max() / np.abs(a @ weight).max())
-            for _ in range(10):
-                session.run(None, {"a": a})
-            runs = []
-            for _ in range(50):
-                start = time.perf_counter()
-                session.run(None, {"a": a})
-                runs.append(time.perf_counter() - start)
-            times.append(statistics.median(runs) * 1e6)
+            error = max(error, float(np.abs(got - a @ weight).max() / np.abs(a @ weight).max()))
+            times.append(median_run_us(session, {"a": a}))
         verdict = "OK" if error < 0.02 else "FAIL"
         figures.append(f"block {block}: {times[0]:.0f}/{times[1]:.0f} us at M 1/8 (error {error:.1e}, {verdict})")
     if figures:
         line("OK" if all("FAIL" not in f for f in figures) else "WARN", "MatMulNBits 8-bit blocks", f"{provider}: " + "; ".join(figures))
+
+
+def median_run_us(session: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int = 10, runs: int = 50) -> float:
+    """Median microseconds of one run after a warm-up."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 def zero_point_forms(built: list[str]) -> None:
@@ -272,14 +278,7 @@ def zero_point_forms(built: list[str]) -> None:
         provider = session.get_providers()[0]  # a listed provider may still fall back to the CPU
         for rows in (1, 8):
             a = rng.standard_normal((rows, k_dim)).astype(np.float32)
-            for _ in range(10):
-                session.run(None, {"a": a})
-            times = []
-            for _ in range(50):
-                start = time.perf_counter()
-                session.run(None, {"a": a})
-                times.append(time.perf_counter() - start)
-            timings.setdefault(form, []).append(statistics.median(times) * 1e6)
+            timings.setdefault(form, []).append(median_run_us(session, {"a": a}))
     if len(timings) == 2:
         ratio = max(f / u for f, u in zip(timings["float"], timings["uint8"], strict=True))
         line(
