@@ -73,11 +73,16 @@ def test_the_shipped_recipes_put_8_bit_matmuls_in_blocks_of_128_and_4_bit_in_32(
 
 @pytest.mark.parametrize(
     ("bits", "k_dim", "expected"),
-    [(8, 1536, 128), (8, 8960, 128), (8, 576, 64), (8, 96, 32), (8, 100, 32), (4, 1536, 32)],
+    [(8, 1536, 128), (8, 8960, 128), (8, 576, 64), (8, 96, 32), (8, 100, 16), (4, 1536, 32), (4, 48, 16)],
 )
 def test_an_8_bit_block_is_the_largest_power_of_two_that_divides_k(bits: int, k_dim: int, expected: int) -> None:
     recipe = WeightOnlyRecipe(bits=4, block_size=32, eight_bit_block_size=128)
     assert recipe.block_for(bits, k_dim) == expected
+
+
+@pytest.mark.parametrize(("k_dim", "expected"), [(1536, 128), (576, 64), (896, 128), (200, 16)])
+def test_a_4_bit_block_falls_back_the_same_way(k_dim: int, expected: int) -> None:
+    assert WeightOnlyRecipe(bits=4, block_size=128).block_for(4, k_dim) == expected
 
 
 def test_without_an_8_bit_block_size_every_matmul_takes_the_block_size() -> None:
@@ -108,6 +113,7 @@ def test_the_int4_recipe_writes_each_matmul_at_its_bits_and_block_and_shares_the
         "/lm_head/MatMul_Q8": (8, 128),
     }
     assert report["blocks"] == {"4-bit/32": 1, "8-bit/64": 1, "8-bit/128": 2}
+    assert report["scale_searched_matmuls"] == 1
     assert report["embedding_shared_with_lm_head"]
     gather = next(node for node in quantised.graph.node if node.op_type == "GatherBlockQuantized")
     assert {a.name: a.i for a in gather.attribute}["block_size"] == 128

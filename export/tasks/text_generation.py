@@ -61,14 +61,17 @@ DEFAULT_BLOCK_SIZE = 32
 #: ONNX Runtime 1.32's 8-bit MatMulNBits kernel (accuracy level 4) pays per block, not only
 #: per byte: on the 2-core AVX-512 VNNI box a Qwen2.5-1.5B int8 decode step took 0.72x the time
 #: with blocks of 128 (0.91x the bytes) and a 2,000-token prefill 0.78x; SmolLM2's perplexity
-#: did not move (docs/BENCHMARKS.md). 4-bit blocks stay at 32: a coarser 4-bit grid costs
-#: perplexity.
+#: did not move (docs/BENCHMARKS.md). 4-bit blocks stay at 32 although ONNX Runtime runs 4-bit
+#: blocks of 128 1.4x faster too (bench/matmulnbits_blocks.py): on SmolLM2 blocks of 64 cost
+#: +9.3% perplexity against +7.3% (round-to-nearest), +11.5% with the scale search.
 EIGHT_BIT_BLOCK_SIZE = 128
 #: The weight-only recipe of each quantised variant (block size filled in per export).
 #: int4 keeps the attention projections and down_proj in 8 bits: measured on SmolLM2 (a Q4_1
 #: GGUF, so its int4 is a second rounding), plain 4-bit RTN everywhere cost +20% perplexity;
 #: per-group, down_proj alone cost +6.6%, qkv +3.4%, up +3.5%. With those in 8 bits and the
-#: tied embedding read from the 8-bit LM head, int4 is +8% at 24% of the fp32 size.
+#: tied embedding read from the 8-bit LM head, int4 is +8% at 24% of the fp32 size. Its 4-bit
+#: codes come from a per-block scale search (export/llm/grid_search.py): +6.4% instead of
+#: round-to-nearest's +7.3% on SmolLM2, same bytes and speed.
 VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
     "int4": WeightOnlyRecipe(
         bits=4,
@@ -80,6 +83,7 @@ VARIANT_RECIPES: dict[str, WeightOnlyRecipe] = {
         promoted_groups=("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
         promoted_layers="all",
         share_embedding=True,
+        search_scales=True,
     ),
     "int8": WeightOnlyRecipe(
         bits=8,
@@ -250,7 +254,7 @@ class TextGenerationExporter(TaskExporter):
         weights = (
             f"weights 4-bit on the source's own grid ({details['grid_exact_matmuls']} MatMuls, no second rounding)"
             if details.get("grid_exact_matmuls")
-            else f"weights {recipe.bits}-bit{promoted}"
+            else f"weights {recipe.bits}-bit{promoted}{', 4-bit scales searched per block' if details.get('scale_searched_matmuls') else ''}"
         )
         notes = [
             f"{weights}, LM head {recipe.lm_head_bits or 32}-bit, embedding {embedding}, "

@@ -1,0 +1,166 @@
+"""Benchmark: MatMulNBits at 4 and 8 bits in blocks of 32, 64 and 128, timed alone at decode,
+batched-decode and prefill sizes, side by side in one process.
+
+Why: the block size is the export's choice (export/llm/quantize.py) and ONNX Runtime's CPU
+kernel (MLAS, accuracy level 4: int8 activations) does work per block as well as per byte: a
+block of 32 4-bit weights carries a 4-byte scale, and the kernel scales each block's integer
+dot product on its own. This script says what each block size costs on this box, per bits and
+per query rows, so the recipe's block sizes rest on numbers.
+
+What runs: for each (bits, block) one graph of `--layers` MatMulNBits nodes of `--k` x `--n`
+(default the Qwen2.5-1.5B MLP's gate/up shape) reading one activation, as a decoder layer's
+projections do; symmetric codes (no zero-point input), accuracy_level 4, `--threads` intra-op
+threads. The codes and scales are seeded random: the kernel's speed does not depend on their
+values, and each session's output is checked against numpy's product of the dequantised
+weights. All sessions stay open; their timed batches alternate after a warm-up, and every
+session parks its threads when a run returns (`session.force_spinning_stop`): otherwise the
+idle pool of the session that ran last spins on the cores the next one needs, which slowed
+millisecond-long runs up to 3x on the 2-core box and made such comparisons noise.
+
+    .venv/bin/python bench/matmulnbits_blocks.py                    # 1536 x 8960 (gate/up)
+    .venv/bin/python bench/matmulnbits_blocks.py --k 8960 --n 1536  # down
+
+Needs a quiet machine (it does not gate itself). Never imported by the appliance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+BITS = (4, 8)
+BLOCKS = (32, 64, 128)
+#: Query rows timed: a decode step, an 8-stream decode batch, a prefill chunk.
+ROWS = (1, 8, 256)
+RUNS_PER_BATCH = 5
+#: The int8 activations of accuracy level 4 bound the error against the fp32 product.
+RELATIVE_ERROR_LIMIT = 0.02
+
+
+@dataclass(frozen=True)
+class Form:
+    """One (bits, block) storage of `layers` matrices: packed codes, scales, the dequantised
+    [K, N] weights numpy checks against, and the bytes the node reads per pass."""
+
+    bits: int
+    block: int
+    codes: list[np.ndarray]
+    scales: list[np.ndarray]
+    weights: list[np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return f"{self.bits}-bit/{self.block}"
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(c.nbytes + s.nbytes for c, s in zip(self.codes, self.scales, strict=True))
+
+
+def make_form(bits: int, block: int, k_dim: int, n_dim: int, layers: int, seed: int) -> Form:
+    """Seeded symmetric codes (zero point 2^(bits-1), MatMulNBits' default) and positive scales."""
+    if k_dim % block:
+        raise SystemExit(f"--k {k_dim} is not a multiple of the block size {block}")
+    rng = np.random.default_rng(seed)
+    blocks = k_dim // block
+    codes, scales, weights = [], [], []
+    for _ in range(layers):
+        values = rng.integers(0, 2**bits, size=(n_dim, blocks, block), dtype=np.uint8)
+        scale = (rng.random((n_dim, blocks), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+        dequantised = (values.astype(np.float32) - 2 ** (bits - 1)) * scale[..., None]
+        weights.append(np.ascontiguousarray(dequantised.reshape(n_dim, k_dim).T))
+        if bits == 4:  # two codes per byte, the first in the low nibble
+            values = values[..., 0::2] | (values[..., 1::2] << 4)
+        codes.append(np.ascontiguousarray(values))
+        scales.append(scale.reshape(-1))
+    return Form(bits=bits, block=block, codes=codes, scales=scales, weights=weights)
+
+
+def session(form: Form, threads: int) -> ort.InferenceSession:
+    k_dim, n_dim = form.weights[0].shape
+    nodes, initializers = [], []
+    for i, (codes, scales) in enumerate(zip(form.codes, form.scales, strict=True)):
+        initializers += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"], name=f"proj{i}", domain="com.microsoft",
+                K=k_dim, N=n_dim, bits=form.bits, block_size=form.block, accuracy_level=4,
+            )
+        )
+    graph = helper.make_graph(
+        nodes,
+        "blocks",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k_dim])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(nodes))],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def relative_error(runner: ort.InferenceSession, form: Form, x: np.ndarray) -> float:
+    outputs = runner.run(None, {"x": x})
+    return max(
+        float(np.abs(got - x @ w).max() / np.abs(x @ w).max()) for got, w in zip(outputs, form.weights, strict=True)
+    )
+
+
+def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    """Seconds per run over a batch of RUNS_PER_BATCH runs."""
+    start = time.perf_counter()
+    for _ in range(RUNS_PER_BATCH):
+        runner.run(None, feed)
+    return (time.perf_counter() - start) / RUNS_PER_BATCH
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=1536, help="input features (default 1536: Qwen2.5-1.5B hidden)")
+    parser.add_argument("--n", type=int, default=8960, help="output features (default 8960: its MLP)")
+    parser.add_argument("--layers", type=int, default=8, help="matrices run side by side in one graph")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    forms = [make_form(bits, block, args.k, args.n, args.layers, args.seed) for bits in BITS for block in BLOCKS]
+    runners = {form.name: session(form, args.threads) for form in forms}
+    print(f"{args.layers} matrices of {args.k} x {args.n} per form, {args.threads} threads, load {tuple(round(v, 2) for v in os.getloadavg())}")
+    rng = np.random.default_rng(args.seed + 1)
+    print("| rows | form | MB read | ms | GB/s | vs blocks of 32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rows in ROWS:
+        x = rng.standard_normal((1, rows, args.k)).astype(np.float32)
+        for form in forms:
+            error = relative_error(runners[form.name], form, x)
+            if error > RELATIVE_ERROR_LIMIT:
+                raise SystemExit(f"{form.name} at {rows} rows: relative error {error:.4f} against the dequantised product")
+            time_batch(runners[form.name], {"x": x})  # warm-up
+        batches: dict[str, list[float]] = {form.name: [] for form in forms}
+        for _ in range(args.repeats):  # alternating, so drift on the shared box hits every form alike
+            for form in forms:
+                batches[form.name].append(time_batch(runners[form.name], {"x": x}))
+        medians = {name: statistics.median(times) for name, times in batches.items()}
+        for form in forms:
+            base = medians[f"{form.bits}-bit/{BLOCKS[0]}"]
+            seconds = medians[form.name]
+            print(
+                f"| {rows} | {form.name} | {form.weight_bytes / 1e6:.1f} | {seconds * 1e3:.2f} | "
+                f"{form.weight_bytes / seconds / 1e9:.1f} | {base / seconds:.2f}x |",
+                flush=True,
+            )
+    print(f"load at end {tuple(round(v, 2) for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
