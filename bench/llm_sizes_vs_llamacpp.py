@@ -302,9 +302,11 @@ class ApplianceSide:
     name = "appliance"
 
     def __init__(  # noqa: ANN401 - ModelVersion
-        self, version: Any, work: Path, threads: int, max_streams: int, chunk_tokens: int, extra_env: dict[str, str] | None = None
+        self, version: Any, work: Path, threads: int, max_streams: int, chunk_tokens: int, extra_env: dict[str, str] | None = None,
+        companions: tuple[Any, ...] = (),
     ) -> None:
-        """`extra_env`: more settings for the server (APPLIANCE_... variables), over these."""
+        """`extra_env`: more settings for the server (APPLIANCE_... variables), over these;
+        `companions`: other versions of the model linked beside it (a speculation draft)."""
         self.model = version.name
         env = {
             "APPLIANCE_CPU_THREADS": str(threads),
@@ -317,7 +319,7 @@ class ApplianceSide:
             "APPLIANCE_GENERATION__PREFILL_CHUNK_TOKENS": str(chunk_tokens),
             **(extra_env or {}),
         }
-        self.server = PrivateServer(version, work / "servers", extra_env=env)
+        self.server = PrivateServer(version, work / "servers", extra_env=env, companions=companions)
 
     def __enter__(self) -> ApplianceSide:
         self.server.__enter__()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -77,30 +78,46 @@ def test_parse_with_a_pydantic_model_returns_a_populated_object(client: openai.O
     assert isinstance(city, City) and city.name and city.country
 
 
-def _round_trip(client: openai.OpenAI, tool_choice: object, *, stream: bool) -> str:
-    """Ask, get a get_weather call, answer it, and return the model's final text."""
-    if stream:
-        arguments, call_id, name = "", None, None
-        finish = None
-        for chunk in client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=60, temperature=0, stream=True):  # type: ignore[arg-type]
-            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-                call_id = delta.id or call_id
-                name = (delta.function.name if delta.function else None) or name
-                arguments += (delta.function.arguments if delta.function else None) or ""
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
-    else:
-        message = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=60, temperature=0)  # type: ignore[arg-type]
-        finish = message.choices[0].finish_reason
-        call = (message.choices[0].message.tool_calls or [None])[0]
-        assert call is not None, message.choices[0].message.content
-        call_id, name, arguments = call.id, call.function.name, call.function.arguments  # type: ignore[union-attr]
-    assert finish == "tool_calls" and name == "get_weather" and call_id
-    assert isinstance(json.loads(arguments)["city"], str)
+@dataclass
+class FirstReply:
+    """The model's answer to ASK: a tool call (id, name, arguments) or text."""
+
+    finish: str | None
+    call_id: str | None
+    name: str | None
+    arguments: str
+    content: str
+
+
+def _first_reply(client: openai.OpenAI, tool_choice: object, *, stream: bool) -> FirstReply:
+    request = {"model": MODEL, "messages": ASK, "tools": [WEATHER], "tool_choice": tool_choice, "parallel_tool_calls": False, "max_tokens": 60, "temperature": 0}
+    if not stream:
+        choice = client.chat.completions.create(**request).choices[0]  # type: ignore[call-overload]
+        call = (choice.message.tool_calls or [None])[0]
+        if call is None:
+            return FirstReply(choice.finish_reason, None, None, "", choice.message.content or "")
+        return FirstReply(choice.finish_reason, call.id, call.function.name, call.function.arguments, choice.message.content or "")
+    reply = FirstReply(None, None, None, "", "")
+    for chunk in client.chat.completions.create(**request, stream=True):  # type: ignore[call-overload]
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            reply.call_id = delta.id or reply.call_id
+            reply.name = (delta.function.name if delta.function else None) or reply.name
+            reply.arguments += (delta.function.arguments if delta.function else None) or ""
+        if chunk.choices:
+            reply.content += chunk.choices[0].delta.content or ""
+            reply.finish = chunk.choices[0].finish_reason or reply.finish
+    return reply
+
+
+def _round_trip(client: openai.OpenAI, reply: FirstReply) -> str:
+    """Check the get_weather call in `reply`, answer it, and return the model's final text."""
+    assert reply.finish == "tool_calls" and reply.name == "get_weather" and reply.call_id, reply
+    assert isinstance(json.loads(reply.arguments)["city"], str)
+    call = {"id": reply.call_id, "type": "function", "function": {"name": reply.name, "arguments": reply.arguments}}
     conversation = [
         *ASK,
-        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"city": "Paris", "temperature_c": 21, "sky": "sunny"})},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": reply.call_id, "content": json.dumps({"city": "Paris", "temperature_c": 21, "sky": "sunny"})},
     ]
     final = client.chat.completions.create(model=MODEL, messages=conversation, tools=[WEATHER], max_tokens=48, temperature=0)  # type: ignore[arg-type]
     assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason in ("stop", "length")
@@ -108,7 +125,20 @@ def _round_trip(client: openai.OpenAI, tool_choice: object, *, stream: bool) -> 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_full_tool_round_trip(client: openai.OpenAI, tool_choice: object, stream: bool) -> None:
-    answer = _round_trip(client, tool_choice, stream=stream)
+    answer = _round_trip(client, _first_reply(client, tool_choice, stream=stream))
     assert answer.strip()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_leaves_the_choice_to_the_model_and_holds_a_call_it_starts_to_the_envelope(client: openai.OpenAI, stream: bool) -> None:
+    """With "auto" whether a 135M model calls is a near-tie its weights decide (SmolLM2 int4
+    called get_weather here with round-to-nearest 4-bit scales and answers in text with searched
+    ones); what the server guarantees is that a call comes out whole and text comes out as text."""
+    reply = _first_reply(client, "auto", stream=stream)
+    if reply.call_id is not None:
+        assert _round_trip(client, reply).strip()
+        return
+    assert reply.finish in ("stop", "length") and reply.content.strip(), reply
+    assert not reply.content.lstrip().startswith("{"), "a reply opening a JSON object must have become a tool call"

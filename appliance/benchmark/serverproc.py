@@ -26,7 +26,7 @@ from types import TracebackType
 import httpx
 
 from appliance.errors import ServerUnreachable
-from appliance.repository.store import ModelVersion
+from appliance.repository.store import ModelRepository, ModelVersion
 
 #: How long a private server may take to load its model and answer ready, in seconds.
 SERVER_START_TIMEOUT_S = 300.0
@@ -60,12 +60,27 @@ def link_version(version: ModelVersion, models_dir: Path) -> Path:
     return target
 
 
+def link_versions(served: ModelVersion, companions: tuple[ModelVersion, ...], models_dir: Path) -> None:
+    """Mirror `served` and its companions into `models_dir`, `served` the default version. The
+    manifests are rewritten by rename, so links into the real repository are replaced, never
+    written through."""
+    link_version(served, models_dir)
+    for companion in companions:
+        link_version(companion, models_dir)
+    if companions:
+        ModelRepository(models_dir).set_default(served.name, served.version)
+
+
 class PrivateServer:
     """`with PrivateServer(version, work_root) as server:` serves `version` at `server.url`."""
 
     def __init__(self, version: ModelVersion, work_root: Path, *, config_file: Path | None = None,
-                 start_timeout_s: float = SERVER_START_TIMEOUT_S, extra_env: dict[str, str] | None = None) -> None:
+                 start_timeout_s: float = SERVER_START_TIMEOUT_S, extra_env: dict[str, str] | None = None,
+                 companions: tuple[ModelVersion, ...] = ()) -> None:
         self.version = version
+        #: Other versions of the same model the server needs beside it (the draft that
+        #: `generation.speculative = "draft"` picks); `version` stays the one served.
+        self.companions = companions
         #: Settings for this server only, as APPLIANCE_* variables (e.g. batching off for a
         #: side-by-side run); they win over the caller's environment and config file.
         self.extra_env = dict(extra_env or {})
@@ -84,7 +99,7 @@ class PrivateServer:
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=f"{self.version.name}-v{self.version.version}-", dir=self.work_root))
         state_dir = self.folder / "state"
-        link_version(self.version, state_dir / "models")
+        link_versions(self.version, self.companions, state_dir / "models")
         env = dict(os.environ)
         env["APPLIANCE_DATABASE_URL"] = f"sqlite:///{state_dir / 'appliance.db'}"
         env.pop("NOTIFY_SOCKET", None)  # never answer systemd on the real service's behalf
