@@ -9,8 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from appliance.errors import ExportError
 from appliance.export.llm.grid_exact import encode_grid_exact
 from appliance.export.llm.grid_search import search_grid
+from appliance.export.llm.quantize import WeightOnlyRecipe
 
 
 def _dequantised(grid) -> np.ndarray:  # noqa: ANN001 - GridBlocks
@@ -76,3 +78,9 @@ def test_onnx_runtime_computes_the_searched_weights_product() -> None:
     expected = x @ _dequantised(grid)
     # accuracy level 4 rounds the activations to int8 inside the kernel.
     assert np.abs(got - expected).max() <= 0.01 * np.abs(expected).max()
+
+
+def test_a_recipe_cannot_ask_for_searched_scales_with_zero_points() -> None:
+    with pytest.raises(ExportError) as caught:
+        WeightOnlyRecipe(bits=4, search_scales=True, symmetric=False)
+    assert caught.value.field == "quant" and "symmetric" in str(caught.value)

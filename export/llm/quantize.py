@@ -88,6 +88,8 @@ class WeightOnlyRecipe:
             raise ExportError(f"quant: promoted layers must be 'mixed' or 'all', not {self.promoted_layers!r}", field="quant")
         if self.grid_exact and self.bits != 4:
             raise ExportError("quant: the exact grid encoding stores 4-bit codes only", field="quant")
+        if self.search_scales and not self.symmetric:
+            raise ExportError("quant: the scale search writes symmetric codes; it cannot be combined with zero points", field="quant")
         for field, size in (("block_size", self.block_size), ("eight_bit_block_size", self.eight_bit_block_size)):
             if size is not None and (size < SMALLEST_BLOCK_SIZE or size & (size - 1) or size > 256):
                 raise ExportError(f"{field}: {size} must be a power of two between {SMALLEST_BLOCK_SIZE} and 256", field=field)
@@ -95,7 +97,8 @@ class WeightOnlyRecipe:
     def block_for(self, bits: int, k_dim: int) -> int:
         """The block size of one MatMul of `bits` bits whose weight has `k_dim` rows: the
         recipe's size for those bits, or the largest power of two below it that divides K (a
-        padded block wastes bytes and keeps a tied embedding from reading the LM head's)."""
+        padded block wastes bytes and keeps a tied embedding from reading the LM head's); a K
+        that not even SMALLEST_BLOCK_SIZE divides gets that size, padded."""
         block = self.eight_bit_block_size if bits == 8 and self.eight_bit_block_size else self.block_size
         while block > SMALLEST_BLOCK_SIZE and k_dim % block:
             block //= 2
