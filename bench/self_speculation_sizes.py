@@ -93,14 +93,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             target, args.work, args.threads, 1, args.prefill_chunk_tokens,
             extra_env={
                 "APPLIANCE_GENERATION__SPECULATIVE": side,
-                # One stream: a small KV reservation, so two fp32 servers fit one box.
+                # One stream needs little KV memory; the default reservation would count
+                # against each server's memory budget.
                 "APPLIANCE_GENERATION__KV_BUDGET_BYTES": str(KV_BUDGET_BYTES),
                 **({"APPLIANCE_SERVING__MEMORY_BUDGET_BYTES": str(args.memory_budget_gib << 30)} if args.memory_budget_gib else {}),
             },
             companions=(draft,) if side == "draft" else (),
         )
 
-    def passes(servers: dict[str, Any]) -> None:
+    def measure(servers: dict[str, Any]) -> None:
         for side, server in servers.items():
             texts[side] = answer_text(server, ids, args.new_tokens)  # also the warm-up
         before = draft_counts(servers["draft"]) if "draft" in servers else (0.0, 0.0)
@@ -116,10 +117,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.one_at_a_time:  # an fp32 model too large for two servers at once
         for side in SIDES:
             with open_side(side) as server:
-                passes({side: server})
+                measure({side: server})
     else:
         with ExitStack() as stack:
-            passes({side: stack.enter_context(open_side(side)) for side in SIDES})
+            measure({side: stack.enter_context(open_side(side)) for side in SIDES})
     proposed, accepted = drafted
     summary = {side: sizes.medians(passes) for side, passes in raw.items()}
     speedup = (summary["draft"]["decode_tok_s"] / summary["off"]["decode_tok_s"]) if summary["off"].get("decode_tok_s") else None
