@@ -205,6 +205,14 @@ class Gate:
         return best
 
 
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quiet gate's options (Gate's fields), shared by the scripts that reuse this one's gate."""
+    parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")
+    parser.add_argument("--quiet-wait-s", type=float, default=120.0)
+    parser.add_argument("--max-tries", type=int, default=3)
+    parser.add_argument("--no-gate", action="store_true", help="measure foreign load but never wait or repeat (smoke tests)")
+
+
 def medians(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric figure over the passes; the passes' foreign shares kept."""
     keys = dict.fromkeys(k for p in passes for k, v in p.items() if isinstance(v, int | float) and not isinstance(v, bool))
@@ -799,10 +807,7 @@ def main() -> None:
         "--jobs", type=lambda s: s.split(","), default=[],
         help="measure only these workloads, e.g. decode_after_100,ttft_2000 (default: all; names as in the JSON)",
     )
-    parser.add_argument("--max-foreign", type=float, default=0.05, help="largest share of the machine other processes may use")
-    parser.add_argument("--quiet-wait-s", type=float, default=120.0)
-    parser.add_argument("--max-tries", type=int, default=3)
-    parser.add_argument("--no-gate", action="store_true", help="measure foreign load but never wait or repeat (smoke tests)")
+    add_gate_arguments(parser)
     parser.add_argument("--bandwidth-mib", type=int, help="bandwidth buffer size (default max(1 GiB, 32 x L3))")
     parser.add_argument("--json", type=Path, help="write the raw figures here (after every pair)")
     args = parser.parse_args()

@@ -28,18 +28,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from matmulnbits_forms import add_matrix_arguments, time_batch  # noqa: E402
+
 BITS = (4, 8)
 BLOCKS = (32, 64, 128)
 #: Query rows timed: a decode step, an 8-stream decode batch, a prefill chunk.
 ROWS = (1, 8, 256)
-RUNS_PER_BATCH = 5
 #: The int8 activations of accuracy level 4 bound the error against the fp32 product.
 RELATIVE_ERROR_LIMIT = 0.02
 
@@ -116,22 +120,9 @@ def relative_error(runner: ort.InferenceSession, form: Form, x: np.ndarray) -> f
     )
 
 
-def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
-    """Seconds per run over a batch of RUNS_PER_BATCH runs."""
-    start = time.perf_counter()
-    for _ in range(RUNS_PER_BATCH):
-        runner.run(None, feed)
-    return (time.perf_counter() - start) / RUNS_PER_BATCH
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=1536, help="input features (default 1536: Qwen2.5-1.5B hidden)")
-    parser.add_argument("--n", type=int, default=8960, help="output features (default 8960: its MLP)")
-    parser.add_argument("--layers", type=int, default=8, help="matrices run side by side in one graph")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--seed", type=int, default=0)
+    add_matrix_arguments(parser, repeats=15)
     args = parser.parse_args()
     forms = [make_form(bits, block, args.k, args.n, args.layers, args.seed) for bits in BITS for block in BLOCKS]
     runners = {form.name: session(form, args.threads) for form in forms}

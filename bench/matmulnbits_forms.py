@@ -97,6 +97,16 @@ def session(weights: list[np.ndarray], symmetric: bool, threads: int) -> ort.Inf
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def add_matrix_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
+    """The matrices and timing options of the MatMulNBits benchmarks (this one and matmulnbits_blocks.py)."""
+    parser.add_argument("--k", type=int, default=1536, help="input features (default 1536: Qwen2.5-1.5B hidden)")
+    parser.add_argument("--n", type=int, default=8960, help="output features (default 8960: its MLP)")
+    parser.add_argument("--layers", type=int, default=8, help="matrices run side by side in one graph")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed batches per form, alternating")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: bool = False) -> float:
     """Seconds per run over a batch of RUNS_PER_BATCH runs (a warm-up batch is not timed)."""
     start = time.perf_counter()
@@ -107,12 +117,7 @@ def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray], warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=1536, help="input features (default 1536: Qwen2.5-1.5B hidden)")
-    parser.add_argument("--n", type=int, default=8960, help="output features (default 8960: its MLP)")
-    parser.add_argument("--layers", type=int, default=8, help="matrices run side by side in one graph")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--seed", type=int, default=0)
+    add_matrix_arguments(parser, repeats=21)
     args = parser.parse_args()
     weights = q4_0_weights(args.k, args.n, args.layers, args.seed)
     mebibytes = sum(w.size for w in weights) * (4 + 32 / BLOCK) / 8 / 2**20

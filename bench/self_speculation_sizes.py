@@ -184,10 +184,7 @@ def main() -> None:
         help="serve the two sides in turn, not side by side (an fp32 model whose two servers do not fit in memory at once)",
     )
     parser.add_argument("--fresh-export", action="store_true", help="export new versions even when ones from the same file are there")
-    parser.add_argument("--max-foreign", type=float, default=0.05)
-    parser.add_argument("--quiet-wait-s", type=float, default=120.0)
-    parser.add_argument("--max-tries", type=int, default=3)
-    parser.add_argument("--no-gate", action="store_true")
+    sizes.add_gate_arguments(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.work = args.work.resolve()
