@@ -35,8 +35,10 @@ measured alternately (appliance pass, llama.cpp pass, ...), each figure the medi
      `llama_state_seq_get_size` after the 2,000-token run) and how many 2,000-token sequences
      fit in 8 GiB;
    * bytes read per generated token (the weights a decode step reads: every tensor but
-     row-lookup tables; plus the KV of the context) and each single-stream decode figure as a
-     fraction of the measured bandwidth: tokens/s x bytes/token / bytes/s;
+     row-lookup tables, MatMulNBits weights counted as ONNX Runtime's CPU kernel packs them,
+     bench/mlas_packing.py; plus the KV of the context) and each single-stream decode figure as
+     a fraction of the measured bandwidth: tokens/s x bytes/token / bytes/s; the appliance's
+     stored bytes beside them;
    * resident memory of each side's process after its runs.
 4. `--chunk-sweep 128,256,512,1024`: the first pair's appliance TTFT for the 2,000-token prompt
    at each chunked-prefill size (one server per size), to tune and state it.
@@ -106,6 +108,7 @@ sys.path.append(str(BENCH))  # the sibling scripts, after every package so none 
 
 import gguf_shapes  # noqa: E402
 from llm_vs_llamacpp import LLAMA_PYTHON, ForeignLoad, machine  # noqa: E402
+from mlas_packing import INT8_COMPUTE_ACCURACY_LEVEL, packed_bytes  # noqa: E402
 
 from appliance.benchmark.serverproc import PrivateServer  # noqa: E402
 from appliance.benchmark.stats import StreamTiming, concurrent_stream_figures, percentile  # noqa: E402
@@ -561,19 +564,31 @@ def ensure_export(pair: Pair, args: argparse.Namespace) -> tuple[Any, dict[str, 
 ROW_LOOKUP_OPS = frozenset({"Gather", "GatherBlockQuantized", "GatherElements", "GroupQueryAttention", "RotaryEmbedding", "Reshape", "Shape", "Slice"})
 
 
-def appliance_weight_bytes(version: Any) -> int:  # noqa: ANN401 - ModelVersion
-    """Bytes of the initializers a decode step reads: all but those only looked up by row."""
+def appliance_weight_bytes(version: Any, *, packed: bool = True) -> int:  # noqa: ANN401 - ModelVersion
+    """Bytes of the initializers a decode step reads: all but those only looked up by row.
+    `packed`: a MatMulNBits weight (codes, scales, zero points) counts as the CPU kernel keeps
+    it at accuracy level 4, with its fp32 block sums (mlas_packing.py); else as stored."""
     import onnx
 
     model = onnx.load(str(version.model_path), load_external_data=False)
     consumers: dict[str, set[str]] = defaultdict(set)
+    packed_weights: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers[name].add(node.op_type)
+        if packed and node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            level = attrs.get("accuracy_level", 0)
+            if level == INT8_COMPUTE_ACCURACY_LEVEL:
+                packed_weights[node.input[1]] = packed_bytes(attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"], level)
+                packed_weights.update({name: 0 for name in node.input[2:] if name})  # inside the packed figure
     total = 0
     for tensor in model.graph.initializer:
         ops = consumers.get(tensor.name, set())
         if ops and ops <= ROW_LOOKUP_OPS:
+            continue
+        if ops == {"MatMulNBits"} and tensor.name in packed_weights:
+            total += packed_weights[tensor.name]
             continue
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
@@ -615,6 +630,7 @@ def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: W
         "quant": pair.quant,
         "model": pair.model_name,
         "weights_read_per_token_bytes": weights,
+        "appliance_weights_stored_bytes": appliance_weight_bytes(version, packed=False),
         "kv": {"appliance": {"dtype": spec.kv_datatype, **kv_facts(ours_kv)}, "llama.cpp": {"dtype": "F16", **kv_facts(llama_kv)}},
         "prefill_chunk_tokens": args.prefill_chunk_tokens,
     }
@@ -758,8 +774,11 @@ def print_report(report: dict[str, Any]) -> None:
             kv = pair["kv"][side]
             weights = pair["weights_read_per_token_bytes"][side]
             rss = pair.get("rss_bytes", {}).get(side)
+            stored = pair.get("appliance_weights_stored_bytes") if side == "appliance" else None
             print(
-                f"{side}: weights read per token {weights / 1e6:.0f} MB; KV {kv['dtype']} {kv['kv_bytes_per_token']:,} B/token, "
+                f"{side}: weights read per token {weights / 1e6:.0f} MB"
+                + (f" as the CPU kernel packs them ({stored / 1e6:.0f} MB stored)" if stored else "")
+                + f"; KV {kv['dtype']} {kv['kv_bytes_per_token']:,} B/token, "
                 f"{kv['sequences_of_2000_in_8_gib']} sequences of 2,000 tokens in 8 GiB"
                 + (f"; resident {rss / 2**20:.0f} MiB" if rss else "")
             )
