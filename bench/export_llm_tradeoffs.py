@@ -56,6 +56,14 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int4 default, 4-bit round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], search_scales=False),
     "int4 default, 4-bit blocks 64": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=64),
     "int4 default, 4-bit blocks 64, round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=64, search_scales=False),
+    "int4 default, zero points searched": dataclasses.replace(VARIANT_RECIPES["int4"], search_zero_points=True),
+    "int4 default, zero points searched, down 4-bit": dataclasses.replace(
+        VARIANT_RECIPES["int4"], search_zero_points=True, promoted_groups=("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+    ),
+    "int4 default, zero points searched, attention 4-bit": dataclasses.replace(
+        VARIANT_RECIPES["int4"], search_zero_points=True, promoted_groups=("down_proj",)
+    ),
+    "int4 default, down 4-bit": dataclasses.replace(VARIANT_RECIPES["int4"], promoted_groups=("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
     "int4, lm_head 4, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=4, embedding_bits=4),
     "int4 asym, lm_head fp32 (tied)": WeightOnlyRecipe(bits=4, symmetric=False),
     "int4 asym, lm_head 8, emb 4": WeightOnlyRecipe(bits=4, lm_head_bits=8, embedding_bits=4, symmetric=False),

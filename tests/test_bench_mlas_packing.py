@@ -56,6 +56,54 @@ def test_a_session_loaded_from_a_file_holds_the_packed_bytes() -> None:
     del warm_up
 
 
+def _four_bit_session(folder: Path, *, zero_points: bool) -> ort.InferenceSession:
+    """Four 1536 x 2048 4-bit/32 MatMulNBits (seeded codes), with or without a zero-point
+    input, loaded from a file with external data as a served version is."""
+    k_dim, n_dim, blocks = 1536, 2048, 1536 // 32
+    rng = np.random.default_rng(4)
+    nodes, initializers = [], []
+    for i in range(4):
+        inputs = ["x", f"q{i}", f"s{i}"]
+        initializers += [
+            numpy_helper.from_array(rng.integers(0, 256, (n_dim, blocks, 16), dtype=np.uint8), f"q{i}"),
+            numpy_helper.from_array(rng.random(n_dim * blocks, dtype=np.float32) * 0.01 + 0.001, f"s{i}"),
+        ]
+        if zero_points:
+            initializers.append(numpy_helper.from_array(rng.integers(0, 256, n_dim * blocks // 2, dtype=np.uint8), f"z{i}"))
+            inputs.append(f"z{i}")
+        nodes.append(
+            helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=32, accuracy_level=4)
+        )
+    graph = helper.make_graph(
+        nodes,
+        "four",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k_dim])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(4)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = folder / ("zero-points.onnx" if zero_points else "symmetric.onnx")
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_zero_points_add_nothing_to_what_the_kernel_keeps(tmp_path: Path) -> None:
+    """Why the int4 recipe's searched zero points are free at run time: the kernel folds them
+    into the block sums it keeps anyway, so both forms hold the same packed bytes."""
+    if packing.heap_bytes_in_use() == 0:
+        pytest.skip("glibc's mallinfo2 is not available here")
+    sessions = [_four_bit_session(tmp_path, zero_points=False)]  # one-time pools
+    added = {}
+    for zero_points in (False, True):
+        gc.collect()
+        before = packing.heap_bytes_in_use()
+        sessions.append(_four_bit_session(tmp_path, zero_points=zero_points))
+        added[zero_points] = packing.heap_bytes_in_use() - before
+    packed = 4 * packing.packed_bytes(1536, 2048, 4, 32)
+    for grown in added.values():
+        assert packed <= grown <= packed * (1 + HEAP_SLACK)
+
+
 def _decoder_like_graph(folder: Path) -> Path:
     """An embedding looked up by row, one MatMulNBits (4-bit/32, level 4) and one fp32 MatMul."""
     k_dim, n_dim, vocab = 64, 48, 100

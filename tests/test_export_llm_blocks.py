@@ -114,6 +114,8 @@ def test_the_int4_recipe_writes_each_matmul_at_its_bits_and_block_and_shares_the
     }
     assert report["blocks"] == {"4-bit/32": 1, "8-bit/64": 1, "8-bit/128": 2}
     assert report["scale_searched_matmuls"] == 1
+    up = next(node for node in quantised.graph.node if node.name == "/model/layers.0/mlp/up_proj/MatMul_Q4")
+    assert len(up.input) == 4 and up.input[3]  # searched zero points, one per block
     assert report["embedding_shared_with_lm_head"]
     gather = next(node for node in quantised.graph.node if node.op_type == "GatherBlockQuantized")
     assert {a.name: a.i for a in gather.attribute}["block_size"] == 128
@@ -139,8 +141,8 @@ def test_the_int4_recipe_writes_each_matmul_at_its_bits_and_block_and_shares_the
 
 
 def _dequantised(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Node name -> the [K, N] fp32 weight each MatMulNBits holds (symmetric codes, default zero
-    point 2^(bits-1))."""
+    """Node name -> the [K, N] fp32 weight each MatMulNBits holds (each block's zero point from
+    the node's zero-point input, two 4-bit points per byte, else the default 2^(bits-1))."""
     initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     weights = {}
     for node in model.graph.node:
@@ -151,6 +153,12 @@ def _dequantised(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if attrs["bits"] == 4:
             codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:2], -1)
         scales = initializers[node.input[2]].reshape(attrs["N"], -1, 1)
-        values = (codes.astype(np.float32) - 2 ** (attrs["bits"] - 1)) * scales
+        points: np.ndarray | int = 2 ** (attrs["bits"] - 1)
+        if len(node.input) > 3 and node.input[3]:
+            packed = initializers[node.input[3]].reshape(attrs["N"], -1)
+            if attrs["bits"] == 4:
+                packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(attrs["N"], -1)
+            points = packed[:, : scales.shape[1], None].astype(np.float32)
+        values = (codes.astype(np.float32) - points) * scales
         weights[node.name] = values.reshape(attrs["N"], -1)[:, : attrs["K"]].T
     return weights

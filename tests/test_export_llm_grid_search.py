@@ -1,6 +1,7 @@
 """export/llm/grid_search.py: 4-bit codes by a per-block scale search, in MatMulNBits'
-symmetric form, with less weight error than round-to-nearest and the product ONNX Runtime
-computes from them equal to the dequantised weights'."""
+symmetric form or with searched integer zero points, with less weight error than
+round-to-nearest (and, with zero points, than the symmetric search on lopsided blocks) and the
+product ONNX Runtime computes from them equal to the dequantised weights'."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from appliance.export.llm.quantize import WeightOnlyRecipe
 
 def _dequantised(grid) -> np.ndarray:  # noqa: ANN001 - GridBlocks
     """[K, N] weights the grid stands for."""
-    values = (grid.codes.astype(np.float32) - 8) * grid.scales[..., None]
+    values = grid.codes.astype(np.float32) * grid.scales[..., None] + grid.mins[..., None]
     return values.reshape(grid.codes.shape[0], -1).T
 
 
@@ -58,10 +59,11 @@ def test_an_all_zero_block_stays_zero_and_k_must_be_a_multiple_of_the_block() ->
         search_grid(weight[:48], 32)
 
 
-def test_onnx_runtime_computes_the_searched_weights_product() -> None:
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_onnx_runtime_computes_the_searched_weights_product(zero_points: bool) -> None:
     rng = np.random.default_rng(2)
-    weight = rng.standard_normal((128, 40)).astype(np.float32)
-    grid = search_grid(weight, 64)
+    weight = rng.standard_normal((128, 40)).astype(np.float32) + 0.8 * zero_points  # lopsided with zero points
+    grid = search_grid(weight, 64, zero_points=zero_points)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
         "one",
@@ -71,8 +73,8 @@ def test_onnx_runtime_computes_the_searched_weights_product() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     assert encode_grid_exact(model, {"proj": grid}, 64) == 1
-    node = model.graph.node[0]
-    assert node.op_type == "MatMulNBits" and len(node.input) == 3  # no zero-point input
+    assert [node.op_type for node in model.graph.node] == ["MatMulNBits"]  # one node, no block-sum fix-up
+    assert len(model.graph.node[0].input) == (4 if zero_points else 3)  # zero-point input only when searched
     x = rng.standard_normal((1, 5, 128)).astype(np.float32)
     (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     expected = x @ _dequantised(grid)
@@ -80,7 +82,24 @@ def test_onnx_runtime_computes_the_searched_weights_product() -> None:
     assert np.abs(got - expected).max() <= 0.01 * np.abs(expected).max()
 
 
-def test_a_recipe_cannot_ask_for_searched_scales_with_zero_points() -> None:
+def test_searched_zero_points_fit_lopsided_blocks_closer_and_never_worse() -> None:
+    rng = np.random.default_rng(5)
+    centred = rng.standard_t(df=4, size=(256, 64)).astype(np.float32) / 20
+    lopsided = np.abs(centred) + 0.01  # every weight positive: half the symmetric codes go unused
+    for weight, gain in ((centred, 1.0), (lopsided, 0.8)):
+        symmetric = _relative_error(_dequantised(search_grid(weight, 32)), weight)
+        grid = search_grid(weight, 32, zero_points=True)
+        points = grid.integer_zero_points()
+        assert points is not None and points.max() <= 15  # whole steps: one MatMulNBits, exact
+        assert _relative_error(_dequantised(grid), weight) <= gain * symmetric
+    assert not grid.is_symmetric()
+
+
+def test_a_recipe_asks_for_zero_points_through_the_search_only() -> None:
     with pytest.raises(ExportError) as caught:
         WeightOnlyRecipe(bits=4, search_scales=True, symmetric=False)
-    assert caught.value.field == "quant" and "symmetric" in str(caught.value)
+    assert caught.value.field == "quant" and "search_zero_points" in str(caught.value)
+    with pytest.raises(ExportError) as caught:
+        WeightOnlyRecipe(bits=4, search_zero_points=True)
+    assert caught.value.field == "quant" and "search_scales" in str(caught.value)
+    assert WeightOnlyRecipe(bits=4, search_scales=True, search_zero_points=True).search_zero_points

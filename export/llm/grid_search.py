@@ -9,9 +9,13 @@ perplexity from +7.3% to +6.4% over fp32 and raises its greedy agreement with fp
 0.33, at the same bytes and kernel. (In blocks of 64 the search lowered the weight error too,
 but not the perplexity: docs/BENCHMARKS.md.)
 
-The codes stay symmetric (zero point 8, MatMulNBits' default), so each matrix is one
-MatMulNBits without a zero-point input, written by the same encoder as the source-grid path
-(grid_exact.encode_grid_exact).
+By default the codes stay symmetric (zero point 8, MatMulNBits' default), so each matrix is
+one MatMulNBits without a zero-point input. With `zero_points` each block may also move its
+zero point (a whole number of steps, 0..15), so a block whose weights lean to one side spends
+all 16 codes on the range it has. That costs nothing at run time on the CPU: ONNX Runtime's
+kernel keeps a per-block fp32 sum that already carries the zero point, with or without one in
+the graph (bench/mlas_packing.py; the heap a loaded session adds is the same). Both forms are
+written by the source-grid path's encoder (grid_exact.encode_grid_exact).
 
 Never imports torch.
 """
@@ -33,24 +37,41 @@ CANDIDATE_TARGETS = (-8.0, -8.5, -7.5, 7.5, 7.0)
 ROWS_PER_CHUNK = 4096
 LOWEST_CODE = -DEFAULT_ZERO_POINT
 HIGHEST_CODE = GRID_LEVELS - 1 - DEFAULT_ZERO_POINT
+#: Asymmetric candidates: the share of the block's range below and above zero kept before the
+#: 15 steps are laid over it (1.0 keeps the lowest / highest value; less clips it to refine
+#: the rest, as the symmetric targets past -8 do).
+CANDIDATE_RANGES = ((1.0, 1.0), (0.95, 0.95), (0.9, 0.9), (1.0, 0.9), (0.9, 1.0))
 
 
-def search_grid(weight: np.ndarray, block_size: int) -> GridBlocks:
-    """The symmetric 4-bit grid of a [K, N] MatMul weight: per block of `block_size` inputs, the
-    step among the candidates with the least squared error, refined once by least squares.
-    K must be a multiple of the block size (the caller picks one that divides it)."""
+def search_grid(weight: np.ndarray, block_size: int, *, zero_points: bool = False) -> GridBlocks:
+    """The 4-bit grid of a [K, N] MatMul weight: per block of `block_size` inputs, the step
+    among the candidates with the least squared error, refined once by least squares; with
+    `zero_points`, the better of that symmetric grid and the best asymmetric one (integer zero
+    point) per block. K must be a multiple of the block size (the caller picks one that
+    divides it)."""
     k_dim, n_dim = weight.shape
     if k_dim % block_size:
         raise ValueError(f"K {k_dim} is not a multiple of the block size {block_size}")
     codes = np.empty((n_dim, k_dim // block_size, block_size), dtype=np.uint8)
     scales = np.empty((n_dim, k_dim // block_size), dtype=np.float32)
+    mins = np.empty((n_dim, k_dim // block_size), dtype=np.float32)
     rows = np.ascontiguousarray(weight.T, dtype=np.float32)
     for start in range(0, n_dim, ROWS_PER_CHUNK):
         blocks = rows[start : start + ROWS_PER_CHUNK].reshape(-1, k_dim // block_size, block_size)
         step, signed = _best_steps(blocks)
-        codes[start : start + len(blocks)] = (signed + DEFAULT_ZERO_POINT).astype(np.uint8)
+        point = np.full(step.shape, DEFAULT_ZERO_POINT, dtype=np.float32)
+        if zero_points:
+            error = np.square(signed * step[..., None] - blocks).sum(axis=-1)
+            shifted_step, shifted_point, shifted_signed = _best_shifted(blocks)
+            shifted_error = np.square(shifted_signed * shifted_step[..., None] - blocks).sum(axis=-1)
+            better = shifted_error < error
+            step = np.where(better, shifted_step, step)
+            point = np.where(better, shifted_point, point)
+            signed = np.where(better[..., None], shifted_signed, signed)
+        codes[start : start + len(blocks)] = (signed + point[..., None]).astype(np.uint8)
         scales[start : start + len(blocks)] = step
-    return GridBlocks(codes=codes, scales=scales, mins=(-DEFAULT_ZERO_POINT * scales).astype(np.float32))
+        mins[start : start + len(blocks)] = -point * step
+    return GridBlocks(codes=codes, scales=scales, mins=mins)
 
 
 def _best_steps(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +100,38 @@ def _signed_codes(blocks: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Nearest codes in -8..7; an all-zero block (step 0) gets code 0."""
     safe = np.where(step != 0, step, 1).astype(np.float32)
     return np.clip(np.rint(blocks / safe[..., None]), LOWEST_CODE, HIGHEST_CODE)
+
+
+def _best_shifted(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: the best asymmetric grid among CANDIDATE_RANGES, its step refined once by
+    least squares with its zero point fixed: (step, zero point 0..15, codes minus zero point)."""
+    low = np.minimum(blocks.min(axis=-1), 0)
+    high = np.maximum(blocks.max(axis=-1), 0)
+    best_step = np.zeros(low.shape, dtype=np.float32)
+    best_point = np.full(low.shape, DEFAULT_ZERO_POINT, dtype=np.float32)
+    best_error = np.full(low.shape, np.inf, dtype=np.float32)
+    for keep_low, keep_high in CANDIDATE_RANGES:
+        step = ((high * keep_high - low * keep_low) / (GRID_LEVELS - 1)).astype(np.float32)
+        safe = np.where(step > 0, step, 1).astype(np.float32)
+        point = np.clip(np.rint(-low * keep_low / safe), 0, GRID_LEVELS - 1).astype(np.float32)
+        step = _refined_shifted(blocks, step, point)
+        error = np.square(_shifted_codes(blocks, step, point) * step[..., None] - blocks).sum(axis=-1)
+        better = error < best_error
+        best_step = np.where(better, step, best_step)
+        best_point = np.where(better, point, best_point)
+        best_error = np.where(better, error, best_error)
+    return best_step, best_point, _shifted_codes(blocks, best_step, best_point)
+
+
+def _refined_shifted(blocks: np.ndarray, step: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """The least-squares step for the codes that `step` and `point` give, the point kept."""
+    codes = _shifted_codes(blocks, step, point)
+    energy = np.square(codes).sum(axis=-1)
+    fitted = (blocks * codes).sum(axis=-1) / np.where(energy > 0, energy, 1)
+    return np.where((energy > 0) & (fitted > 0), fitted, step).astype(np.float32)
+
+
+def _shifted_codes(blocks: np.ndarray, step: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Nearest codes minus the zero point (each code in 0..15); a step of 0 gives 0."""
+    safe = np.where(step > 0, step, 1).astype(np.float32)
+    return np.clip(np.rint(blocks / safe[..., None]), -point[..., None], GRID_LEVELS - 1 - point[..., None])

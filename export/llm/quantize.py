@@ -74,6 +74,9 @@ class WeightOnlyRecipe:
     #: 4-bit MatMuls get their codes from a per-block scale search (grid_search.py) instead of
     #: ONNX Runtime's round-to-nearest: less weight error at the same bytes and speed.
     search_scales: bool = False
+    #: With search_scales: each 4-bit block may also move its zero point (asymmetric codes), at
+    #: the same bytes read and speed on the CPU kernel (grid_search.py says why).
+    search_zero_points: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -89,7 +92,9 @@ class WeightOnlyRecipe:
         if self.grid_exact and self.bits != 4:
             raise ExportError("quant: the exact grid encoding stores 4-bit codes only", field="quant")
         if self.search_scales and not self.symmetric:
-            raise ExportError("quant: the scale search writes symmetric codes; it cannot be combined with zero points", field="quant")
+            raise ExportError("quant: the scale search writes its own codes; ask for zero points with search_zero_points, not symmetric=False", field="quant")
+        if self.search_zero_points and not self.search_scales:
+            raise ExportError("quant: zero points are searched only with the scale search (search_scales)", field="quant")
         for field, size in (("block_size", self.block_size), ("eight_bit_block_size", self.eight_bit_block_size)):
             if size is not None and (size < SMALLEST_BLOCK_SIZE or size & (size - 1) or size > 256):
                 raise ExportError(f"{field}: {size} must be a power of two between {SMALLEST_BLOCK_SIZE} and 256", field=field)
@@ -336,14 +341,14 @@ def _matmul_plan(
     return plan
 
 
-def _searched_grids(model: onnx.ModelProto, names: list[str], block_size: int) -> dict[str, GridBlocks]:
+def _searched_grids(model: onnx.ModelProto, names: list[str], block_size: int, *, zero_points: bool) -> dict[str, GridBlocks]:
     """4-bit grids of the named MatMuls' weights by grid_search.search_grid; a weight whose K
     the block does not divide is left out (ONNX Runtime's quantiser pads it)."""
     initializers = {init.name: init for init in model.graph.initializer}
     wanted = set(names)
     weights = {node.name: initializers[node.input[1]] for node in model.graph.node if node.name in wanted}
     return {
-        name: search_grid(numpy_helper.to_array(weight), block_size)
+        name: search_grid(numpy_helper.to_array(weight), block_size, zero_points=zero_points)
         for name, weight in weights.items()
         if weight.dims[0] % block_size == 0
     }
@@ -366,7 +371,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     searched = 0
     for (bits, block_size), names in sorted(plan.items()):
         if bits == 4 and recipe.search_scales:
-            searched_grids = _searched_grids(model, names, block_size)
+            searched_grids = _searched_grids(model, names, block_size, zero_points=recipe.search_zero_points)
             searched += encode_grid_exact(model, searched_grids, block_size)
             names = [name for name in names if name not in searched_grids]
             if not names:
