@@ -6,8 +6,9 @@ code on the grid whose step is the block's largest-magnitude value / -8 (that va
 weight pays for it. Trying a few steps per block and refining the best one by least squares
 lowers the weight error of SmolLM2-135M's 4-bit MatMuls by 11% in blocks of 32, its
 perplexity from +7.3% to +6.4% over fp32 and raises its greedy agreement with fp32 from 0.26 to
-0.33, at the same bytes and kernel. (In blocks of 64 the search lowered the weight error too,
-but not the perplexity: docs/BENCHMARKS.md.)
+0.33, at the same bytes and kernel; searching each block's zero point as well brings the
+perplexity to +4.3%. (In blocks of 64 the scale search lowered the weight error too, but not
+the perplexity: docs/BENCHMARKS.md.)
 
 By default the codes stay symmetric (zero point 8, MatMulNBits' default), so each matrix is
 one MatMulNBits without a zero-point input. With `zero_points` each block may also move its
