@@ -36,8 +36,6 @@ CANDIDATE_TARGETS = (-8.0, -8.5, -7.5, 7.5, 7.0)
 #: Rows of a weight's transpose searched at once: bounds the float32 temporaries to a few
 #: hundred MB for the widest matrices (an LM head of 150k rows).
 ROWS_PER_CHUNK = 4096
-LOWEST_CODE = -DEFAULT_ZERO_POINT
-HIGHEST_CODE = GRID_LEVELS - 1 - DEFAULT_ZERO_POINT
 #: Asymmetric candidates: the share of the block's range below and above zero kept before the
 #: 15 steps are laid over it (1.0 keeps the lowest / highest value; less clips it to refine
 #: the rest, as the symmetric targets past -8 do).
@@ -59,12 +57,10 @@ def search_grid(weight: np.ndarray, block_size: int, *, zero_points: bool = Fals
     rows = np.ascontiguousarray(weight.T, dtype=np.float32)
     for start in range(0, n_dim, ROWS_PER_CHUNK):
         blocks = rows[start : start + ROWS_PER_CHUNK].reshape(-1, k_dim // block_size, block_size)
-        step, signed = _best_steps(blocks)
+        step, signed, error = _best_steps(blocks)
         point = np.full(step.shape, DEFAULT_ZERO_POINT, dtype=np.float32)
         if zero_points:
-            error = np.square(signed * step[..., None] - blocks).sum(axis=-1)
-            shifted_step, shifted_point, shifted_signed = _best_shifted(blocks)
-            shifted_error = np.square(shifted_signed * shifted_step[..., None] - blocks).sum(axis=-1)
+            shifted_step, shifted_point, shifted_signed, shifted_error = _best_shifted(blocks)
             better = shifted_error < error
             step = np.where(better, shifted_step, step)
             point = np.where(better, shifted_point, point)
@@ -75,37 +71,24 @@ def search_grid(weight: np.ndarray, block_size: int, *, zero_points: bool = Fals
     return GridBlocks(codes=codes, scales=scales, mins=mins)
 
 
-def _best_steps(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: the chosen step and the signed codes (-8..7) on it."""
+def _best_steps(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: the chosen step, the signed codes (-8..7) on it and their squared error."""
     largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
     best_step = largest / np.float32(CANDIDATE_TARGETS[0])
     best_error = np.full(largest.shape, np.inf, dtype=np.float32)
     for target in CANDIDATE_TARGETS:
-        step = _refined(blocks, largest / np.float32(target))
-        error = np.square(_signed_codes(blocks, step) * step[..., None] - blocks).sum(axis=-1)
+        step = _refined(blocks, largest / np.float32(target), DEFAULT_ZERO_POINT, positive=False)
+        error = _squared_error(blocks, step, DEFAULT_ZERO_POINT)
         better = error < best_error
         best_step = np.where(better, step, best_step)
         best_error = np.where(better, error, best_error)
-    return best_step.astype(np.float32), _signed_codes(blocks, best_step)
+    return best_step.astype(np.float32), _codes(blocks, best_step, DEFAULT_ZERO_POINT), best_error
 
 
-def _refined(blocks: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """The least-squares step for the codes `step` gives: sum(w q) / sum(q q) per block."""
-    codes = _signed_codes(blocks, step)
-    energy = np.square(codes).sum(axis=-1)
-    fitted = (blocks * codes).sum(axis=-1) / np.where(energy > 0, energy, 1)
-    return np.where(energy > 0, fitted, step).astype(np.float32)
-
-
-def _signed_codes(blocks: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """Nearest codes in -8..7; an all-zero block (step 0) gets code 0."""
-    safe = np.where(step != 0, step, 1).astype(np.float32)
-    return np.clip(np.rint(blocks / safe[..., None]), LOWEST_CODE, HIGHEST_CODE)
-
-
-def _best_shifted(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _best_shifted(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per block: the best asymmetric grid among CANDIDATE_RANGES, its step refined once by
-    least squares with its zero point fixed: (step, zero point 0..15, codes minus zero point)."""
+    least squares with its zero point fixed: (step, zero point 0..15, codes minus zero point,
+    squared error)."""
     low = np.minimum(blocks.min(axis=-1), 0)
     high = np.maximum(blocks.max(axis=-1), 0)
     best_step = np.zeros(low.shape, dtype=np.float32)
@@ -115,24 +98,33 @@ def _best_shifted(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
         step = ((high * keep_high - low * keep_low) / (GRID_LEVELS - 1)).astype(np.float32)
         safe = np.where(step > 0, step, 1).astype(np.float32)
         point = np.clip(np.rint(-low * keep_low / safe), 0, GRID_LEVELS - 1).astype(np.float32)
-        step = _refined_shifted(blocks, step, point)
-        error = np.square(_shifted_codes(blocks, step, point) * step[..., None] - blocks).sum(axis=-1)
+        step = _refined(blocks, step, point, positive=True)
+        error = _squared_error(blocks, step, point)
         better = error < best_error
         best_step = np.where(better, step, best_step)
         best_point = np.where(better, point, best_point)
         best_error = np.where(better, error, best_error)
-    return best_step, best_point, _shifted_codes(blocks, best_step, best_point)
+    return best_step, best_point, _codes(blocks, best_step, best_point), best_error
 
 
-def _refined_shifted(blocks: np.ndarray, step: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """The least-squares step for the codes that `step` and `point` give, the point kept."""
-    codes = _shifted_codes(blocks, step, point)
+def _refined(blocks: np.ndarray, step: np.ndarray, point: np.ndarray | int, *, positive: bool) -> np.ndarray:
+    """The least-squares step for the codes that `step` and `point` give, the point kept:
+    sum(w q) / sum(q q) per block (q the codes minus the point). `positive`: a fit that would
+    turn the step negative keeps the old step (an asymmetric grid's range is laid out upwards)."""
+    codes = _codes(blocks, step, point)
     energy = np.square(codes).sum(axis=-1)
     fitted = (blocks * codes).sum(axis=-1) / np.where(energy > 0, energy, 1)
-    return np.where((energy > 0) & (fitted > 0), fitted, step).astype(np.float32)
+    keep = (energy > 0) & (fitted > 0) if positive else energy > 0
+    return np.where(keep, fitted, step).astype(np.float32)
 
 
-def _shifted_codes(blocks: np.ndarray, step: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """Nearest codes minus the zero point (each code in 0..15); a step of 0 gives 0."""
-    safe = np.where(step > 0, step, 1).astype(np.float32)
-    return np.clip(np.rint(blocks / safe[..., None]), -point[..., None], GRID_LEVELS - 1 - point[..., None])
+def _squared_error(blocks: np.ndarray, step: np.ndarray, point: np.ndarray | int) -> np.ndarray:
+    return np.square(_codes(blocks, step, point) * step[..., None] - blocks).sum(axis=-1)
+
+
+def _codes(blocks: np.ndarray, step: np.ndarray, point: np.ndarray | int) -> np.ndarray:
+    """Nearest codes minus the zero point (each code in 0..15: -8..7 for the default point 8);
+    a block whose step is 0 (all zeros) gets 0."""
+    safe = np.where(step != 0, step, 1).astype(np.float32)
+    point = np.asarray(point, dtype=np.float32)[..., None]
+    return np.clip(np.rint(blocks / safe[..., None]), -point, GRID_LEVELS - 1 - point)
