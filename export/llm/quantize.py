@@ -30,6 +30,7 @@ from onnx import numpy_helper
 from appliance.errors import ExportError
 from appliance.export.llm.grid_exact import GridBlocks, encode_grid_exact, grid_exact_candidates
 from appliance.export.llm.grid_search import search_grid
+from appliance.export.llm.initializer_alias import alias_constant_reshapes
 
 EXTERNAL_DATA_SUFFIX = ".data"
 #: Tensors smaller than this stay inside model.onnx; larger ones go to the external file.
@@ -406,6 +407,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     save_with_weights(model, target)
+    alias_constant_reshapes(target)  # the shared embedding's table: the LM head's bytes, not a copy
     return {
         "recipe": recipe.describe(),
         "untied": untied,
