@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256)
     parser.add_argument(
         "--memory-budget-gib", type=int,
-        help="serving.memory_budget_bytes of each server (default: the appliance's; an fp32 1.5B model and its draft need ~8 GiB with the small KV reservation)",
+        help="serving.memory_budget_bytes of each server (default: the appliance's, whose estimate before a first load, 2x the files, keeps two fp32 1.5B servers from starting; 20 lets them: 7.0 and 8.6 GiB resident)",
     )
     parser.add_argument(
         "--one-at-a-time", action="store_true",
