@@ -53,9 +53,10 @@ RECIPES: dict[str, WeightOnlyRecipe | None] = {
     "int8 default (8-bit blocks 128, emb shared)": VARIANT_RECIPES["int8"],
     "int8, 8-bit blocks 32": dataclasses.replace(VARIANT_RECIPES["int8"], eight_bit_block_size=None),
     "int4 default, 8-bit blocks 32": dataclasses.replace(VARIANT_RECIPES["int4"], eight_bit_block_size=None),
-    "int4 default, 4-bit round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], search_scales=False),
+    "int4 default, 4-bit round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], search_scales=False, search_zero_points=False),
     "int4 default, 4-bit blocks 64": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=64),
-    "int4 default, 4-bit blocks 64, round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=64, search_scales=False),
+    "int4 default, 4-bit blocks 128": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=128),
+    "int4 default, 4-bit blocks 64, round-to-nearest": dataclasses.replace(VARIANT_RECIPES["int4"], block_size=64, search_scales=False, search_zero_points=False),
     "int4 default, zero points searched": dataclasses.replace(VARIANT_RECIPES["int4"], search_zero_points=True),
     "int4 default, zero points searched, down 4-bit": dataclasses.replace(
         VARIANT_RECIPES["int4"], search_zero_points=True, promoted_groups=("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")
