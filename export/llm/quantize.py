@@ -8,10 +8,12 @@ to 4 bits, which costs too much perplexity. So the builder writes fp32 and this 
 quantises it, with the LM head and the (possibly tied) embedding as separate choices, because
 they are the speed/size/quality trade the report must show.
 
-A tied embedding appears in the graph as a Transpose of the LM head's weight (model builder)
-or the LM head as a Transpose of the embedding (Optimum). MatMulNBits needs a constant
-weight, so constant Transposes of initializers are folded first ("untying"): both users then
-own their weight and can be quantised independently.
+A tied embedding appears in the graph as a Transpose of the LM head's weight (model builder
+graphs from before gather_table.py; our builder route now stores the table in gather order
+beside the weight) or the LM head as a Transpose of the embedding (Optimum). MatMulNBits needs
+a constant weight, so constant Transposes of initializers are folded first ("untying"): both
+users then own their weight and can be quantised independently; the tie itself is found by
+comparing the two by value.
 
 Never imports torch; never changes graph inputs or outputs.
 """
@@ -360,13 +362,16 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     model = load_with_weights(source)
     _ensure_node_names(model.graph)
     # Untie only when the LM head or the embedding is quantised: kept in fp32, the tied
-    # weight is stored once and shared.
-    untied = fold_constant_transposes(model) if recipe.lm_head_bits or recipe.embedding_bits else []
+    # weight stays as the reference holds it.
+    quantises_tie = bool(recipe.lm_head_bits or recipe.embedding_bits)
+    untied = fold_constant_transposes(model) if quantises_tie else []
     lm_head = find_lm_head(model)
     embedding = find_embedding(model)
     num_layers = len({int(m.group(1)) for node in model.graph.node if (m := _LAYER_IN_NAME.search(node.name))})
     promoted = recipe.promoted_nodes(model, num_layers)
-    tied = bool(untied) and lm_head is not None and embedding is not None and _is_tied(model, lm_head, embedding)
+    # Compared by value: the builder's reference stores a tied table in gather order beside the
+    # LM head weight (gather_table.py), with no Transpose left to say they are one tensor.
+    tied = quantises_tie and lm_head is not None and embedding is not None and _is_tied(model, lm_head, embedding)
     grids = _grid_exact_layers(model, recipe, lm_head) if recipe.grid_exact else {}
     plan = _matmul_plan(model, recipe, lm_head, set(promoted), set(grids))
     searched = 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.errors import ExportError
+from appliance.export.llm.gather_table import store_gather_tables
 from appliance.export.llm.layer_attention import align_layer_attention, layer_attention
 from appliance.export.llm.logits_start import add_logits_start
 from appliance.offline import enforce_offline
@@ -164,6 +165,7 @@ def build_genai(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "
         raise ExportError(f"model builder wrote no {MODEL_FILE} for {hf_dir.name}", field="source")
     align_layer_attention(out_dir / MODEL_FILE, layers)
     add_logits_start(out_dir / MODEL_FILE)
+    store_gather_tables(out_dir / MODEL_FILE)  # a tied embedding: mapped, not folded onto the heap
     return out_dir / MODEL_FILE
 
 
