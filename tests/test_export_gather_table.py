@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.export.llm.gather_table import store_gather_tables
+from appliance.export.llm.gather_table import store_gather_tables, stored_copy_bytes
 from appliance.export.llm.quantize import quantize_weight_only, save_with_weights
 from appliance.export.tasks.text_generation import VARIANT_RECIPES
 from appliance.ops.memory import allocated_bytes
@@ -56,8 +56,10 @@ def test_the_tied_table_is_stored_in_gather_order_and_read_from_the_file(tmp_pat
     path = tmp_path / "model.onnx"
     weight = _tied(path)
     expected, heap_with_transpose = _run(path)
+    assert stored_copy_bytes(path) == 0
 
     assert store_gather_tables(path) == ["embed.table"]
+    assert stored_copy_bytes(path) == TABLE_BYTES  # what the report's size ratio leaves out
 
     model = onnx.load(str(path), load_external_data=False)
     assert [node.op_type for node in model.graph.node] == ["Gather", "MatMul"]

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from appliance.errors import ExportError
 from appliance.export.llm.eval_data import TokenizerFile, load_prompts
 from appliance.export.llm.evaluation import STAND_IN_LOGITS_DIFF, DecoderEvaluator, greedy_prompt_count, needs_torch_perplexity
+from appliance.export.llm.gather_table import stored_copy_bytes
 from appliance.export.llm.graph_facts import eos_ids_from, generation_spec
 from appliance.export.llm.kv_quant import CALIBRATION_MARGIN, calibrate, compare_caches, supports_int8_kv, write_int8_kv
 from appliance.export.llm.onnx_decoder import OnnxDecoder
@@ -241,9 +242,10 @@ class TextGenerationExporter(TaskExporter):
         if (reference.directory / GENAI_CONFIG_FILE).exists():
             shutil.copyfile(reference.directory / GENAI_CONFIG_FILE, out_dir / GENAI_CONFIG_FILE)
         details["graph"] = reference.details.get("graph")
-        details["reference_size_bytes"] = reference.size_bytes
+        fp32_bytes = _fp32_weight_bytes(reference)
+        details["reference_size_bytes"] = fp32_bytes
         details["size_ratio_to_fp32"] = round(
-            sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()) / max(reference.size_bytes, 1), 4
+            sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()) / max(fp32_bytes, 1), 4
         )
         embedding = (
             "shared with the LM head"
@@ -370,8 +372,8 @@ class TextGenerationExporter(TaskExporter):
                 data_dir=self.ctx.data_dir,
                 threads=self.ctx.threads,
                 progress=self.ctx.progress,
-                greedy_prompts=greedy_prompt_count(reference.size_bytes, len(load_prompts(self.ctx.data_dir))),
-                torch_perplexity=needs_torch_perplexity(reference.size_bytes),
+                greedy_prompts=greedy_prompt_count(_fp32_weight_bytes(reference), len(load_prompts(self.ctx.data_dir))),
+                torch_perplexity=needs_torch_perplexity(_fp32_weight_bytes(reference)),
             )
         return self._evaluator
 
@@ -495,3 +497,9 @@ def _chat_template(hf_dir: Path, tokenizer_config: dict[str, Any]) -> str | None
         return template
     jinja = hf_dir / "chat_template.jinja"
     return jinja.read_text() if jinja.is_file() else None
+
+
+def _fp32_weight_bytes(reference: Artifact) -> int:
+    """The fp32 reference's size with each weight counted once: a tied table it also keeps in
+    gather order (export/llm/gather_table.py) is not another weight."""
+    return reference.size_bytes - stored_copy_bytes(reference.model_path)
