@@ -119,6 +119,14 @@ def opset_of(path: Path) -> int:
     return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
 
 
+def drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads and no graph output names: left behind when a
+    rewrite replaces the nodes that read them (their bytes in a data file stay where they are)."""
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+
+
 def op_counts(model: onnx.ModelProto) -> Counter[str]:
     return Counter(node.op_type for node in model.graph.node)
 

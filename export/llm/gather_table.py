@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from appliance.export.onnx_tools import drop_unread_initializers
+
 #: Rows of the table transposed and written per step (bounds the memory the pass needs).
 ROWS_PER_CHUNK = 8192
 #: doc_string of a table written here: it repeats another initializer's values, so sizes
@@ -54,9 +56,7 @@ def store_gather_tables(model_path: Path) -> list[str]:
         return []
     for node in removed:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | outputs
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
+    drop_unread_initializers(graph)
     onnx.save(model, str(model_path))
     return stored
 

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from appliance.export.onnx_tools import drop_unread_initializers
+
 
 def alias_constant_reshapes(model_path: Path) -> list[str]:
     """Replace each Reshape of an externally stored initializer by a constant shape with an
@@ -48,10 +50,7 @@ def alias_constant_reshapes(model_path: Path) -> list[str]:
         return []
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in kept for name in node.input} | graph_outputs
-    unused = [init for init in graph.initializer if init.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
+    drop_unread_initializers(graph)
     onnx.save(model, str(model_path))
     return aliased
 

@@ -33,6 +33,7 @@ from appliance.errors import ExportError
 from appliance.export.llm.grid_exact import GridBlocks, encode_grid_exact, grid_exact_candidates
 from appliance.export.llm.grid_search import search_grid
 from appliance.export.llm.initializer_alias import alias_constant_reshapes
+from appliance.export.onnx_tools import drop_unread_initializers
 
 EXTERNAL_DATA_SUFFIX = ".data"
 #: Tensors smaller than this stay inside model.onnx; larger ones go to the external file.
@@ -192,10 +193,7 @@ def fold_constant_transposes(model: onnx.ModelProto) -> list[str]:
     if folded:
         del graph.node[:]
         graph.node.extend(keep)
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        unused = [init for init in graph.initializer if init.name not in used]
-        for init in unused:
-            graph.initializer.remove(init)
+        drop_unread_initializers(graph)
     return folded
 
 

@@ -363,6 +363,7 @@ class TextGenerationExporter(TaskExporter):
             tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
             reference = self._reference or self.export_reference()
             spec = self.generation(reference.model_path)
+            fp32_bytes = _fp32_weight_bytes(reference)
             self._evaluator = DecoderEvaluator(
                 hf_dir=hf_dir,
                 tokenizer_path=hf_dir / "tokenizer.json",
@@ -372,8 +373,8 @@ class TextGenerationExporter(TaskExporter):
                 data_dir=self.ctx.data_dir,
                 threads=self.ctx.threads,
                 progress=self.ctx.progress,
-                greedy_prompts=greedy_prompt_count(_fp32_weight_bytes(reference), len(load_prompts(self.ctx.data_dir))),
-                torch_perplexity=needs_torch_perplexity(_fp32_weight_bytes(reference)),
+                greedy_prompts=greedy_prompt_count(fp32_bytes, len(load_prompts(self.ctx.data_dir))),
+                torch_perplexity=needs_torch_perplexity(fp32_bytes),
             )
         return self._evaluator
 
