@@ -139,8 +139,7 @@ def quality(version_dir: Path, threads: int) -> dict[str, Any]:
     scales = kv_quant.calibrate(fp32, prompts)
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / manifest.model_file
-        kv_quant.write_int8_kv(version_dir / manifest.model_file, target, spec, scales)
-        int8 = OnnxDecoder(target, spec.model_copy(update={"kv_datatype": "INT8"}), threads)
+        int8 = OnnxDecoder(target, kv_quant.write_int8_kv(version_dir / manifest.model_file, target, spec, scales), threads)
         comparison = kv_quant.compare_caches(fp32, int8, prose)
         matched = []
         for ids in prompts:

@@ -80,7 +80,10 @@ def test_chunked_prefill_gives_the_same_tokens_as_one_prefill(tiny_decoders: Tin
     prompt = [(7 * i + 3) % 300 + 3 for i in range(70)]
     engine = make_engine(model, prefill_chunk_tokens=16)
     try:
-        assert asyncio.run(generate(engine, prompt, greedy(12))).tokens == reference_greedy(model, prompt, 12)
+        # fp32 cache: the chunks change nothing. int8 cache: each chunk reads the earlier ones
+        # through the cache's rounding (its own tokens unrounded), so the reference is cut alike.
+        chunk = 16 if model.manifest.generation.fp32_attention_input else None  # type: ignore[union-attr]
+        assert asyncio.run(generate(engine, prompt, greedy(12))).tokens == reference_greedy(model, prompt, 12, prompt_chunk=chunk)
     finally:
         engine.stop()
 

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.errors import ExportError
+from appliance.export.llm.kv_prefill import FP32_ATTENTION_INPUT
 from appliance.export.pipeline import ExportRequest, run_export
 from appliance.export.tasks import text_generation
 from appliance.repository import ModelRepository
@@ -23,12 +24,18 @@ def test_the_int8_cache_is_written_into_the_graph_and_reported(tiny_decoders: Ti
     version = tiny_decoders.llama_int4_kv8
     spec = version.manifest.generation
     assert spec is not None and spec.kv_datatype == "INT8"
+    assert spec.fp32_attention_input == FP32_ATTENTION_INPUT
     graph = onnx.load(str(version.model_path), load_external_data=False).graph
-    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
-    assert len(attention) == spec.num_layers
-    for node in attention:
-        attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+    assert not [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    branches = [node for node in graph.node if node.op_type == "If" and node.input[0] == FP32_ATTENTION_INPUT]
+    assert len(branches) == spec.num_layers
+    for node in branches:
+        subgraphs = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+        (decode,) = [n for n in subgraphs["else_branch"].node if n.op_type == "GroupQueryAttention"]
+        attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in decode.attribute}
         assert attributes["k_quant_type"] == b"PER_CHANNEL" and attributes["kv_cache_bit_width"] == 8
+        (prefill,) = [n for n in subgraphs["then_branch"].node if n.op_type == "GroupQueryAttention"]
+        assert not {attribute.name for attribute in prefill.attribute} & {"k_quant_type", "v_quant_type", "kv_cache_bit_width"}
     cache_inputs = [value for value in graph.input if value.name.startswith("past_key_values.")]
     assert cache_inputs and all(value.type.tensor_type.elem_type == onnx.TensorProto.INT8 for value in cache_inputs)
     report = version.report

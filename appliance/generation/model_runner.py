@@ -202,6 +202,13 @@ class KvStore:
         for mapping in self._mappings:
             mapping.madvise(_FREE_PAGES, start, end - start)
 
+    def write_runs(self, first: int, parts: list[np.ndarray], past_lens: np.ndarray, new_lens: np.ndarray) -> None:
+        """Put a run's new positions (K then V per layer, each [rows, kv heads, width, head dim])
+        into slots [first, first + rows) after each row's past; right padding is not written."""
+        for buffer, part in zip((*self.keys, *self.values), parts, strict=True):
+            for row, (start, count) in enumerate(zip(past_lens.tolist(), new_lens.tolist(), strict=True)):
+                buffer[first + row, :, start : start + count] = part[row, :, :count]
+
     def read(self, slot: int, length: int) -> list[np.ndarray]:
         """A copy of one slot's first `length` positions, K then V per layer (prefix cache)."""
         return [buffer[slot, :, :length].copy() for buffer in (*self.keys, *self.values)]
@@ -235,6 +242,7 @@ class DecoderRunner(Protocol):
         *,
         all_logits: bool,
         run_options: ort.RunOptions | None = None,
+        prompt: bool = False,
     ) -> np.ndarray:
         """Run `input_ids` [rows, width] for slots [first_slot, first_slot + rows).
 
@@ -242,7 +250,9 @@ class DecoderRunner(Protocol):
         input tokens are real (the rest is right padding). Returns logits [rows, width, vocab]
         when `all_logits`, else the logits of each row's last real token [rows, vocab]. The
         returned array is a view of a reused buffer: valid until the next call. StepPreempted
-        when another thread set `run_options.terminate` while it ran.
+        when another thread set `run_options.terminate` while it ran. `prompt`: the call is a
+        chunk of prompt (not a decode step or a speculative verification), which an int8-cache
+        graph may attend in fp32 (export/llm/kv_prefill.py).
         """
         ...
 
@@ -265,16 +275,37 @@ def _check_inputs(session: ort.InferenceSession, names: list[str]) -> None:
 
 
 class SharedBufferRunner:
-    """The "genai" graph kind: past and present bound to the same preallocated buffers."""
+    """The "genai" graph kind: past and present bound to the same preallocated buffers.
+
+    An int8-cache graph with an fp32-attention input (manifest `fp32_attention_input`) runs
+    prompt chunks in fp32: their present outputs are only the new positions, bound to a scratch
+    area and copied into the cache after the run; every other call runs the int8 kernel in place.
+    """
 
     def __init__(self, session: ort.InferenceSession, spec: GenerationSpec, kv: KvBuffers, *, max_rows_x_width: int) -> None:
         self.session = session
         self.kv = kv
         self.vocab_size = spec.vocab_size
+        self._host_kv: KvStore | None = None
+        self._scratch = np.empty(0, np.int8)
+        self._fp32_attention = spec.fp32_attention_input
+        if self._fp32_attention is not None:
+            if not isinstance(kv, KvStore):
+                raise ModelRejected(
+                    "a graph with an fp32-attention input keeps its KV cache in host memory",
+                    field="generation.fp32_attention_input",
+                )
+            self._host_kv = kv
+            run_positions = max(max_rows_x_width, kv.max_slots) * spec.num_kv_heads * spec.head_dim
+            self._scratch = np.empty(2 * spec.num_layers * run_positions, kv.geometry.dtype)
         layers = range(spec.num_layers)
         self._keys = [(spec.past_key_name.format(layer=i), spec.present_key_name.format(layer=i)) for i in layers]
         self._values = [(spec.past_value_name.format(layer=i), spec.present_value_name.format(layer=i)) for i in layers]
-        _check_inputs(session, ["input_ids", "attention_mask", "logits", *(name for pair in self._keys + self._values for name in pair)])
+        _check_inputs(
+            session,
+            ["input_ids", "attention_mask", "logits", *(name for pair in self._keys + self._values for name in pair)]
+            + ([self._fp32_attention] if self._fp32_attention else []),
+        )
         # A half-precision graph (the CUDA layout) gives fp16 logits; sampling reads float32.
         logits_type = next(node.type for node in session.get_outputs() if node.name == "logits")
         self._logits_dtype = np.dtype(np.float16 if logits_type == "tensor(float16)" else np.float32)
@@ -283,9 +314,10 @@ class SharedBufferRunner:
         self._positions = np.arange(kv.max_len, dtype=np.int64)
         self._logits_start = spec.logits_start_input
 
-    def _binding(self, first: int, rows: int) -> ort.IOBinding:
-        """An IOBinding with the KV views of slots [first, first+rows) bound both ways, kept."""
-        key = (first, rows)
+    def _binding(self, first: int, rows: int, in_fp32: bool) -> ort.IOBinding:
+        """An IOBinding with the KV views of slots [first, first+rows) bound both ways, kept
+        (one per kind of call: a call `in_fp32` rebinds its present outputs every time)."""
+        key = (first, rows, in_fp32)
         cached = self._bindings.get(key)
         if cached is not None:
             return cached[0]
@@ -305,6 +337,7 @@ class SharedBufferRunner:
         *,
         all_logits: bool,
         run_options: ort.RunOptions | None = None,
+        prompt: bool = False,
     ) -> np.ndarray:
         rows, width = input_ids.shape
         totals = past_lens + new_lens
@@ -315,7 +348,12 @@ class SharedBufferRunner:
         if not first_prompt and mask_width == width:
             mask_width += 1  # only possible with padding rows; the extra zero column is harmless
         mask = (self._positions[:mask_width] < totals[:, None]).astype(np.int64)
-        binding = self._binding(first_slot, rows)
+        # fp32 attention: prompt chunks only (one row continuing its past, or a first prompt).
+        in_fp32 = self._host_kv is not None and prompt and width > 1 and (rows == 1 or first_prompt)
+        binding = self._binding(first_slot, rows, in_fp32)
+        if self._fp32_attention is not None:
+            binding.bind_cpu_input(self._fp32_attention, np.asarray([in_fp32]))
+        new_positions = self._bind_new_positions(binding, rows, width) if in_fp32 else None
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         # One row that needs only its last position: skip the LM head for the others (a
@@ -327,6 +365,8 @@ class SharedBufferRunner:
         logits = self._logits[: rows * positions * self.vocab_size].reshape(rows, positions, self.vocab_size)
         binding.bind_output("logits", "cpu", 0, self._logits_dtype, logits.shape, logits.ctypes.data)
         _run_preemptible(lambda: self.session.run_with_iobinding(binding, run_options), run_options)
+        if new_positions is not None and self._host_kv is not None:
+            self._host_kv.write_runs(first_slot, new_positions, past_lens, new_lens)
         if all_logits:
             chosen = logits
         elif start:
@@ -334,6 +374,20 @@ class SharedBufferRunner:
         else:
             chosen = logits[np.arange(rows), new_lens - 1]
         return chosen if self._logits_dtype == np.float32 else chosen.astype(np.float32)
+
+
+    def _bind_new_positions(self, binding: ort.IOBinding, rows: int, width: int) -> list[np.ndarray]:
+        """Bind every present output to its own part of the scratch area, K then V per layer
+        (the order KvStore.write_runs takes); the graph fills them with the run's positions."""
+        geometry = self.kv.geometry
+        shape = (rows, geometry.num_kv_heads, width, geometry.head_dim)
+        size = int(np.prod(shape))
+        parts = []
+        for index, (_, name_out) in enumerate((*self._keys, *self._values)):
+            part = self._scratch[index * size : (index + 1) * size].reshape(shape)
+            binding.bind_output(name_out, "cpu", 0, geometry.dtype, shape, part.ctypes.data)
+            parts.append(part)
+        return parts
 
 
 class ConcatRunner:
@@ -362,7 +416,9 @@ class ConcatRunner:
         *,
         all_logits: bool,
         run_options: ort.RunOptions | None = None,
+        prompt: bool = False,
     ) -> np.ndarray:
+        del prompt  # an Optimum graph has one attention path
         rows, width = input_ids.shape
         buffers = (*self.kv.keys, *self.kv.values)
         past_width = int(past_lens.max())

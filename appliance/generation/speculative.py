@@ -394,28 +394,36 @@ class Speculator:
         return True
 
     def _draft_model_propose(self, seq: Sequence, k: int) -> list[int]:
-        """Greedy draft of `k` tokens. What the draft model has not seen yet (the prompt at
-        first, then the target's correction or bonus token) goes in with the first draft run,
-        so catching up costs no run of its own."""
+        """Greedy draft of `k` tokens. The draft catches up on the prompt in the target's own
+        chunks (prompt runs: an int8-cache draft attends them in fp32, as the target did), and
+        what it has not seen of the output (the target's correction or bonus token) goes in
+        with the first draft run, so catching up on the output costs no run of its own."""
         assert self._draft is not None
         runner = self._draft.runner
         tokens = seq.tokens
         chunk = self._prefill_chunk_tokens
-        while len(tokens) - seq.draft_cached > chunk:
+        prompt_end = len(seq.prompt)
+        while seq.draft_cached < prompt_end:
+            width = min(chunk, prompt_end - seq.draft_cached)
             runner.forward(
                 seq.slot,
-                np.asarray([tokens[seq.draft_cached : seq.draft_cached + chunk]], np.int64),
+                np.asarray([tokens[seq.draft_cached : seq.draft_cached + width]], np.int64),
                 np.asarray([seq.draft_cached]),
-                np.asarray([chunk]),
+                np.asarray([width]),
                 all_logits=False,
+                prompt=True,
             )
-            seq.draft_cached += chunk
+            seq.draft_cached += width
         pending = tokens[seq.draft_cached :]
         draft: list[int] = []
         for _ in range(k):
             started = time.perf_counter()
             logits = runner.forward(
-                seq.slot, np.asarray([pending], np.int64), np.asarray([seq.draft_cached]), np.asarray([len(pending)]), all_logits=False
+                seq.slot,
+                np.asarray([pending], np.int64),
+                np.asarray([seq.draft_cached]),
+                np.asarray([len(pending)]),
+                all_logits=False,
             )
             if len(pending) == 1:
                 self.cost.observe_draft_step(time.perf_counter() - started)

@@ -178,7 +178,7 @@ class StepLoop:
         ids = np.asarray([seq.prompt[chunk.start : chunk.end]], np.int64)
         started = time.perf_counter()
         logits = self._runner.forward(
-            seq.slot, ids, np.asarray([chunk.start]), np.asarray([chunk.end - chunk.start]), all_logits=False
+            seq.slot, ids, np.asarray([chunk.start]), np.asarray([chunk.end - chunk.start]), all_logits=False, prompt=True
         )
         self._stall_limit.observe_prefill(chunk.end - chunk.start, time.perf_counter() - started)
         self._m.prefill_chunk_tokens.observe(chunk.end - chunk.start)

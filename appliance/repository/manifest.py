@@ -127,6 +127,14 @@ class GenerationSpec(BaseModel):
     vocab_size: int = Field(ge=1)
     context_length: int = Field(ge=1)
     kv_datatype: Datatype = "FP32"
+    fp32_attention_input: str | None = Field(
+        default=None,
+        description="BOOL [1] input of an int8-cache 'genai' graph. True: the call attends over "
+        "the cache dequantised to fp32 and its present outputs hold only its new positions "
+        "[rows, kv_heads, tokens, head_dim], which the engine copies into its cache (prompt "
+        "chunks: one row continuing its past, or a first prompt). False: the int8 kernel, "
+        "writing in place (decode steps, speculative verification). None: no such input.",
+    )
     past_key_name: str = "past_key_values.{layer}.key"
     past_value_name: str = "past_key_values.{layer}.value"
     present_key_name: str = "present.{layer}.key"

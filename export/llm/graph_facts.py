@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from appliance.errors import ExportError
 from appliance.export.llm.logits_start import LOGITS_START_INPUT
+from appliance.export.llm.kv_prefill import FP32_ATTENTION_INPUT
 from appliance.export.onnx_tools import ONNX_TO_KSERVE, load_graph_only
 from appliance.repository import GenerationSpec
 
@@ -157,5 +158,6 @@ def generation_spec(
         eos_token_ids=eos_token_ids,
         bos_token_id=bos_token_id,
         defaults=sampling_defaults(generation_config),
+        fp32_attention_input=FP32_ATTENTION_INPUT if FP32_ATTENTION_INPUT in input_names else None,
         logits_start_input=LOGITS_START_INPUT if any(value.name == LOGITS_START_INPUT for value in model.graph.input) else None,
     )

@@ -10,7 +10,8 @@ fastest of the three; it is also half of llama.cpp's default f16 cache.
 
 The quantisation is static and symmetric per channel (one scale per KV head and head
 dimension, ONNX Runtime's PER_CHANNEL mode): the cache stores round(x / scale) clipped to
-int8, and attention (prefill included) reads the dequantised values. Keys are stored after
+int8, and attention reads the dequantised values (a prompt chunk reads its own keys and values
+unrounded: kv_prefill.py runs it in fp32, which the int8 kernel does 3-4x slower). Keys are stored after
 rotary embedding, so a channel's range covers every angle its pair takes over the calibration
 tokens; CALIBRATION_MARGIN leaves room for values the calibration text did not reach. The
 scales live in the graph as initializers: the server binds an int8 cache and needs nothing
@@ -31,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.errors import ExportError
+from appliance.export.llm.kv_prefill import FP32_ATTENTION_INPUT, K_SCALE_INPUT, V_SCALE_INPUT, branch_on_fp32_attention, fp32_attention_input
 from appliance.export.llm.onnx_decoder import (
     PERPLEXITY_WINDOW_TOKENS,
     OnnxDecoder,
@@ -45,9 +47,6 @@ CALIBRATION_MARGIN = 1.5
 INT8_MAX = 127
 #: Smallest scale, for a channel that was always zero in the calibration.
 MIN_SCALE = 1e-6
-#: GroupQueryAttention's input slots for the cache scales (after head_sink, slot 11).
-K_SCALE_INPUT = 12
-V_SCALE_INPUT = 13
 #: Calibration stops adding prompts once this many tokens were seen.
 CALIBRATION_TOKENS = 4096
 
@@ -102,10 +101,14 @@ def calibrate(decoder: OnnxDecoder, prompts: list[list[int]]) -> KvScales:
     return KvScales(keys=scales(key_peak), values=scales(value_peak))
 
 
-def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvScales) -> None:
-    """A copy of the graph at `source` (its folder) in `target`'s folder, with an int8 cache.
+def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvScales) -> GenerationSpec:
+    """A copy of the graph at `source` (its folder) in `target`'s folder, with an int8 cache;
+    returns the generation spec that drives it.
 
-    Only model.onnx changes; the weights file is linked (or copied) beside it unchanged."""
+    Each GroupQueryAttention node becomes an If on the FP32_ATTENTION_INPUT (kv_prefill.py):
+    false runs the int8 kernel in place (decode steps), true attends in fp32 and returns the
+    new positions only (prompt chunks). Only model.onnx changes; the weights file is linked (or copied) beside it
+    unchanged."""
     model = onnx.load(str(source), load_external_data=False)
     layer_of = {spec.past_key_name.format(layer=layer): layer for layer in range(spec.num_layers)}
     cache_names = {
@@ -113,9 +116,14 @@ def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvSc
         for layer in range(spec.num_layers)
         for name in (spec.past_key_name, spec.past_value_name, spec.present_key_name, spec.present_value_name)
     }
+    flag, constants = fp32_attention_input()
+    model.graph.input.append(flag)
+    model.graph.initializer.extend(constants)
+    nodes: list[onnx.NodeProto] = []
     rewritten = 0
     for node in model.graph.node:
         if node.op_type != "GroupQueryAttention" or len(node.input) < 5 or node.input[3] not in layer_of:
+            nodes.append(node)
             continue
         layer = layer_of[node.input[3]]
         inputs = list(node.input) + [""] * (V_SCALE_INPUT + 1 - len(node.input))
@@ -136,11 +144,18 @@ def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvSc
                 numpy_helper.from_array(scales.values[layer], value_scale),
             ]
         )
+        branch, broadcast_scales = branch_on_fp32_attention(
+            node, layer, scales.keys[layer], scales.values[layer], spec.num_kv_heads, spec.head_dim
+        )
+        nodes.append(branch)
+        model.graph.initializer.extend(broadcast_scales)
         rewritten += 1
     if rewritten != spec.num_layers:
         raise ExportError(
             f"model: {rewritten} of {spec.num_layers} attention layers could take an int8 KV cache", field="model"
         )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     for value in (*model.graph.input, *model.graph.output):
         if value.name in cache_names:
             value.type.tensor_type.elem_type = TensorProto.INT8
@@ -149,6 +164,7 @@ def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvSc
         if item.is_file() and item.name != source.name:
             _link_or_copy(item, target.parent / item.name)
     onnx.save_model(model, str(target))
+    return spec.model_copy(update={"kv_datatype": "INT8", "fp32_attention_input": FP32_ATTENTION_INPUT})
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -177,14 +193,16 @@ class KvComparison:
 
 def compare_caches(fp32: OnnxDecoder, int8: OnnxDecoder, ids: list[int]) -> KvComparison:
     """Perplexity with each cache and their next-token agreement, one prefill per window and
-    graph (the windows the evaluation's perplexity uses, so its figures can be reused)."""
+    graph (the windows the evaluation's perplexity uses, so its figures can be reused). The
+    int8 graph reads its whole window through the cache's rounding, as a decode step reads its
+    context (a prompt chunk reads its own keys and values unrounded: kv_prefill.py)."""
     window = min(PERPLEXITY_WINDOW_TOKENS, fp32.spec.context_length)
     nll = {"fp32": 0.0, "int8": 0.0}
     scored = agreeing = positions = 0
     for start, end in window_spans(len(ids), window):
         chunk = ids[start:end]
         logits_fp32 = fp32.logits(chunk).astype(np.float64)
-        logits_int8 = int8.logits(chunk).astype(np.float64)
+        logits_int8 = int8.logits(chunk, through_cache=True).astype(np.float64)
         agreeing += int((logits_fp32.argmax(axis=-1) == logits_int8.argmax(axis=-1)).sum())
         positions += len(chunk)
         for label, logits in (("fp32", logits_fp32), ("int8", logits_int8)):

@@ -53,9 +53,16 @@ class OnnxDecoder:
             feeds[self.spec.past_value_name.format(layer=layer)] = np.zeros(shape, dtype=self._kv_dtype)
         return feeds
 
-    def _run(self, ids: list[int], past: dict[str, np.ndarray], past_length: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _run(
+        self, ids: list[int], past: dict[str, np.ndarray], past_length: int, *, through_cache: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         total = past_length + len(ids)
         feeds: dict[str, np.ndarray] = dict(past)
+        # An int8-cache graph attends a prompt in fp32 and returns its new positions only
+        # (kv_prefill.py), as the engine runs it; decode steps read through the cache.
+        fp32_attention = self.spec.fp32_attention_input is not None and len(ids) > 1 and not through_cache
+        if self.spec.fp32_attention_input is not None:
+            feeds[self.spec.fp32_attention_input] = np.asarray([fp32_attention])
         feeds["input_ids"] = np.asarray([ids], dtype=np.int64)
         feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.input_names:
@@ -65,8 +72,12 @@ class OnnxDecoder:
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
         present: dict[str, np.ndarray] = {}
         for layer in range(self.spec.num_layers):
-            present[self.spec.past_key_name.format(layer=layer)] = outputs[self.spec.present_key_name.format(layer=layer)]
-            present[self.spec.past_value_name.format(layer=layer)] = outputs[self.spec.present_value_name.format(layer=layer)]
+            for past_name, present_name in (
+                (self.spec.past_key_name.format(layer=layer), self.spec.present_key_name.format(layer=layer)),
+                (self.spec.past_value_name.format(layer=layer), self.spec.present_value_name.format(layer=layer)),
+            ):
+                value = outputs[present_name]
+                present[past_name] = np.concatenate([past[past_name], value], axis=2) if fp32_attention else value
         return outputs["logits"][0].astype(np.float32), present
 
     def cache_after(self, ids: list[int]) -> dict[str, np.ndarray]:
@@ -74,9 +85,11 @@ class OnnxDecoder:
         _, present = self._run(ids, self._empty_past(), 0)
         return present
 
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Logits for every position of `ids` in one prefill, shape (len(ids), vocab)."""
-        logits, _ = self._run(ids, self._empty_past(), 0)
+    def logits(self, ids: list[int], *, through_cache: bool = False) -> np.ndarray:
+        """Logits for every position of `ids` in one prefill, shape (len(ids), vocab).
+        `through_cache`: an int8-cache graph reads every position, the prompt's own included,
+        as its cache stores them (what a decode step sees) instead of attending in fp32."""
+        logits, _ = self._run(ids, self._empty_past(), 0, through_cache=through_cache)
         return logits
 
     def greedy(self, prompt_ids: list[int], new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:

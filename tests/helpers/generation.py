@@ -79,8 +79,12 @@ def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> TinyDecoders:
     )
 
 
-def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int) -> list[int]:
-    """Greedy decoding the obvious way: one sequence, KV fed back, argmax; EOS ignored."""
+def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int, *, prompt_chunk: int | None = None) -> list[int]:
+    """Greedy decoding the obvious way: one sequence, KV fed back, argmax; EOS ignored.
+
+    The prompt goes in one run, or in runs of `prompt_chunk` tokens. An int8-cache graph
+    attends the prompt in fp32 (its present outputs are then the new positions only) and
+    decodes through the cache, as the engine runs it."""
     spec = version.manifest.generation
     assert spec is not None
     session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
@@ -90,23 +94,29 @@ def reference_greedy(version: ModelVersion, prompt: Sequence[int], max_new: int)
         for template in (spec.past_key_name, spec.past_value_name):
             past[template.format(layer=layer)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), KV_DTYPES[spec.kv_datatype])
     output_names = [node.name for node in session.get_outputs()]
-    current = list(prompt)
+    step = prompt_chunk or len(prompt)
+    runs = [list(prompt[start : start + step]) for start in range(0, len(prompt), step)]
     done = 0
     tokens: list[int] = []
-    for _ in range(max_new):
+    while len(tokens) < max_new:
+        current = runs.pop(0) if runs else [tokens[-1]]
         feeds = {"input_ids": np.asarray([current], np.int64), "attention_mask": np.ones((1, done + len(current)), np.int64), **past}
         if "position_ids" in input_names:
             feeds["position_ids"] = np.arange(done, done + len(current), dtype=np.int64)[None, :]
         if spec.logits_start_input:
             feeds[spec.logits_start_input] = np.zeros(1, np.int64)  # logits for every position
+        in_fp32 = spec.fp32_attention_input is not None and len(current) > 1
+        if spec.fp32_attention_input is not None:
+            feeds[spec.fp32_attention_input] = np.asarray([in_fp32])
         outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
-        token = int(outputs["logits"][0, -1].argmax())
-        tokens.append(token)
         for layer in range(spec.num_layers):
-            past[spec.past_key_name.format(layer=layer)] = outputs[spec.present_key_name.format(layer=layer)]
-            past[spec.past_value_name.format(layer=layer)] = outputs[spec.present_value_name.format(layer=layer)]
+            for past_name, present_name in ((spec.past_key_name, spec.present_key_name), (spec.past_value_name, spec.present_value_name)):
+                present = outputs[present_name.format(layer=layer)]
+                name = past_name.format(layer=layer)
+                past[name] = np.concatenate([past[name], present], axis=2) if in_fp32 else present
         done += len(current)
-        current = [token]
+        if not runs:
+            tokens.append(int(outputs["logits"][0, -1].argmax()))
     return tokens
 
 
