@@ -375,7 +375,6 @@ class SharedBufferRunner:
             chosen = logits[np.arange(rows), new_lens - 1]
         return chosen if self._logits_dtype == np.float32 else chosen.astype(np.float32)
 
-
     def _bind_new_positions(self, binding: ort.IOBinding, rows: int, width: int) -> list[np.ndarray]:
         """Bind every present output to its own part of the scratch area, K then V per layer
         (the order KvStore.write_runs takes); the graph fills them with the run's positions."""

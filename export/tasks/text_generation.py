@@ -276,11 +276,12 @@ class TextGenerationExporter(TaskExporter):
         cache; the fp32 cache otherwise. The report's `kv_cache` says what was chosen and why,
         with both perplexities, the next-token agreement and the bytes per token.
 
-        Why fp32 stays the default: ONNX Runtime 1.32's CPU GroupQueryAttention runs a prefill
-        chunk about 4x slower per layer over an int8 cache than over fp32 (a 2,000-token prompt
-        took 1.3x as long at the Qwen2.5-0.5B shape), while a 2-core box runs out of compute
-        long before it runs out of fp32 KV memory. int8 is for sites bound by KV memory (long
-        contexts, many sequences): a quarter of the bytes, and faster decode at long context."""
+        Why fp32 stays the default: the int8 cache rounds what every decode step reads (the
+        quality gate above), and a 2-core box runs out of compute long before it runs out of
+        fp32 KV memory at the sizes it serves. int8 is for sites bound by KV memory (long
+        contexts, many sequences): a quarter of the bytes, faster decode at long context, and
+        prompts at the fp32 cache's speed (kv_prefill.py; ONNX Runtime 1.32's int8 kernel alone
+        ran a prompt chunk 3-4x slower per layer)."""
         if self.ctx.kv_cache != "int8":
             artifact.details["kv_cache"] = {"datatype": "FP32", "chosen_by": "--kv-cache fp32 (the default)"}
             return artifact
