@@ -10,12 +10,13 @@ fastest of the three; it is also half of llama.cpp's default f16 cache.
 
 The quantisation is static and symmetric per channel (one scale per KV head and head
 dimension, ONNX Runtime's PER_CHANNEL mode): the cache stores round(x / scale) clipped to
-int8, and attention reads the dequantised values (a prompt chunk reads its own keys and values
-unrounded: kv_prefill.py runs it in fp32, which the int8 kernel does 3-4x slower). Keys are stored after
-rotary embedding, so a channel's range covers every angle its pair takes over the calibration
-tokens; CALIBRATION_MARGIN leaves room for values the calibration text did not reach. The
-scales live in the graph as initializers: the server binds an int8 cache and needs nothing
-else (the manifest's `generation.kv_datatype` is INT8).
+int8, and attention reads the dequantised values (a prompt chunk reads its own keys and
+values unrounded: kv_prefill.py runs it in fp32, which the int8 kernel does 3-4x slower).
+Keys are stored after rotary embedding, so a channel's range covers every angle its pair
+takes over the calibration tokens; CALIBRATION_MARGIN leaves room for values the calibration
+text did not reach. The scales live in the graph as initializers: the server binds an int8
+cache and sets one boolean input (the manifest's `generation.kv_datatype` is INT8 and its
+`fp32_attention_input` names the input).
 
 Never imports torch or the server's generation engine.
 """
@@ -107,8 +108,8 @@ def write_int8_kv(source: Path, target: Path, spec: GenerationSpec, scales: KvSc
 
     Each GroupQueryAttention node becomes an If on the FP32_ATTENTION_INPUT (kv_prefill.py):
     false runs the int8 kernel in place (decode steps), true attends in fp32 and returns the
-    new positions only (prompt chunks). Only model.onnx changes; the weights file is linked (or copied) beside it
-    unchanged."""
+    new positions only (prompt chunks). Only model.onnx changes; the weights file is linked
+    (or copied) beside it unchanged."""
     model = onnx.load(str(source), load_external_data=False)
     layer_of = {spec.past_key_name.format(layer=layer): layer for layer in range(spec.num_layers)}
     cache_names = {
