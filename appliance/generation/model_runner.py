@@ -315,14 +315,17 @@ class SharedBufferRunner:
         self._logits_start = spec.logits_start_input
 
     def _binding(self, first: int, rows: int, in_fp32: bool) -> ort.IOBinding:
-        """An IOBinding with the KV views of slots [first, first+rows) bound both ways, kept
-        (one per kind of call: a call `in_fp32` rebinds its present outputs every time)."""
+        """An IOBinding with the KV views of slots [first, first+rows) bound both ways and the
+        fp32-attention input set, kept (one per kind of call: a call `in_fp32` rebinds its
+        present outputs every time)."""
         key = (first, rows, in_fp32)
         cached = self._bindings.get(key)
         if cached is not None:
             return cached[0]
         binding = self.session.io_binding()
         kept = self.kv.bind(binding, self._keys, self._values, first, rows)
+        if self._fp32_attention is not None:
+            binding.bind_cpu_input(self._fp32_attention, np.asarray([in_fp32]))
         if len(self._bindings) > 256:
             self._bindings.clear()
         self._bindings[key] = (binding, kept)
@@ -351,8 +354,6 @@ class SharedBufferRunner:
         # fp32 attention: prompt chunks only (one row continuing its past, or a first prompt).
         in_fp32 = self._host_kv is not None and prompt and width > 1 and (rows == 1 or first_prompt)
         binding = self._binding(first_slot, rows, in_fp32)
-        if self._fp32_attention is not None:
-            binding.bind_cpu_input(self._fp32_attention, np.asarray([in_fp32]))
         new_positions = self._bind_new_positions(binding, rows, width) if in_fp32 else None
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
