@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from appliance.cli import app
+from appliance.cli.export_cmd import _signals_unwind
 from appliance.config import load_settings
 from appliance.export.pipeline import ExportRequest, ExportStopped, run_export
 from appliance.repository import ModelRepository
@@ -251,3 +252,43 @@ def test_a_stop_asked_for_during_an_export_ends_it_at_the_next_stage_and_publish
     repository = ModelRepository(settings.models_dir)
     assert repository.names() == []
     assert not list((settings.models_dir / STAGING_DIR).glob("*-work")), "the staging is removed"
+
+
+class _InterruptedWhileCollected:
+    """Sends this process a signal from its finaliser and waits there until the handler has
+    run, so the handler's exception lands where Python cannot raise it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_swallowed_in_a_finaliser_prints_no_traceback(signum: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen once in CI: Ctrl-C landed in an import lock's weakref callback, and Python's
+    'Exception ignored in' traceback came out above the one-line error. The signal is still
+    remembered (the export stops at its next stage); only the printout is dropped."""
+    unraisables: list[type[BaseException] | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: unraisables.append(unraisable.exc_type))
+    with _signals_unwind() as received:
+        _InterruptedWhileCollected(signum)
+    assert received == [signum]
+    assert unraisables == []
+
+
+def test_other_exceptions_in_finalisers_still_reach_the_previous_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    class _FailsWhileCollected:
+        def __del__(self) -> None:
+            raise ValueError("a finaliser's own bug")
+
+    unraisables: list[type[BaseException] | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: unraisables.append(unraisable.exc_type))
+    with _signals_unwind() as received:
+        _FailsWhileCollected()
+    assert received == []
+    assert unraisables == [ValueError]

@@ -9,6 +9,7 @@ the command runs, so the rest of the CLI and the server never load it.
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,20 +39,32 @@ class _Terminated(BaseException):
 def _signals_unwind() -> Iterator[list[int]]:
     """SIGTERM raises _Terminated and SIGINT KeyboardInterrupt in the main thread, so the export
     unwinds and removes its staging; both are also remembered in the yielded list, which the
-    export checks before each stage (Python prints, and so loses, an exception raised while it
-    runs a finaliser: the check still stops the export before it publishes)."""
+    export checks before each stage. Python cannot raise out of a finaliser or a weakref
+    callback: an interrupt landing there is handed to `sys.unraisablehook`, which would print a
+    traceback beside the one-line error. The remembered signal already stops the export before
+    it publishes, so that hook drops exactly these two exceptions and passes on any other."""
     received: list[int] = []
 
     def _raise(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
         raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    previous_hook = sys.unraisablehook
+
+    def _drop_swallowed_interrupts(unraisable: sys.UnraisableHookArgs) -> None:
+        if not (received and unraisable.exc_type in (_Terminated, KeyboardInterrupt)):
+            previous_hook(unraisable)
+
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sys.unraisablehook = _drop_swallowed_interrupts
     try:
         yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
+
+
 QUANT_HELP = (
     "fp32 | fp16 | int8 | int8-static | int4 | int4-exact | auto (auto picks per task and provider; "
     "int4-exact keeps a Q4_0 or Q4_1 GGUF's own 4-bit weights without rounding them again)."
