@@ -5,8 +5,9 @@ before a job starts rather than in its log."""
 
 from __future__ import annotations
 
-#: `--kv-cache` values; the first is the default (ONNX Runtime's CPU prefill over an int8
-#: cache is ~4x slower per layer, docs/BENCHMARKS.md, so int8 is asked for, never assumed).
+#: `--kv-cache` values; the first is the default: int8 rounds what every decode step reads and
+#: costs export time (calibration and its check), and a 2-core box runs out of compute before
+#: it runs out of fp32 KV memory at the sizes it serves, so int8 is asked for, never assumed.
 KV_CACHE_CHOICES: tuple[str, ...] = ("fp32", "int8")
 DEFAULT_KV_CACHE = KV_CACHE_CHOICES[0]
 #: Generation variants that can carry an int8 cache: the weight-quantised ones (fp32 and fp16
