@@ -221,10 +221,8 @@ class SizesRun:
     streams: dict[str, dict[str, Any]] | None = None
 
 
-def measured(sizes_json: Path, long_prompt: int = DEFAULT_LONG_PROMPT) -> SizesRun:
-    """The first pair of a sizes run (its `--json` file)."""
-    report = json.loads(sizes_json.read_text())
-    pair = next(iter(report["pairs"].values()))
+def sizes_run(pair: dict[str, Any], long_prompt: int = DEFAULT_LONG_PROMPT) -> SizesRun:
+    """One pair of a bench/llm_sizes_vs_llamacpp.py report (its `pairs` values)."""
     ours, theirs = pair.get("appliance", {}), pair.get("llama.cpp", {})
     long_run = f"decode_after_{long_prompt}"
     return SizesRun(
@@ -234,6 +232,12 @@ def measured(sizes_json: Path, long_prompt: int = DEFAULT_LONG_PROMPT) -> SizesR
         long_ttft_s=ours.get(long_run, {}).get("ttft_s"),
         streams={key.removeprefix("streams_"): value for key, value in ours.items() if key.startswith("streams_")},
     )
+
+
+def measured(sizes_json: Path, long_prompt: int = DEFAULT_LONG_PROMPT) -> SizesRun:
+    """The first pair of a sizes run (its `--json` file)."""
+    report = json.loads(sizes_json.read_text())
+    return sizes_run(next(iter(report["pairs"].values())), long_prompt)
 
 
 def print_report(result: dict[str, Any], run: SizesRun) -> None:

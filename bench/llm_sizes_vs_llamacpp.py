@@ -39,7 +39,11 @@ measured alternately (appliance pass, llama.cpp pass, ...), each figure the medi
      bench/mlas_packing.py; plus the KV of the context) and each single-stream decode figure as
      a fraction of the measured bandwidth: tokens/s x bytes/token / bytes/s; the appliance's
      stored bytes beside them;
-   * resident memory of each side's process after its runs.
+   * resident memory of each side's process after its runs;
+   * the compute ceiling (bench/compute_limit.py, before the servers start, quiet-gated): the
+     version's weight matrices timed alone at the streams' rows and a prefill chunk's, as the
+     most tokens/s the stream runs could reach, the least 32-row step and the least 2,000-token
+     first token on this box, with each measured figure and llama.cpp's beside them.
 4. `--chunk-sweep 128,256,512,1024`: the first pair's appliance TTFT for the 2,000-token prompt
    at each chunked-prefill size (one server per size), to tune and state it.
 
@@ -106,6 +110,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(BENCH))  # the sibling scripts, after every package so none is shadowed
 
+import compute_limit  # noqa: E402
 import gguf_shapes  # noqa: E402
 from llm_vs_llamacpp import LLAMA_PYTHON, ForeignLoad, machine  # noqa: E402
 from mlas_packing import INT8_COMPUTE_ACCURACY_LEVEL, packed_bytes  # noqa: E402
@@ -124,6 +129,8 @@ STREAM_PROMPT = 100
 WARMUP_TOKENS = 8
 KV_BUDGET_BYTES = 8 * 2**30
 KV_SEQUENCE_TOKENS = 2000
+#: Timed runs per matrix and row count of the compute ceiling (compute_limit.py; median).
+COMPUTE_LIMIT_RUNS = 5
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 LLAMA_KV_BYTES = 2  # llama.cpp's default f16 K and V cache
 WORKER = BENCH / "llamacpp_worker.py"
@@ -634,6 +641,15 @@ def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: W
         "kv": {"appliance": {"dtype": spec.kv_datatype, **kv_facts(ours_kv)}, "llama.cpp": {"dtype": "F16", **kv_facts(llama_kv)}},
         "prefill_chunk_tokens": args.prefill_chunk_tokens,
     }
+    # What the box can compute at all for the stream runs and the long prompt (compute_limit.py):
+    # the ceiling the batched targets are read against, as the bandwidth is for one stream.
+    result["compute_limit"] = gate.run(
+        {os.getpid()},
+        lambda: compute_limit.limits(
+            version.model_path, streams=STREAM_COUNTS, chunk_rows=args.prefill_chunk_tokens, prompt_tokens=STREAM_PROMPT,
+            new_tokens=args.new_tokens, long_prompt=max(DECODE_PROMPTS), threads=args.threads, runs=COMPUTE_LIMIT_RUNS,
+        ),
+    )
     sides: list[Any] = []
     max_streams = max(STREAM_COUNTS)
     raw: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -770,6 +786,9 @@ def print_report(report: dict[str, Any]) -> None:
                 print(f"appliance {count} streams / llama.cpp single decode: {_ratio(agg, single)} (target {target})")
         p99 = ours.get(f"streams_{max(STREAM_COUNTS)}", {}).get("itl_p99_s")
         print(f"appliance {max(STREAM_COUNTS)}-stream ITL p99 / its single-stream ITL p99 (after 100): {_ratio(p99, ours_single_itl)} (target <= 5)")
+        if pair.get("compute_limit"):
+            print("\nwhat the box can compute (bench/compute_limit.py: the version's matrices timed alone, an upper bound):")
+            compute_limit.print_report(pair["compute_limit"], compute_limit.sizes_run(pair, max(DECODE_PROMPTS)))
         for side in ("appliance", "llama.cpp"):
             kv = pair["kv"][side]
             weights = pair["weights_read_per_token_bytes"][side]
