@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -149,7 +148,9 @@ def _matrix_graph(matrix: Matrix, seed: int) -> onnx.ModelProto:
 
 
 def seconds_per_row(matrix: Matrix, rows: list[int], *, threads: int, runs: int, seed: int = 0) -> dict[int, float]:
-    """Median seconds of one product at each row count, divided by the rows."""
+    """The fastest of `runs` products at each row count, divided by the rows: noise (another
+    process, a neighbour on the host that no process list shows) only adds time, and this is
+    a ceiling."""
     session = ort.InferenceSession(
         _matrix_graph(matrix, seed).SerializeToString(), cpu_session_options(threads, stop_spinning_after_run=True), providers=["CPUExecutionProvider"]
     )
@@ -164,8 +165,22 @@ def seconds_per_row(matrix: Matrix, rows: list[int], *, threads: int, runs: int,
             started = time.perf_counter()
             session.run(None, feed)
             walls.append(time.perf_counter() - started)
-        result[count] = statistics.median(walls) / count
+        result[count] = min(walls) / count
     return result
+
+
+Timings = dict[Matrix, dict[int, float]]
+
+
+def time_matrices(counts: Counter[Matrix], rows: list[int], *, threads: int, runs: int) -> Timings:
+    """Seconds per row of every matrix form at every row count."""
+    return {m: seconds_per_row(m, rows, threads=threads, runs=runs) for m in counts}
+
+
+def fastest(*probes: Timings) -> Timings:
+    """Per matrix and row count, the fastest of several probes (a slow spell of the host in
+    one probe does not lower the ceiling)."""
+    return {m: {r: min(probe[m][r] for probe in probes) for r in probes[0][m]} for m in probes[0]}
 
 
 def token_seconds(timings: dict[Matrix, dict[int, float]], counts: Counter[Matrix], rows: int, *, prompt: bool) -> float:
@@ -179,12 +194,27 @@ def ceiling_tok_s(t_prompt_token: float, t_generated_token: float, prompt_tokens
     return new_tokens / (prompt_tokens * t_prompt_token + new_tokens * t_generated_token)
 
 
+def rows_timed(streams: tuple[int, ...], chunk_rows: int) -> list[int]:
+    return sorted({*streams, chunk_rows})
+
+
 def limits(
     model_path: Path, *, streams: tuple[int, ...], chunk_rows: int, prompt_tokens: int, new_tokens: int, long_prompt: int, threads: int, runs: int
 ) -> dict[str, Any]:
     counts = weight_matrices(model_path)
-    rows = sorted({*streams, chunk_rows})
-    timings = {m: seconds_per_row(m, rows, threads=threads, runs=runs) for m in counts}
+    timings = time_matrices(counts, rows_timed(streams, chunk_rows), threads=threads, runs=runs)
+    return summarise(
+        model_path, counts, timings, streams=streams, chunk_rows=chunk_rows, prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, long_prompt=long_prompt, threads=threads,
+    )
+
+
+def summarise(
+    model_path: Path, counts: Counter[Matrix], timings: Timings, *, streams: tuple[int, ...], chunk_rows: int,
+    prompt_tokens: int, new_tokens: int, long_prompt: int, threads: int,
+) -> dict[str, Any]:
+    """The ceilings of a workload from the matrices' timings (JSON-ready)."""
+    rows = rows_timed(streams, chunk_rows)
     t_prompt = token_seconds(timings, counts, chunk_rows, prompt=True)
     matrices = [
         {
@@ -281,7 +311,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--long-prompt", type=int, default=DEFAULT_LONG_PROMPT, help="the prompt whose first token is bounded")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per matrix and row count (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per matrix and row count (the fastest counts)")
     parser.add_argument("--sizes-json", type=Path, help="a bench/llm_sizes_vs_llamacpp.py --json run of this version")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -40,7 +40,8 @@ measured alternately (appliance pass, llama.cpp pass, ...), each figure the medi
      a fraction of the measured bandwidth: tokens/s x bytes/token / bytes/s; the appliance's
      stored bytes beside them;
    * resident memory of each side's process after its runs;
-   * the compute ceiling (bench/compute_limit.py, before the servers start, quiet-gated): the
+   * the compute ceiling (bench/compute_limit.py, quiet-gated probes before the servers start
+     and after they stop, the faster per matrix counting: a slow spell of the host lowers one): the
      version's weight matrices timed alone at the streams' rows and a prefill chunk's, as the
      most tokens/s the stream runs could reach, the least 32-row step and the least 2,000-token
      first token on this box, with each measured figure and llama.cpp's beside them.
@@ -643,13 +644,17 @@ def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: W
     }
     # What the box can compute at all for the stream runs and the long prompt (compute_limit.py):
     # the ceiling the batched targets are read against, as the bandwidth is for one stream.
-    result["compute_limit"] = gate.run(
-        {os.getpid()},
-        lambda: compute_limit.limits(
-            version.model_path, streams=STREAM_COUNTS, chunk_rows=args.prefill_chunk_tokens, prompt_tokens=STREAM_PROMPT,
-            new_tokens=args.new_tokens, long_prompt=max(DECODE_PROMPTS), threads=args.threads, runs=COMPUTE_LIMIT_RUNS,
-        ),
-    )
+    # Probed before the servers start and again after they stop, the faster counting.
+    matrices = compute_limit.weight_matrices(version.model_path)
+    rows = compute_limit.rows_timed(STREAM_COUNTS, args.prefill_chunk_tokens)
+
+    def probe_compute() -> compute_limit.Timings:
+        def work() -> dict[str, Any]:
+            return {"timings": compute_limit.time_matrices(matrices, rows, threads=args.threads, runs=COMPUTE_LIMIT_RUNS)}
+
+        return gate.run({os.getpid()}, work)["timings"]
+
+    compute_probes = [probe_compute()]
     sides: list[Any] = []
     max_streams = max(STREAM_COUNTS)
     raw: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -684,6 +689,11 @@ def measure_pair(pair: Pair, version: Any, args: argparse.Namespace, workload: W
         finally:
             if llama is not None:
                 llama.__exit__(None, None, None)
+    compute_probes.append(probe_compute())
+    result["compute_limit"] = compute_limit.summarise(
+        version.model_path, matrices, compute_limit.fastest(*compute_probes), streams=STREAM_COUNTS, chunk_rows=args.prefill_chunk_tokens,
+        prompt_tokens=STREAM_PROMPT, new_tokens=args.new_tokens, long_prompt=max(DECODE_PROMPTS), threads=args.threads,
+    )
     for side_name, jobs_raw in raw.items():
         summary = {job: medians(passes) for job, passes in jobs_raw.items()}
         for length in DECODE_PROMPTS:

@@ -102,3 +102,11 @@ def test_a_sizes_run_is_read_beside_the_ceilings(tmp_path: Path) -> None:
     run = compute_limit.measured(path)
     assert (run.llama_single_tok_s, run.single_step_s, run.llama_long_ttft_s, run.long_ttft_s) == (28.8, 0.047, 24.6, 23.1)
     assert run.streams == {"8": {"aggregate_tok_s": 36.4}, "32": {"aggregate_tok_s": 39.8}}
+
+
+def test_the_fastest_probe_counts_per_matrix_and_rows() -> None:
+    a = compute_limit.Matrix(k_dim=8, n_dim=8, bits=4, block=32, accuracy_level=4, zero_points=False, lm_head=False)
+    b = compute_limit.Matrix(k_dim=8, n_dim=32, bits=8, block=32, accuracy_level=4, zero_points=False, lm_head=True)
+    slow_spell = {a: {8: 0.002, 256: 0.001}, b: {8: 0.004, 256: 0.003}}
+    quiet = {a: {8: 0.001, 256: 0.0015}, b: {8: 0.005, 256: 0.002}}
+    assert compute_limit.fastest(slow_spell, quiet) == {a: {8: 0.001, 256: 0.001}, b: {8: 0.004, 256: 0.002}}
