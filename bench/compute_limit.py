@@ -92,6 +92,10 @@ class Matrix:
         return f"{form} {self.k_dim}x{self.n_dim}" + (" (LM head)" if self.lm_head else "")
 
 
+#: Seconds per row of each matrix form, by row count.
+Timings = dict[Matrix, dict[int, float]]
+
+
 def weight_matrices(model_path: Path) -> Counter[Matrix]:
     """Every MatMulNBits node, and every MatMul whose second input is an initializer, by form."""
     model = onnx.load(str(model_path), load_external_data=False)
@@ -169,9 +173,6 @@ def seconds_per_row(matrix: Matrix, rows: list[int], *, threads: int, runs: int,
     return result
 
 
-Timings = dict[Matrix, dict[int, float]]
-
-
 def time_matrices(counts: Counter[Matrix], rows: list[int], *, threads: int, runs: int) -> Timings:
     """Seconds per row of every matrix form at every row count."""
     return {m: seconds_per_row(m, rows, threads=threads, runs=runs) for m in counts}
@@ -183,7 +184,7 @@ def fastest(*probes: Timings) -> Timings:
     return {m: {r: min(probe[m][r] for probe in probes) for r in probes[0][m]} for m in probes[0]}
 
 
-def token_seconds(timings: dict[Matrix, dict[int, float]], counts: Counter[Matrix], rows: int, *, prompt: bool) -> float:
+def token_seconds(timings: Timings, counts: Counter[Matrix], rows: int, *, prompt: bool) -> float:
     """Least time one token spends in the weight matrices at `rows` rows; a prompt token skips
     the LM head."""
     return sum(counts[m] * per_row[rows] for m, per_row in timings.items() if not (prompt and m.lm_head))
@@ -195,12 +196,14 @@ def ceiling_tok_s(t_prompt_token: float, t_generated_token: float, prompt_tokens
 
 
 def rows_timed(streams: tuple[int, ...], chunk_rows: int) -> list[int]:
+    """The row counts a workload's ceilings need: each batch's and the prefill chunk's."""
     return sorted({*streams, chunk_rows})
 
 
 def limits(
     model_path: Path, *, streams: tuple[int, ...], chunk_rows: int, prompt_tokens: int, new_tokens: int, long_prompt: int, threads: int, runs: int
 ) -> dict[str, Any]:
+    """One probe of every matrix of the graph at `model_path`, summarised (the standalone run)."""
     counts = weight_matrices(model_path)
     timings = time_matrices(counts, rows_timed(streams, chunk_rows), threads=threads, runs=runs)
     return summarise(

@@ -130,7 +130,7 @@ STREAM_PROMPT = 100
 WARMUP_TOKENS = 8
 KV_BUDGET_BYTES = 8 * 2**30
 KV_SEQUENCE_TOKENS = 2000
-#: Timed runs per matrix and row count of the compute ceiling (compute_limit.py; median).
+#: Timed runs per matrix and row count of the compute ceiling (compute_limit.py; the fastest counts).
 COMPUTE_LIMIT_RUNS = 5
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 LLAMA_KV_BYTES = 2  # llama.cpp's default f16 K and V cache
