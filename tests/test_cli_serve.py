@@ -65,14 +65,16 @@ def test_sigterm_lets_in_flight_work_finish_and_answers_new_work_503(state_dir: 
 
 
 def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
-    """Several requests of ~3 s of CPU each, so that work is certainly left when the zero grace
-    ends, however fast the machine (one 32-row request took 50 ms and raced the signal; with
-    ~1 s requests, a full parallel run once saw the last one finish between the metrics poll
-    and the signal). The server exits at the signal, so longer requests cost no test time."""
-    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=960)
+    """Several requests of a full batch (the model's max_batch_size, 32 rows) and ~1-2 s of CPU
+    each: they run one after another, so the signal is sent once one waits in the model's queue
+    behind a running one, and work is certainly left when the zero grace ends. (With 512-row
+    requests every one was refused at once as over the batch limit, and the test only passed
+    when the signal landed while a 2.6 MB body was still being parsed.) The server exits at the
+    signal, so longer requests cost no test time."""
+    publish_heavy(ModelRepository(state_dir / "models"), width=1024, layers=1600)
     key = create_key(state_dir, "t", ["infer"])
     port = free_port()
-    rows = 512
+    rows = 32
     body = {"inputs": [{"name": "X", "shape": [rows, 1024], "datatype": "FP32", "data": np.zeros(rows * 1024).tolist()}]}
     with serving(state_dir, port, APPLIANCE_DRAIN_GRACE_S="0") as proc:
         base = f"http://127.0.0.1:{port}"
@@ -86,10 +88,11 @@ def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
         ]
         for worker in workers:
             worker.start()
-        deadline = time.monotonic() + 30
-        # One request in flight besides this metrics request: the others queue behind it (a
-        # loaded box parses the 2.6 MB bodies slowly, so all four are rarely in flight at once).
-        while _inflight(base) < 2:
+        deadline = time.monotonic() + 60
+        # A request waiting in the model's queue behind a running one: work certainly left at
+        # the signal. (HTTP requests in flight are a weaker sign: the previous metrics poll may
+        # not have left that count yet when the next one reads it.)
+        while _pending(base, "heavy") < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
@@ -98,10 +101,11 @@ def test_drain_that_runs_out_of_time_exits_non_zero(state_dir: Path) -> None:
             worker.join(timeout=120)
 
 
-def _inflight(base: str) -> float:
+def _pending(base: str, model: str) -> float:
+    """Requests waiting in `model`'s queue (not counting the one running)."""
     for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith("appliance_http_inflight_requests "):
-            return float(line.split()[1])
+        if line.startswith("nv_inference_pending_request_count{") and f'model="{model}"' in line:
+            return float(line.split()[-1])
     return 0.0
 
 
