@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,11 +47,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(BENCH))  # the sibling scripts, after every package so none is shadowed
 
 from appliance.generation.model_runner import cpu_session_options  # noqa: E402
 from appliance.repository.store import read_version  # noqa: E402
+from matmulnbits_forms import run_walls  # noqa: E402
 
 #: The LM head is told apart by name (the model builder's and the Optimum graph's both say so).
 LM_HEAD_MARK = "lm_head"
@@ -68,7 +70,6 @@ DEFAULT_CHUNK_ROWS = 256
 TARGET_MULTIPLES = {8: 3.0, 32: 4.0}
 #: Issue 18's time-to-first-token target for the long prompt, as a fraction of llama.cpp's.
 TTFT_TARGET = 0.7
-WARMUP_RUNS = 2
 #: Multiply-adds count as two operations, as GOPS figures elsewhere in docs/BENCHMARKS.md.
 OPS_PER_MAC = 2
 
@@ -162,14 +163,7 @@ def seconds_per_row(matrix: Matrix, rows: list[int], *, threads: int, runs: int,
     result = {}
     for count in rows:
         feed = {"x": rng.standard_normal((count, matrix.k_dim), dtype=np.float32)}
-        for _ in range(WARMUP_RUNS):
-            session.run(None, feed)
-        walls = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            session.run(None, feed)
-            walls.append(time.perf_counter() - started)
-        result[count] = min(walls) / count
+        result[count] = min(run_walls(session, feed, runs)) / count
     return result
 
 

@@ -107,6 +107,22 @@ def add_matrix_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> No
     parser.add_argument("--seed", type=int, default=0)
 
 
+#: Untimed runs before `run_walls` times a session (first-run allocations, thread-pool start).
+WARMUP_RUNS = 2
+
+
+def run_walls(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+    """Wall seconds of `runs` runs of `feed`, after WARMUP_RUNS untimed ones."""
+    for _ in range(WARMUP_RUNS):
+        session.run(None, feed)
+    walls = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feed)
+        walls.append(time.perf_counter() - started)
+    return walls
+
+
 def time_batch(runner: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: bool = False) -> float:
     """Seconds per run over a batch of RUNS_PER_BATCH runs (a warm-up batch is not timed)."""
     start = time.perf_counter()

@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,13 +35,13 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # the sibling scripts, after every package so none is shadowed
 
 from appliance.generation.model_runner import cpu_session_options  # noqa: E402
 from appliance.repository.manifest import GenerationSpec  # noqa: E402
 from appliance.repository.store import read_version  # noqa: E402
+from matmulnbits_forms import run_walls  # noqa: E402
 
-#: Untimed runs first (allocations, thread pools, page cache), then the profiled ones.
-WARMUP_RUNS = 2
 #: Token ids below this are left out of the feed (control and byte tokens in most vocabularies).
 FIRST_ID = 3
 #: Operator kinds listed; the rest are summed into one line.
@@ -88,13 +87,7 @@ def profile(version_dir: Path, *, rows: int, new_tokens: int, past: int, runs: i
     options.enable_profiling = True
     session = ort.InferenceSession(str(version.model_path), options, providers=["CPUExecutionProvider"])
     feed = feeds(spec, {i.name for i in session.get_inputs()}, rows=rows, new_tokens=new_tokens, past=past, seed=0)
-    for _ in range(WARMUP_RUNS):
-        session.run(None, feed)
-    walls = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feed)
-        walls.append(time.perf_counter() - started)
+    walls = run_walls(session, feed, runs)
     trace = Path(session.end_profiling())
     try:
         events = json.loads(trace.read_text())
